@@ -1,0 +1,177 @@
+//! The model's configuration: shapes, flavour, losses and routing. Presets live in `configs/`
+//! as TOML; `Default` is the tiny CPU model.
+
+use serde::{Deserialize, Serialize};
+use unimod_router::RoutingConfig;
+pub use unimod_tok::Flavour;
+use unimod_tok::{Task, VocabLayout};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FfnKind {
+    /// Two matrices with GELU (Phi-1.5).
+    #[default]
+    Gelu,
+    /// Three matrices, SiLU-gated (Llama, Emu3).
+    Swiglu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum NormKind {
+    #[default]
+    Layernorm,
+    Rmsnorm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockStyle {
+    /// `x + attn(ln(x)) + mlp(ln(x))` (Phi-1.5).
+    #[default]
+    Parallel,
+    /// `h = x + attn(ln1(x)); h + mlp(ln2(h))` (Llama).
+    Sequential,
+}
+
+/// Weights of the per-task losses in the total.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LossWeights {
+    pub t2i: f64,
+    pub lm: f64,
+    pub mmu: f64,
+}
+
+impl Default for LossWeights {
+    /// Show-o's coefficients.
+    fn default() -> Self {
+        LossWeights {
+            t2i: 1.0,
+            lm: 0.1,
+            mmu: 1.0,
+        }
+    }
+}
+
+impl LossWeights {
+    pub fn get(&self, task: Task) -> f64 {
+        match task {
+            Task::T2i => self.t2i,
+            Task::Mmu => self.mmu,
+            Task::Lm => self.lm,
+        }
+    }
+}
+
+/// `[model]` of a config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    pub flavour: Flavour,
+    pub vocab: VocabLayout,
+    pub d_model: i64,
+    pub n_layers: usize,
+    pub n_heads: i64,
+    /// Key/value heads (grouped-query attention when fewer than `n_heads`).
+    pub n_kv_heads: i64,
+    pub ffn: FfnKind,
+    pub d_ffn: i64,
+    pub norm: NormKind,
+    pub block: BlockStyle,
+    /// Biases on the attention and MLP projections (Phi-1.5 has them, Llama not).
+    pub bias: bool,
+    /// Fraction of each head's dimensions that RoPE rotates (Phi-1.5: 0.5).
+    pub rotary_fraction: f64,
+    pub rope_theta: f64,
+    pub max_seq_len: i64,
+    pub loss: LossWeights,
+    pub routing: RoutingConfig,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            flavour: Flavour::Showo,
+            vocab: VocabLayout::default(),
+            d_model: 128,
+            n_layers: 8,
+            n_heads: 4,
+            n_kv_heads: 4,
+            ffn: FfnKind::Gelu,
+            d_ffn: 512,
+            norm: NormKind::Layernorm,
+            block: BlockStyle::Parallel,
+            bias: true,
+            rotary_fraction: 0.5,
+            rope_theta: 10_000.0,
+            max_seq_len: 256,
+            loss: LossWeights::default(),
+            routing: RoutingConfig::default(),
+        }
+    }
+}
+
+/// A configuration the model cannot be built from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("model.{field} = {value}: {why}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        why: &'static str,
+    },
+    #[error(transparent)]
+    Schedule(#[from] unimod_router::ScheduleError),
+}
+
+impl ModelConfig {
+    pub fn head_dim(&self) -> i64 {
+        self.d_model / self.n_heads
+    }
+
+    /// Dimensions RoPE rotates per head (even).
+    pub fn rotary_dim(&self) -> i64 {
+        ((self.head_dim() as f64 * self.rotary_fraction) as i64 / 2) * 2
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, value: String, why| Err(ConfigError::Invalid { field, value, why });
+        if self.d_model <= 0 || self.n_heads <= 0 || self.d_model % self.n_heads != 0 {
+            return bad(
+                "d_model",
+                self.d_model.to_string(),
+                "must be a positive multiple of n_heads",
+            );
+        }
+        if self.n_kv_heads <= 0 || self.n_heads % self.n_kv_heads != 0 {
+            return bad(
+                "n_kv_heads",
+                self.n_kv_heads.to_string(),
+                "must divide n_heads",
+            );
+        }
+        if self.n_layers == 0 {
+            return bad("n_layers", "0".into(), "must be at least 1");
+        }
+        if self.d_ffn <= 0 {
+            return bad("d_ffn", self.d_ffn.to_string(), "must be positive");
+        }
+        if !(0.0..=1.0).contains(&self.rotary_fraction) {
+            return bad(
+                "rotary_fraction",
+                self.rotary_fraction.to_string(),
+                "must be in [0, 1]",
+            );
+        }
+        if self.vocab.n_text < unimod_tok::Special::ALL.len() || self.vocab.n_codes == 0 {
+            return bad(
+                "vocab",
+                format!("{:?}", self.vocab),
+                "needs the special tokens and at least one code",
+            );
+        }
+        self.routing.schedule.resolve(self.n_layers)?;
+        Ok(())
+    }
+}

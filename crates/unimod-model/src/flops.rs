@@ -1,0 +1,199 @@
+//! Analytic FLOPs, as one function of the work each layer really did.
+//!
+//! Conventions (2 FLOPs per multiply-accumulate; backward = 2 × forward, so training = 3 ×):
+//! - **linear**: per processed token and layer, the attention projections
+//!   `2·d·(2·d + 2·d_kv)` plus the MLP `2·d·d_ffn·m` (m = 2 for GELU, 3 for SwiGLU);
+//! - **attention**: per (query, key) pair the kernel computes, `4·d` (scores and weighted sum).
+//!   Masks do not skip work in dense kernels, so a routed layer over G gathered tokens costs
+//!   G² pairs and a dense layer S²;
+//! - **router**: `2·d` per token and router (and `2·d·d/4` per predictor evaluation);
+//! - **head**: `2·d·V` per token.
+//!
+//! The UniMoD paper's ratios (Show-o 15.3 %, Emu3 39.9 %) are reproduced by the **linear-only**
+//! convention ([`Flops::linear`]): FLOPs ∝ tokens processed × layers, attention's quadratic term
+//! and the LM head left out (docs/flops.md).
+
+use crate::config::{FfnKind, ModelConfig};
+use crate::layer::Work;
+use unimod_router::{LayerPlan, tokens_kept};
+use unimod_tok::{Segment, Task};
+
+/// Training FLOPs per forward FLOP.
+pub const TRAIN_MULTIPLIER: f64 = 3.0;
+
+/// FLOPs by part.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Flops {
+    pub linear: f64,
+    pub attention: f64,
+    pub router: f64,
+    pub head: f64,
+}
+
+impl Flops {
+    pub fn total(&self) -> f64 {
+        self.linear + self.attention + self.router + self.head
+    }
+
+    pub fn scaled(&self, f: f64) -> Flops {
+        Flops {
+            linear: self.linear * f,
+            attention: self.attention * f,
+            router: self.router * f,
+            head: self.head * f,
+        }
+    }
+}
+
+impl std::ops::Add for Flops {
+    type Output = Flops;
+    fn add(self, o: Flops) -> Flops {
+        Flops {
+            linear: self.linear + o.linear,
+            attention: self.attention + o.attention,
+            router: self.router + o.router,
+            head: self.head + o.head,
+        }
+    }
+}
+
+/// Linear FLOPs of one token through one block.
+pub fn linear_per_token(cfg: &ModelConfig) -> f64 {
+    let d = cfg.d_model as f64;
+    let kv = (cfg.n_kv_heads * cfg.head_dim()) as f64;
+    let mlp_mats = match cfg.ffn {
+        FfnKind::Gelu => 2.0,
+        FfnKind::Swiglu => 3.0,
+    };
+    2.0 * d * (2.0 * d + 2.0 * kv) + 2.0 * d * cfg.d_ffn as f64 * mlp_mats
+}
+
+/// Forward FLOPs of one layer's work.
+pub fn layer(cfg: &ModelConfig, w: &Work) -> Flops {
+    let d = cfg.d_model as f64;
+    Flops {
+        linear: w.tokens * linear_per_token(cfg),
+        attention: w.attention_pairs * 4.0 * d,
+        router: w.router_tokens * 2.0 * d,
+        head: 0.0,
+    }
+}
+
+/// Forward FLOPs of a pass: every layer's work plus the head over `head_tokens`.
+pub fn forward(cfg: &ModelConfig, work: &[Work], head_tokens: f64) -> Flops {
+    let head = Flops {
+        head: head_tokens * 2.0 * cfg.d_model as f64 * cfg.vocab.size() as f64,
+        ..Default::default()
+    };
+    work.iter().map(|w| layer(cfg, w)).fold(head, |a, b| a + b)
+}
+
+/// The token make-up of one sequence of a task: tokens per [`Segment`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Composition {
+    pub task: Task,
+    pub segments: [usize; Segment::COUNT],
+}
+
+impl Composition {
+    pub fn len(&self) -> usize {
+        self.segments.iter().sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn count(&self, of: &[Segment]) -> usize {
+        of.iter().map(|g| self.segments[g.index()]).sum()
+    }
+}
+
+/// The work of each layer for one sequence of the given make-up under a schedule, without
+/// running the model: what `unimod flops` prints for full-size configs.
+pub fn analytic_work(cfg: &ModelConfig, plans: &[LayerPlan], seq: &Composition) -> Vec<Work> {
+    let valid = seq.len() - seq.segments[Segment::Pad.index()];
+    let routable = seq.count(&cfg.routing.routable);
+    plans
+        .iter()
+        .map(|plan| match plan {
+            LayerPlan::Skip => Work::default(),
+            LayerPlan::Dense => {
+                let n = seq.len() as f64;
+                Work {
+                    tokens: n,
+                    attention_pairs: n * n,
+                    router_tokens: 0.0,
+                }
+            }
+            LayerPlan::Routed { capacity, .. } => match capacity.get(seq.task) {
+                None => {
+                    let n = valid as f64;
+                    let routers = capacity.routed_tasks().len() as f64;
+                    Work {
+                        tokens: n,
+                        attention_pairs: n * n,
+                        router_tokens: n * routers,
+                    }
+                }
+                Some(c) => {
+                    let n = (valid - routable + tokens_kept(c, routable)) as f64;
+                    let routers = capacity.routed_tasks().len() as f64;
+                    Work {
+                        tokens: n,
+                        attention_pairs: n * n,
+                        router_tokens: valid as f64 * routers,
+                    }
+                }
+            },
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use unimod_router::Schedule;
+
+    fn showo_like() -> ModelConfig {
+        ModelConfig {
+            d_model: 2048,
+            n_layers: 24,
+            n_heads: 32,
+            n_kv_heads: 32,
+            d_ffn: 8192,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn phi_linear_flops_match_the_paper_reference() {
+        // paper-unimod.md §4.5: 2·(4d² + 2·d·ffn) ≈ 100.7 MFLOPs per token and layer.
+        let f = linear_per_token(&showo_like());
+        assert!((f - 100.66e6).abs() < 0.01e6, "{f}");
+    }
+
+    #[test]
+    fn half_the_layers_at_twenty_percent_saves_forty_percent_of_linear_flops() {
+        let mut cfg = showo_like();
+        cfg.n_layers = 32;
+        let seq = Composition {
+            task: Task::T2i,
+            segments: [0, 100, 4000, 0, 0, 0, 0],
+        };
+        let dense = analytic_work(&cfg, &Schedule::Dense.resolve(32).unwrap(), &seq);
+        let s = Schedule::Unimod {
+            layers: unimod_router::schedule::LayerSet::Named(
+                unimod_router::schedule::NamedLayers::LastHalf,
+            ),
+            t2i: Some(unimod_router::schedule::Ramp::Constant(0.2)),
+            mmu: Some(unimod_router::schedule::Ramp::Constant(0.2)),
+            lm: None,
+            routers: Default::default(),
+        };
+        let routed = analytic_work(&cfg, &s.resolve(32).unwrap(), &seq);
+        let lin = |w: &[Work]| forward(&cfg, w, 0.0).linear;
+        let saving = 1.0 - lin(&routed) / lin(&dense);
+        assert!((saving - 0.4).abs() < 1e-9, "{saving}");
+    }
+}

@@ -1,0 +1,260 @@
+//! The unified transformer: token embedding, a stack of [`Layer`]s, final norm and LM head, and
+//! the per-task losses of its flavour.
+
+use crate::block::{AttentionMaps, LayerCache, Norm, Rope};
+use crate::config::{ConfigError, ModelConfig};
+use crate::layer::{Layer, LayerInput, RoutingStats, Work};
+use tch::{Kind, Tensor, nn, nn::Module};
+use unimod_router::{LayerPlan, Router, Routers, RoutingMode};
+use unimod_tok::{Batch, IGNORE, Segment, Task};
+
+/// What a forward pass computes besides logits; everything off by default.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardOptions {
+    pub mode: RoutingMode,
+    /// Keep the residual stream after the embedding and after every layer.
+    pub hidden_states: bool,
+    /// Keep every layer's attention probabilities and scores (slow path, no fused kernel).
+    pub attention: bool,
+    /// Layers to bypass entirely (layer-importance analysis).
+    pub skip_layers: Vec<usize>,
+}
+
+/// Per-task losses of one batch.
+#[derive(Debug)]
+pub struct Losses {
+    /// Mean cross-entropy per task over its loss positions; `None` for tasks not in the batch.
+    pub per_task: [Option<Tensor>; Task::COUNT],
+    /// Router auxiliary losses (BCE towards top-k, causal predictor), summed over layers.
+    pub aux: Tensor,
+    /// Σ weight_t · loss_t + aux.
+    pub total: Tensor,
+}
+
+/// The output of [`UnifiedTransformer::forward`].
+#[derive(Debug)]
+pub struct ModelOutput {
+    /// `[B, S, V]` logits.
+    pub logits: Tensor,
+    /// `[L + 1]` × `[B, S, D]` when requested.
+    pub hidden_states: Vec<Tensor>,
+    /// Per layer, when requested (`None` for skipped layers).
+    pub attentions: Vec<Option<AttentionMaps>>,
+    /// One entry per routed layer.
+    pub routing: Vec<RoutingStats>,
+    /// Summed router and predictor losses of the routed layers.
+    pub aux_loss: Option<Tensor>,
+    /// Work per layer, for the FLOPs model.
+    pub work: Vec<Work>,
+}
+
+#[derive(Debug)]
+pub struct UnifiedTransformer {
+    pub cfg: ModelConfig,
+    pub plans: Vec<LayerPlan>,
+    embed: nn::Embedding,
+    layers: Vec<Layer>,
+    norm: Norm,
+    head: nn::Linear,
+    rope: Rope,
+}
+
+/// Key/value caches of every layer for incremental decoding.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    pub fn len(&self) -> i64 {
+        self.layers.first().map_or(0, LayerCache::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl UnifiedTransformer {
+    pub fn new(p: &nn::Path, cfg: &ModelConfig) -> Result<UnifiedTransformer, ConfigError> {
+        cfg.validate()?;
+        let plans = cfg.routing.schedule.resolve(cfg.n_layers)?;
+        let needs_global = plans.iter().any(|pl| {
+            matches!(
+                pl,
+                LayerPlan::Routed {
+                    routers: Routers::Global,
+                    ..
+                }
+            )
+        });
+        let global =
+            needs_global.then(|| Router::new(p / "global_router", cfg.d_model, cfg.routing.router));
+        let layers = plans
+            .iter()
+            .enumerate()
+            .map(|(i, plan)| Layer::new(p / "layers" / i, i, cfg, plan, global.as_ref()))
+            .collect();
+        let v = cfg.vocab.size() as i64;
+        Ok(UnifiedTransformer {
+            cfg: cfg.clone(),
+            plans,
+            embed: nn::embedding(p / "embed", v, cfg.d_model, Default::default()),
+            layers,
+            norm: Norm::new(p / "norm", cfg),
+            head: nn::linear(
+                p / "head",
+                cfg.d_model,
+                v,
+                nn::LinearConfig {
+                    bias: false,
+                    ..Default::default()
+                },
+            ),
+            rope: Rope::new(cfg, p.device()),
+        })
+    }
+
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    fn layer_input<'a>(&self, batch: &'a Batch, opts: &ForwardOptions) -> LayerInput<'a> {
+        let routable = &self.cfg.routing.routable;
+        let mut routable_segment = batch.segment.zeros_like().to_kind(Kind::Bool);
+        for g in routable {
+            routable_segment = routable_segment.logical_or(&batch.segment.eq(*g as i64));
+        }
+        LayerInput {
+            batch,
+            index: batch.positions_index(),
+            valid: batch.valid(),
+            routable_segment,
+            routable_segments: routable
+                .iter()
+                .copied()
+                .filter(|g| *g != Segment::Pad)
+                .collect(),
+            mode: opts.mode,
+            capture_attention: opts.attention,
+        }
+    }
+
+    /// # Shapes
+    /// `batch.tokens: [B, S]` → `logits: [B, S, V]`.
+    pub fn forward(&self, batch: &Batch, opts: &ForwardOptions) -> ModelOutput {
+        self.run(batch, opts, None, None)
+    }
+
+    /// Incremental forward: `batch` holds the new tokens only, with `offset` the number of
+    /// positions already in `cache` (their `attn_upto` and RoPE positions are absolute).
+    /// Routed layers must use a threshold mode: top-k over a sequence is not causal.
+    ///
+    /// # Shapes
+    /// `batch.tokens: [B, T]` → `logits: [B, T, V]`.
+    pub fn forward_cached(
+        &self,
+        batch: &Batch,
+        opts: &ForwardOptions,
+        cache: &mut KvCache,
+        offset: i64,
+    ) -> ModelOutput {
+        if cache.layers.is_empty() {
+            cache.layers = (0..self.layers.len())
+                .map(|_| LayerCache::default())
+                .collect();
+        }
+        self.run(batch, opts, Some(cache), Some(offset))
+    }
+
+    fn run(
+        &self,
+        batch: &Batch,
+        opts: &ForwardOptions,
+        mut cache: Option<&mut KvCache>,
+        offset: Option<i64>,
+    ) -> ModelOutput {
+        let mut input = self.layer_input(batch, opts);
+        if let Some(off) = offset {
+            input.index = &input.index + off;
+        }
+        let mut x = self.embed.forward(&batch.tokens);
+        let mut out = ModelOutput {
+            logits: Tensor::new(),
+            hidden_states: Vec::new(),
+            attentions: Vec::new(),
+            routing: Vec::new(),
+            aux_loss: None,
+            work: Vec::new(),
+        };
+        if opts.hidden_states {
+            out.hidden_states.push(x.shallow_clone());
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            if opts.skip_layers.contains(&i) {
+                out.attentions.push(None);
+                out.work.push(Work::default());
+                if opts.hidden_states {
+                    out.hidden_states.push(x.shallow_clone());
+                }
+                continue;
+            }
+            let o = layer.forward(&x, &input, &self.rope, layer_cache);
+            x = o.hidden;
+            out.attentions.push(o.attention);
+            out.work.push(o.work);
+            out.routing.extend(o.routing);
+            if let Some(a) = o.aux_loss {
+                out.aux_loss = Some(match out.aux_loss.take() {
+                    None => a,
+                    Some(s) => s + a,
+                });
+            }
+            if opts.hidden_states {
+                out.hidden_states.push(x.shallow_clone());
+            }
+        }
+        out.logits = self.head.forward(&self.norm.forward(&x));
+        out
+    }
+
+    /// Cross-entropy per task over the positions with a label, weighted into the total.
+    pub fn losses(&self, batch: &Batch, out: &ModelOutput) -> Losses {
+        let (b, s, v) = out.logits.size3().expect("logits are [B, S, V]");
+        let per_token = out
+            .logits
+            .view([b * s, v])
+            .to_kind(Kind::Float)
+            .cross_entropy_loss::<Tensor>(
+                &batch.labels.view([b * s]),
+                None,
+                tch::Reduction::None,
+                IGNORE,
+                0.0,
+            )
+            .view([b, s]);
+        let labelled = batch.labels.ne(IGNORE).to_kind(Kind::Float);
+        let device = out.logits.device();
+        let mut total = Tensor::zeros([], (Kind::Float, device));
+        let mut per_task: [Option<Tensor>; Task::COUNT] = [None, None, None];
+        for task in Task::ALL {
+            if !batch.tasks.contains(&task) {
+                continue;
+            }
+            let w = batch.task.eq(task as i64).to_kind(Kind::Float).unsqueeze(1) * &labelled;
+            let loss = (&per_token * &w).sum(Kind::Float) / w.sum(Kind::Float).clamp_min(1.0);
+            total = total + &loss * self.cfg.loss.get(task);
+            per_task[task.index()] = Some(loss);
+        }
+        let aux = out.aux_loss.as_ref().map_or_else(
+            || Tensor::zeros([], (Kind::Float, device)),
+            |a| a.shallow_clone(),
+        );
+        Losses {
+            per_task,
+            total: total + &aux,
+            aux,
+        }
+    }
+}

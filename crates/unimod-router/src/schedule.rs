@@ -1,0 +1,476 @@
+//! Which layers route tokens, for which tasks, at which capacity, with which routers: the layer
+//! switch of UniMoD and the schedules of its baselines, all resolved to one [`LayerPlan`] per
+//! layer.
+//!
+//! Capacity means one thing everywhere: the fraction of a sample's *routable* tokens that a
+//! layer processes (k = max(1, ceil(capacity × n_routable))); tokens that are not routable
+//! (special tokens, protected segments) are always processed.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use unimod_tok::Task;
+
+/// Which router scores a task's tokens in a routed layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Routers {
+    /// One router per task in this layer (UniMoD).
+    #[default]
+    PerTask,
+    /// One router in this layer for every task (plain MoD, "w/o task-aware router").
+    Shared,
+    /// One router for every task and every routed layer (γ-MoD).
+    Global,
+}
+
+/// Per-task capacity of one layer; `None` means the task's tokens are all processed.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Capacities {
+    pub t2i: Option<f64>,
+    pub mmu: Option<f64>,
+    pub lm: Option<f64>,
+}
+
+impl Capacities {
+    pub fn all(c: f64) -> Self {
+        Capacities {
+            t2i: Some(c),
+            mmu: Some(c),
+            lm: Some(c),
+        }
+    }
+
+    pub fn get(&self, task: Task) -> Option<f64> {
+        match task {
+            Task::T2i => self.t2i,
+            Task::Mmu => self.mmu,
+            Task::Lm => self.lm,
+        }
+    }
+
+    pub fn routed_tasks(&self) -> Vec<Task> {
+        Task::ALL
+            .into_iter()
+            .filter(|t| self.get(*t).is_some())
+            .collect()
+    }
+}
+
+/// What one layer does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LayerPlan {
+    /// Every token is processed.
+    Dense,
+    /// No token is processed (early exit, interleaved layer skipping).
+    Skip,
+    /// Tokens of the tasks with a capacity are routed (T2I-MoD, MMU-MoD or Shared-MoD layer).
+    Routed {
+        capacity: Capacities,
+        routers: Routers,
+    },
+}
+
+impl LayerPlan {
+    /// The paper's name for the layer type.
+    pub fn label(&self) -> &'static str {
+        match self {
+            LayerPlan::Dense => "dense",
+            LayerPlan::Skip => "skip",
+            LayerPlan::Routed { capacity, routers } => {
+                match (capacity.t2i, capacity.mmu, routers) {
+                    (_, _, Routers::Shared | Routers::Global) => "generic-MoD",
+                    (Some(_), Some(_), _) => "shared-MoD",
+                    (Some(_), None, _) => "t2i-MoD",
+                    (None, Some(_), _) => "mmu-MoD",
+                    (None, None, _) => "lm-MoD",
+                }
+            }
+        }
+    }
+}
+
+/// A linear ramp of capacity across the routed layers, `[first, last]`; one value is constant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Ramp {
+    Constant(f64),
+    Linear([f64; 2]),
+}
+
+impl Ramp {
+    fn at(&self, i: usize, n: usize) -> f64 {
+        match self {
+            Ramp::Constant(c) => *c,
+            Ramp::Linear([a, b]) if n > 1 => a + (b - a) * i as f64 / (n - 1) as f64,
+            Ramp::Linear([a, _]) => *a,
+        }
+    }
+}
+
+/// Which layers a rule-based schedule routes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", untagged)]
+pub enum LayerSet {
+    /// `"last_half"`, `"interleaved"` (every other layer, starting with layer 1).
+    Named(NamedLayers),
+    /// Explicit layer indices.
+    List(Vec<usize>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NamedLayers {
+    LastHalf,
+    Interleaved,
+}
+
+impl LayerSet {
+    fn resolve(&self, n_layers: usize) -> Vec<usize> {
+        match self {
+            LayerSet::Named(NamedLayers::LastHalf) => (n_layers / 2..n_layers).collect(),
+            LayerSet::Named(NamedLayers::Interleaved) => (1..n_layers).step_by(2).collect(),
+            LayerSet::List(v) => v.clone(),
+        }
+    }
+}
+
+/// A schedule as written in a config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Schedule {
+    /// Every layer dense.
+    Dense,
+    /// Layers `exit_after..` are skipped entirely.
+    EarlyExit { exit_after: usize },
+    /// Every other layer (1, 3, 5, …) is skipped entirely.
+    InterleavedSkip,
+    /// Raposo et al.: one router per layer shared by all tasks, every other layer.
+    Mod {
+        #[serde(default = "default_mod_capacity")]
+        capacity: f64,
+        #[serde(default = "interleaved")]
+        layers: LayerSet,
+    },
+    /// UniMoD: per-task routers and capacities on chosen layers. The paper's Show-o recipe is
+    /// `layers = "last_half"`, `t2i = 0.8`, `mmu = [1.0, 0.2]`; its Emu3 recipe
+    /// `layers = "last_half"`, `t2i = 0.2`, `mmu = 0.2`.
+    Unimod {
+        #[serde(default = "last_half")]
+        layers: LayerSet,
+        t2i: Option<Ramp>,
+        mmu: Option<Ramp>,
+        #[serde(default)]
+        lm: Option<Ramp>,
+        #[serde(default)]
+        routers: Routers,
+    },
+    /// γ-MoD: one router shared across layers and tasks on chosen layers.
+    GammaMod {
+        #[serde(default = "default_gamma_capacity")]
+        capacity: f64,
+        layers: LayerSet,
+    },
+    /// One plan per layer, spelled out (what `unimod analyze schedule` writes).
+    Explicit { layers: Vec<LayerPlan> },
+    /// An explicit schedule read from a TOML or JSON file.
+    File { path: PathBuf },
+}
+
+fn default_mod_capacity() -> f64 {
+    0.125
+}
+fn default_gamma_capacity() -> f64 {
+    0.5
+}
+fn interleaved() -> LayerSet {
+    LayerSet::Named(NamedLayers::Interleaved)
+}
+fn last_half() -> LayerSet {
+    LayerSet::Named(NamedLayers::LastHalf)
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Schedule::Dense
+    }
+}
+
+/// A schedule that cannot be applied to the model.
+#[derive(Debug, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("routing.schedule: layer {layer} does not exist (the model has {n_layers} layers)")]
+    NoSuchLayer { layer: usize, n_layers: usize },
+    #[error("routing.schedule: capacity {value} for {task} in layer {layer} is outside (0, 1]")]
+    Capacity {
+        layer: usize,
+        task: Task,
+        value: f64,
+    },
+    #[error("routing.schedule: explicit schedule has {got} layers, the model has {n_layers}")]
+    LayerCount { got: usize, n_layers: usize },
+    #[error("routing.schedule: exit_after = {0} leaves no layer")]
+    NoLayers(usize),
+    #[error("routing.schedule: cannot read schedule file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("routing.schedule: schedule file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+/// The file format `unimod analyze schedule` writes and [`Schedule::File`] reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleFile {
+    /// How the schedule was derived, for the reader.
+    #[serde(default)]
+    pub note: String,
+    pub layers: Vec<LayerPlan>,
+}
+
+impl ScheduleFile {
+    pub fn read(path: &Path) -> Result<ScheduleFile, ScheduleError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ScheduleError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let parsed = if path.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str(&text).map_err(|e| e.to_string())
+        } else {
+            toml::from_str(&text).map_err(|e| e.to_string())
+        };
+        parsed.map_err(|message| ScheduleError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(path, text)
+    }
+}
+
+impl Schedule {
+    /// One plan per layer, validated against the model's depth.
+    pub fn resolve(&self, n_layers: usize) -> Result<Vec<LayerPlan>, ScheduleError> {
+        let mut plans = vec![LayerPlan::Dense; n_layers];
+        let mut route = |layers: &[usize], cap: &dyn Fn(usize, usize) -> Capacities, routers| {
+            for (i, &l) in layers.iter().enumerate() {
+                if l >= n_layers {
+                    return Err(ScheduleError::NoSuchLayer { layer: l, n_layers });
+                }
+                plans[l] = LayerPlan::Routed {
+                    capacity: cap(i, layers.len()),
+                    routers,
+                };
+            }
+            Ok(())
+        };
+        match self {
+            Schedule::Dense => {}
+            Schedule::EarlyExit { exit_after } => {
+                if *exit_after == 0 {
+                    return Err(ScheduleError::NoLayers(0));
+                }
+                for p in plans.iter_mut().skip(*exit_after) {
+                    *p = LayerPlan::Skip;
+                }
+            }
+            Schedule::InterleavedSkip => {
+                for p in plans.iter_mut().skip(1).step_by(2) {
+                    *p = LayerPlan::Skip;
+                }
+            }
+            Schedule::Mod { capacity, layers } => route(
+                &layers.resolve(n_layers),
+                &|_, _| Capacities::all(*capacity),
+                Routers::Shared,
+            )?,
+            Schedule::GammaMod { capacity, layers } => route(
+                &layers.resolve(n_layers),
+                &|_, _| Capacities::all(*capacity),
+                Routers::Global,
+            )?,
+            Schedule::Unimod {
+                layers,
+                t2i,
+                mmu,
+                lm,
+                routers,
+            } => {
+                let ramp = |r: &Option<Ramp>, i, n| r.as_ref().map(|r| r.at(i, n));
+                route(
+                    &layers.resolve(n_layers),
+                    &|i, n| Capacities {
+                        t2i: ramp(t2i, i, n),
+                        mmu: ramp(mmu, i, n),
+                        lm: ramp(lm, i, n),
+                    },
+                    *routers,
+                )?
+            }
+            Schedule::Explicit { layers } => {
+                if layers.len() != n_layers {
+                    return Err(ScheduleError::LayerCount {
+                        got: layers.len(),
+                        n_layers,
+                    });
+                }
+                plans = layers.clone();
+            }
+            Schedule::File { path } => {
+                return Schedule::Explicit {
+                    layers: ScheduleFile::read(path)?.layers,
+                }
+                .resolve(n_layers);
+            }
+        }
+        validate(&plans)?;
+        Ok(plans)
+    }
+}
+
+fn validate(plans: &[LayerPlan]) -> Result<(), ScheduleError> {
+    for (layer, p) in plans.iter().enumerate() {
+        if let LayerPlan::Routed { capacity, .. } = p {
+            for task in Task::ALL {
+                if let Some(value) = capacity.get(task)
+                    && !(value > 0.0 && value <= 1.0)
+                {
+                    return Err(ScheduleError::Capacity { layer, task, value });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Tokens a routed layer keeps of `n_routable`: max(1, ceil(capacity × n)), never more than n.
+pub fn tokens_kept(capacity: f64, n_routable: usize) -> usize {
+    if n_routable == 0 {
+        return 0;
+    }
+    ((capacity * n_routable as f64).ceil() as usize).clamp(1, n_routable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Schedule {
+        #[derive(Deserialize)]
+        struct W {
+            schedule: Schedule,
+        }
+        toml::from_str::<W>(s).unwrap().schedule
+    }
+
+    #[test]
+    fn paper_showo_recipe() {
+        let s = parse("schedule = { kind = 'unimod', t2i = 0.8, mmu = [1.0, 0.2] }");
+        let plans = s.resolve(24).unwrap();
+        assert!(plans[..12].iter().all(|p| *p == LayerPlan::Dense));
+        let caps: Vec<Capacities> = plans[12..]
+            .iter()
+            .map(|p| match p {
+                LayerPlan::Routed {
+                    capacity,
+                    routers: Routers::PerTask,
+                } => *capacity,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(caps[0].mmu, Some(1.0));
+        assert!((caps[11].mmu.unwrap() - 0.2).abs() < 1e-12);
+        assert!(caps.iter().all(|c| c.t2i == Some(0.8) && c.lm.is_none()));
+        assert_eq!(plans[12].label(), "shared-MoD");
+    }
+
+    #[test]
+    fn plain_mod_routes_every_other_layer() {
+        let plans = parse("schedule = { kind = 'mod' }").resolve(6).unwrap();
+        let labels: Vec<&str> = plans.iter().map(LayerPlan::label).collect();
+        assert_eq!(
+            labels,
+            [
+                "dense",
+                "generic-MoD",
+                "dense",
+                "generic-MoD",
+                "dense",
+                "generic-MoD"
+            ]
+        );
+    }
+
+    #[test]
+    fn early_exit_and_interleaved_skip() {
+        let ee = Schedule::EarlyExit { exit_after: 2 }.resolve(4).unwrap();
+        assert_eq!(
+            ee,
+            [
+                LayerPlan::Dense,
+                LayerPlan::Dense,
+                LayerPlan::Skip,
+                LayerPlan::Skip
+            ]
+        );
+        let il = Schedule::InterleavedSkip.resolve(4).unwrap();
+        assert_eq!(
+            il,
+            [
+                LayerPlan::Dense,
+                LayerPlan::Skip,
+                LayerPlan::Dense,
+                LayerPlan::Skip
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_schedules_name_the_problem() {
+        let e = parse("schedule = { kind = 'unimod', layers = [7], t2i = 0.5 }")
+            .resolve(4)
+            .unwrap_err();
+        assert!(e.to_string().contains("layer 7 does not exist"), "{e}");
+        let e = parse("schedule = { kind = 'unimod', t2i = 1.5 }")
+            .resolve(4)
+            .unwrap_err();
+        assert!(e.to_string().contains("capacity 1.5 for t2i"), "{e}");
+        let e = parse("schedule = { kind = 'mod', capacity = 0.0 }")
+            .resolve(4)
+            .unwrap_err();
+        assert!(e.to_string().contains("outside (0, 1]"), "{e}");
+    }
+
+    #[test]
+    fn schedule_file_round_trips() {
+        let plans = parse("schedule = { kind = 'unimod', t2i = 0.8, mmu = [1.0, 0.5] }")
+            .resolve(4)
+            .unwrap();
+        let path =
+            std::env::temp_dir().join(format!("unimod-schedule-{}.json", std::process::id()));
+        ScheduleFile {
+            note: "test".into(),
+            layers: plans.clone(),
+        }
+        .write(&path)
+        .unwrap();
+        let back = Schedule::File { path: path.clone() }.resolve(4).unwrap();
+        assert_eq!(back, plans);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn kept_tokens_rule() {
+        assert_eq!(tokens_kept(0.125, 64), 8);
+        assert_eq!(tokens_kept(0.01, 64), 1);
+        assert_eq!(tokens_kept(1.0, 64), 64);
+        assert_eq!(tokens_kept(0.8, 10), 8);
+        assert_eq!(tokens_kept(0.5, 0), 0);
+    }
+}

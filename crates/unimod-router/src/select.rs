@@ -1,0 +1,205 @@
+//! Token selection, batched: per sample, the top-k routable tokens by score plus every token
+//! that must be processed, gathered in their original order. No host loops over tokens and no
+//! reads from the device: the gather width comes from counts the batch carries on the host.
+
+use tch::{Kind, Tensor};
+
+/// The tokens one routed layer processes.
+#[derive(Debug)]
+pub struct Selection {
+    /// `[B, G]` sequence indices, ascending within each sample (causal order survives).
+    pub index: Tensor,
+    /// `[B, G]` true where the slot holds a selected token; samples that keep fewer than G
+    /// tokens fill the rest with inactive slots, which see nothing and change nothing.
+    pub active: Tensor,
+    /// `[B, G]` what the block's output is multiplied by: sigmoid(score) for routed tokens,
+    /// 1 for always-processed ones, 0 for inactive slots.
+    pub weight: Tensor,
+    /// `[B, S]` true for routable tokens in the top-k (the target of the causal fixes).
+    pub in_topk: Tensor,
+    /// `[B, S]` true for every processed token.
+    pub processed: Tensor,
+}
+
+/// Selects, for each sample b, the `n_keep[b]` highest-keyed tokens, where always-processed
+/// tokens rank first, routable tokens by score, and the rest are never chosen.
+///
+/// # Shapes
+/// `score`, `routable`, `forced`: `[B, S]`; `n_keep`: `[B]` (i64, ≤ `width`); `width` = G.
+pub fn top_k(
+    score: &Tensor,
+    routable: &Tensor,
+    forced: &Tensor,
+    n_keep: &Tensor,
+    width: i64,
+) -> Selection {
+    let (b, s) = score.size2().expect("score is [B, S]");
+    let device = score.device();
+    let key = score
+        .detach()
+        .to_kind(Kind::Float)
+        .masked_fill(&routable.logical_not(), f64::NEG_INFINITY)
+        .masked_fill(forced, f64::INFINITY);
+    let (_, by_key) = key.topk(width, 1, true, true);
+    let rank = Tensor::arange(width, (Kind::Int64, device)).unsqueeze(0);
+    let active_by_key = rank.lt_tensor(&n_keep.unsqueeze(1));
+    let (index, order) = by_key.sort(1, false);
+    let active = active_by_key.gather(1, &order, false);
+    let routed = routable.gather(1, &index, false).logical_and(&active);
+    let weight = score
+        .gather(1, &index, false)
+        .sigmoid()
+        .where_self(&routed, &Tensor::ones([], (score.kind(), device)))
+        * active.to_kind(score.kind());
+    let in_topk = Tensor::zeros([b, s], (Kind::Bool, device)).scatter(1, &index, &routed);
+    let processed = Tensor::zeros([b, s], (Kind::Bool, device)).scatter(1, &index, &active);
+    Selection {
+        index,
+        active,
+        weight,
+        in_topk,
+        processed,
+    }
+}
+
+/// The causal decision used in autoregressive decoding: a routable token is processed when its
+/// decision logit is positive (probability ≥ 0.5), an always-processed token always.
+///
+/// # Shapes
+/// all `[B, S]` → `[B, S]` bool.
+pub fn threshold(decision_logit: &Tensor, routable: &Tensor, forced: &Tensor) -> Tensor {
+    decision_logit
+        .gt(0.0)
+        .logical_and(routable)
+        .logical_or(forced)
+}
+
+/// `x: [B, S, D]`, `index: [B, G]` → `[B, G, D]`.
+pub fn gather_tokens(x: &Tensor, index: &Tensor) -> Tensor {
+    let d = x.size()[2];
+    let (b, g) = index.size2().expect("index is [B, G]");
+    x.gather(1, &index.unsqueeze(2).expand([b, g, d], false), false)
+}
+
+/// Adds `delta: [B, G, D]` into `x: [B, S, D]` at `index: [B, G]` (indices unique per sample).
+pub fn scatter_add_tokens(x: &Tensor, index: &Tensor, delta: &Tensor) -> Tensor {
+    let d = x.size()[2];
+    let (b, g) = index.size2().expect("index is [B, G]");
+    x.scatter_add(1, &index.unsqueeze(2).expand([b, g, d], false), delta)
+}
+
+/// Binary cross-entropy of router logits against top-k membership, averaged over routable
+/// tokens: the MoD paper's auxiliary loss, which centres sigmoid(score) on 0.5 so that a 0.5
+/// threshold reproduces top-k in causal decoding.
+pub fn membership_bce(logits: &Tensor, in_topk: &Tensor, routable: &Tensor) -> Tensor {
+    let w = routable.to_kind(Kind::Float);
+    let per_token = logits
+        .to_kind(Kind::Float)
+        .binary_cross_entropy_with_logits::<Tensor>(
+            &in_topk.to_kind(Kind::Float),
+            None,
+            None,
+            tch::Reduction::None,
+        );
+    (per_token * &w).sum(Kind::Float) / w.sum(Kind::Float).clamp_min(1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn t(v: &[f32], b: i64) -> Tensor {
+        Tensor::from_slice(v).view([b, -1])
+    }
+    fn mask(v: &[bool], b: i64) -> Tensor {
+        Tensor::from_slice(v).view([b, -1])
+    }
+    fn vec_i64(x: &Tensor) -> Vec<i64> {
+        Vec::<i64>::try_from(x.flatten(0, -1)).unwrap()
+    }
+    fn vec_bool(x: &Tensor) -> Vec<bool> {
+        Vec::<bool>::try_from(x.flatten(0, -1)).unwrap()
+    }
+
+    #[test]
+    fn keeps_forced_then_best_routable_in_order() {
+        // token 0 forced, tokens 1..5 routable, token 5 padding.
+        let score = t(&[0.0, 0.3, -1.0, 2.0, 0.1, 9.0], 1);
+        let routable = mask(&[false, true, true, true, true, false], 1);
+        let forced = mask(&[true, false, false, false, false, false], 1);
+        let sel = top_k(&score, &routable, &forced, &Tensor::from_slice(&[3i64]), 3);
+        assert_eq!(vec_i64(&sel.index), [0, 1, 3]);
+        assert_eq!(vec_bool(&sel.active), [true, true, true]);
+        assert_eq!(
+            vec_bool(&sel.in_topk),
+            [false, true, false, true, false, false]
+        );
+        let w = Vec::<f32>::try_from(sel.weight.flatten(0, -1)).unwrap();
+        assert_eq!(w[0], 1.0);
+        assert!((w[2] - 1.0 / (1.0 + (-2.0f32).exp())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn samples_keeping_fewer_tokens_get_inactive_slots() {
+        let score = t(&[1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0], 2);
+        let routable = mask(&[true; 8], 2);
+        let forced = mask(&[false; 8], 2);
+        let sel = top_k(
+            &score,
+            &routable,
+            &forced,
+            &Tensor::from_slice(&[3i64, 1]),
+            3,
+        );
+        assert_eq!(vec_bool(&sel.active).iter().filter(|a| **a).count(), 4);
+        assert_eq!(
+            vec_bool(&sel.processed),
+            [false, true, true, true, false, false, false, true]
+        );
+        let w = Vec::<f32>::try_from(sel.weight.flatten(0, -1)).unwrap();
+        assert_eq!(w.iter().filter(|x| **x == 0.0).count(), 2);
+    }
+
+    #[test]
+    fn threshold_keeps_forced_and_confident_tokens() {
+        let logits = t(&[-1.0, 0.5, -0.2, 3.0], 1);
+        let routable = mask(&[false, true, true, true], 1);
+        let forced = mask(&[true, false, false, false], 1);
+        assert_eq!(
+            vec_bool(&threshold(&logits, &routable, &forced)),
+            [true, true, false, true]
+        );
+    }
+
+    #[test]
+    fn bce_is_zero_mean_over_routable_only() {
+        let logits = t(&[20.0, -20.0, 0.0], 1);
+        let in_topk = mask(&[true, false, true], 1);
+        let routable = mask(&[true, true, false], 1);
+        let l = f64::try_from(membership_bce(&logits, &in_topk, &routable)).unwrap();
+        assert!(l < 1e-6, "{l}");
+    }
+
+    proptest! {
+        #[test]
+        fn gather_scatter_round_trip(b in 1i64..4, s in 2i64..12, d in 1i64..5, seed in 0i64..1000) {
+            tch::manual_seed(seed);
+            let x = Tensor::randn([b, s, d], tch::kind::FLOAT_CPU);
+            let score = Tensor::randn([b, s], tch::kind::FLOAT_CPU);
+            let g = (s / 2).max(1);
+            let sel = top_k(&score, &Tensor::ones([b, s], (Kind::Bool, tch::Device::Cpu)),
+                &Tensor::zeros([b, s], (Kind::Bool, tch::Device::Cpu)), &Tensor::full([b], g, (Kind::Int64, tch::Device::Cpu)), g);
+            // indices ascending and unique
+            let idx = Vec::<i64>::try_from(sel.index.flatten(0, -1)).unwrap();
+            for row in idx.chunks(g as usize) {
+                prop_assert!(row.windows(2).all(|w| w[0] < w[1]));
+            }
+            let picked = gather_tokens(&x, &sel.index);
+            // scattering the gathered tokens' negation back zeroes exactly the selected rows
+            let back = scatter_add_tokens(&x, &sel.index, &(-&picked));
+            let zeroed = back.abs().sum_dim_intlist(-1, false, Kind::Float).eq(0.0);
+            prop_assert!(zeroed.eq_tensor(&sel.processed).all().int64_value(&[]) == 1);
+        }
+    }
+}

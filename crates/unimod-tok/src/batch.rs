@@ -1,0 +1,205 @@
+//! Sequences on the host and batches of them as tensors, with the per-token metadata that
+//! masks, losses and routers read. The attention mask is not stored: it follows from each
+//! token's `attn_upto` (the last key index it may see) and is built on the device when needed.
+
+use crate::task::{Segment, Task};
+use tch::{Device, Kind, Tensor};
+
+/// Label value of positions that carry no loss.
+pub const IGNORE: i64 = -100;
+
+/// One sequence, as a format builds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sequence {
+    pub task: Task,
+    pub tokens: Vec<i64>,
+    /// Target of the logits at each position (already shifted for next-token prediction),
+    /// or [`IGNORE`].
+    pub labels: Vec<i64>,
+    pub segments: Vec<Segment>,
+    /// The last key position each token may attend to: `i` for a causal token, the end of its
+    /// bidirectional block otherwise (Show-o's omni-attention, see `format`).
+    pub attn_upto: Vec<i64>,
+}
+
+impl Sequence {
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
+/// Sequences of one length stacked along the batch, sub-batches of one task next to each other.
+#[derive(Debug)]
+pub struct Batch {
+    /// `[B, S]` token ids.
+    pub tokens: Tensor,
+    /// `[B, S]` targets or [`IGNORE`].
+    pub labels: Tensor,
+    /// `[B]` task of each sample ([`Task`] as i64).
+    pub task: Tensor,
+    /// `[B, S]` [`Segment`] of each token as i64.
+    pub segment: Tensor,
+    /// `[B, S]` last key index each token may attend to.
+    pub attn_upto: Tensor,
+    /// `[B, S]` position ids for RoPE.
+    pub positions: Tensor,
+    /// Host copy of each sample's task.
+    pub tasks: Vec<Task>,
+    /// Host count of tokens per segment in each sample: routers size their gathers from it
+    /// without reading the device.
+    pub segment_counts: Vec<[usize; Segment::COUNT]>,
+}
+
+/// Why sequences could not be batched.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("cannot batch zero sequences")]
+    Empty,
+    #[error(
+        "sequence {index} has length {len}, the batch has {expected}: formats must pad to one length"
+    )]
+    Length {
+        index: usize,
+        len: usize,
+        expected: usize,
+    },
+    #[error("sequence {index} is inconsistent: {what}")]
+    Inconsistent { index: usize, what: &'static str },
+}
+
+impl Batch {
+    pub fn from_sequences(seqs: &[Sequence], device: Device) -> Result<Batch, BatchError> {
+        let first = seqs.first().ok_or(BatchError::Empty)?;
+        let s = first.len();
+        for (index, q) in seqs.iter().enumerate() {
+            if q.len() != s {
+                return Err(BatchError::Length {
+                    index,
+                    len: q.len(),
+                    expected: s,
+                });
+            }
+            if q.labels.len() != s || q.segments.len() != s || q.attn_upto.len() != s {
+                return Err(BatchError::Inconsistent {
+                    index,
+                    what: "field lengths differ",
+                });
+            }
+            if q.attn_upto.iter().any(|&u| u < 0 || u as usize >= s) {
+                return Err(BatchError::Inconsistent {
+                    index,
+                    what: "attn_upto out of range",
+                });
+            }
+        }
+        let b = seqs.len() as i64;
+        let flat = |f: &dyn Fn(&Sequence) -> Vec<i64>| -> Tensor {
+            let v: Vec<i64> = seqs.iter().flat_map(f).collect();
+            Tensor::from_slice(&v).view([b, s as i64]).to_device(device)
+        };
+        let tokens = flat(&|q| q.tokens.clone());
+        let labels = flat(&|q| q.labels.clone());
+        let segment = flat(&|q| q.segments.iter().map(|g| *g as i64).collect());
+        let attn_upto = flat(&|q| q.attn_upto.clone());
+        let tasks: Vec<Task> = seqs.iter().map(|q| q.task).collect();
+        let task_ids: Vec<i64> = tasks.iter().map(|t| *t as i64).collect();
+        let positions = Tensor::arange(s as i64, (Kind::Int64, device))
+            .unsqueeze(0)
+            .expand([b, s as i64], false)
+            .contiguous();
+        let segment_counts = seqs
+            .iter()
+            .map(|q| {
+                let mut c = [0usize; Segment::COUNT];
+                for g in &q.segments {
+                    c[g.index()] += 1;
+                }
+                c
+            })
+            .collect();
+        Ok(Batch {
+            tokens,
+            labels,
+            task: Tensor::from_slice(&task_ids).to_device(device),
+            segment,
+            attn_upto,
+            positions,
+            tasks,
+            segment_counts,
+        })
+    }
+
+    pub fn size(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub fn seq_len(&self) -> i64 {
+        self.tokens.size()[1]
+    }
+
+    pub fn device(&self) -> Device {
+        self.tokens.device()
+    }
+
+    /// `[B, S]` true for every token that is not padding.
+    pub fn valid(&self) -> Tensor {
+        self.segment.ne(Segment::Pad as i64)
+    }
+
+    /// `[B, S]` true for image tokens.
+    pub fn is_image(&self) -> Tensor {
+        self.segment.eq(Segment::Image as i64)
+    }
+
+    /// `[B, S, S]` boolean attention mask (true = may attend) of the whole sequence.
+    pub fn attention_mask(&self) -> Tensor {
+        let index = self.positions_index();
+        attention_mask(&index, &self.attn_upto, &index, &self.valid())
+    }
+
+    /// `[B, S]` token index 0..S (not the RoPE position, which a format may choose otherwise).
+    pub fn positions_index(&self) -> Tensor {
+        let (b, s) = (self.size() as i64, self.seq_len());
+        Tensor::arange(s, (Kind::Int64, self.device()))
+            .unsqueeze(0)
+            .expand([b, s], false)
+    }
+
+    /// The samples of one task, in batch order.
+    pub fn samples_of(&self, task: Task) -> Vec<usize> {
+        (0..self.size())
+            .filter(|&i| self.tasks[i] == task)
+            .collect()
+    }
+
+    /// Number of tokens in one sample that belong to any of `segments`.
+    pub fn count(&self, sample: usize, segments: &[Segment]) -> usize {
+        segments
+            .iter()
+            .map(|g| self.segment_counts[sample][g.index()])
+            .sum()
+    }
+}
+
+/// The attention mask of queries at sequence indices `q_index` (`[B, Q]`, each seeing keys up to
+/// `q_upto`) over keys at `k_index` (`[B, K]`, `k_valid` false for keys that must not be seen).
+/// Every query sees itself, so no row is empty (padding rows would otherwise give NaN).
+///
+/// One function serves the full sequence, the tokens a routed layer gathered (both axes sliced
+/// by the same indices) and KV-cached decoding.
+pub fn attention_mask(
+    q_index: &Tensor,
+    q_upto: &Tensor,
+    k_index: &Tensor,
+    k_valid: &Tensor,
+) -> Tensor {
+    let k = k_index.unsqueeze(1);
+    let visible = k
+        .le_tensor(&q_upto.unsqueeze(2))
+        .logical_and(&k_valid.unsqueeze(1));
+    visible.logical_or(&k.eq_tensor(&q_index.unsqueeze(2)))
+}

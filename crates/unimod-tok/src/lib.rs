@@ -1,0 +1,18 @@
+//! # unimod-tok
+//!
+//! Everything between raw data and the token sequences a unified transformer learns from, and
+//! the judges that score what it generates: the datasets (the procedural `shapes` world, MNIST),
+//! the text BPE and image VQ tokenizers, the vocabulary layout, the Show-o and Emu3 sequence
+//! formats with their per-token metadata (task, segment, attention reach, loss positions), and
+//! batches of them as tensors.
+
+pub mod batch;
+pub mod cache;
+pub mod format;
+pub mod task;
+pub mod vocab;
+
+pub use batch::{Batch, IGNORE, Sequence};
+pub use format::{Flavour, FormatConfig, FormatError};
+pub use task::{Segment, Task};
+pub use vocab::{Special, VocabLayout};

@@ -1,0 +1,104 @@
+//! Run configuration: one TOML file (`--config`), dotted `--set key=value` overrides on top, every
+//! field defaulted (`serde(default)`) and unknown fields refused, so a typo is an error that
+//! names the field. Every run writes the fully resolved config next to its outputs.
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use unimod_model::ModelConfig;
+use unimod_tok::FormatConfig;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelConfig,
+    pub format: FormatConfig,
+}
+
+impl RunConfig {
+    /// Reads `path` (or the defaults when `None`), applies `overrides`, validates.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<RunConfig> {
+        let mut value = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read config {}", p.display()))?;
+                text.parse::<toml::Table>()
+                    .with_context(|| format!("{} is not valid TOML", p.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        let where_ = path.map_or("the defaults".to_string(), |p| p.display().to_string());
+        let cfg: RunConfig = toml::Value::Table(value)
+            .try_into()
+            .with_context(|| format!("invalid config in {where_}"))?;
+        cfg.model
+            .validate()
+            .with_context(|| format!("invalid config in {where_}"))?;
+        Ok(cfg)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a config always serialises")
+    }
+}
+
+/// `a.b.c=value`: the value is read as TOML (`0.5`, `true`, `[1, 2]`, `{ kind = "dense" }`),
+/// or as a string when it is not valid TOML.
+fn apply_override(root: &mut toml::Table, item: &str) -> Result<()> {
+    let Some((key, raw)) = item.split_once('=') else {
+        bail!("--set {item}: expected key=value");
+    };
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let (last, parents) = parts.split_last().context("empty --set key")?;
+    let mut table = root;
+    for p in parents {
+        table = table
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .with_context(|| format!("--set {key}: {p} is not a table"))?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_and_unknown_fields() {
+        let c = RunConfig::load(
+            None,
+            &[
+                "model.d_model=64".into(),
+                "model.routing.schedule={ kind = 'mod' }".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.model.d_model, 64);
+        let e = RunConfig::load(None, &["model.d_modle=64".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("d_modle"), "{e:#}");
+        let e = RunConfig::load(
+            None,
+            &["model.routing.schedule={ kind = 'mod', capacity = 1.5 }".into()],
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("capacity 1.5"), "{e:#}");
+    }
+
+    #[test]
+    fn resolved_config_round_trips() {
+        let c = RunConfig::load(None, &["model.n_layers=4".into()]).unwrap();
+        let back: RunConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+    }
+}

@@ -1,0 +1,70 @@
+//! Device selection: `auto | cpu | cuda[:N]`. Asking for CUDA where there is none is an error,
+//! never a silent fallback to the CPU.
+
+use anyhow::{Result, bail};
+use tch::{Cuda, Device};
+
+pub fn parse(spec: &str) -> Result<Device> {
+    let spec = spec.trim();
+    match spec {
+        "auto" => Ok(if Cuda::is_available() {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        }),
+        "cpu" => Ok(Device::Cpu),
+        _ => {
+            let Some(rest) = spec.strip_prefix("cuda") else {
+                bail!("device `{spec}`: expected auto, cpu, cuda or cuda:N");
+            };
+            let index = match rest.strip_prefix(':') {
+                None if rest.is_empty() => 0,
+                Some(n) => n
+                    .parse::<usize>()
+                    .map_err(|_| anyhow::anyhow!("device `{spec}`: `{n}` is not a GPU index"))?,
+                None => bail!("device `{spec}`: expected auto, cpu, cuda or cuda:N"),
+            };
+            if !Cuda::is_available() {
+                bail!(
+                    "device `{spec}` requested, but CUDA is not available (no GPU, or libtorch_cuda not linked: see docs/libtorch.md)"
+                );
+            }
+            let n = Cuda::device_count() as usize;
+            if index >= n {
+                bail!("device `{spec}` requested, but only {n} CUDA device(s) exist");
+            }
+            Ok(Device::Cuda(index))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_refuses_clearly() {
+        assert_eq!(parse("cpu").unwrap(), Device::Cpu);
+        assert!(
+            parse("gpu")
+                .unwrap_err()
+                .to_string()
+                .contains("expected auto")
+        );
+        assert!(
+            parse("cuda:x")
+                .unwrap_err()
+                .to_string()
+                .contains("not a GPU index")
+        );
+        if !Cuda::is_available() {
+            assert!(
+                parse("cuda")
+                    .unwrap_err()
+                    .to_string()
+                    .contains("CUDA is not available")
+            );
+            assert_eq!(parse("auto").unwrap(), Device::Cpu);
+        }
+    }
+}

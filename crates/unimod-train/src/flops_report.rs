@@ -1,0 +1,199 @@
+//! `unimod flops`: analytic FLOPs of a config under its schedule (or another), per task and in
+//! a task mix, against the same model dense, in both conventions of `unimod_model::flops`.
+
+use crate::RunConfig;
+use anyhow::{Context, Result, bail};
+use std::fmt::Write;
+use unimod_model::flops::{self, Composition, Flops};
+use unimod_router::Schedule;
+use unimod_router::schedule::{LayerSet, NamedLayers, Ramp, Routers};
+use unimod_tok::Task;
+
+/// The schedules of the UniMoD paper (§5.1), by name.
+pub fn paper_schedule(name: &str) -> Option<Schedule> {
+    let unimod = |t2i, mmu| Schedule::Unimod {
+        layers: LayerSet::Named(NamedLayers::LastHalf),
+        t2i: Some(t2i),
+        mmu: Some(mmu),
+        lm: None,
+        routers: Routers::PerTask,
+    };
+    match name {
+        // Show-o: last 12 of 24 layers, T2I keeps 80 %, MMU capacity 1.0 → 0.2.
+        "showo-paper" => Some(unimod(Ramp::Constant(0.8), Ramp::Linear([1.0, 0.2]))),
+        // Emu3: last 16 of 32 layers prune 80 % of both tasks' tokens.
+        "emu3-paper" => Some(unimod(Ramp::Constant(0.2), Ramp::Constant(0.2))),
+        _ => None,
+    }
+}
+
+/// `--schedule` is a paper recipe name or a schedule file.
+pub fn parse_schedule(arg: &str) -> Result<Schedule> {
+    if let Some(s) = paper_schedule(arg) {
+        return Ok(s);
+    }
+    let path = std::path::Path::new(arg);
+    if !path.exists() {
+        bail!("--schedule {arg}: neither a paper recipe (showo-paper, emu3-paper) nor a file");
+    }
+    Ok(Schedule::File {
+        path: path.to_path_buf(),
+    })
+}
+
+/// `t2i=1,mmu=1` → task weights.
+pub fn parse_mix(arg: &str) -> Result<Vec<(Task, f64)>> {
+    arg.split(',')
+        .map(|part| {
+            let (k, v) = part
+                .split_once('=')
+                .with_context(|| format!("--mix {arg}: expected task=weight"))?;
+            let task = Task::ALL
+                .into_iter()
+                .find(|t| t.name() == k.trim())
+                .with_context(|| format!("--mix: unknown task `{k}` (t2i, mmu, lm)"))?;
+            let w: f64 = v
+                .trim()
+                .parse()
+                .with_context(|| format!("--mix: weight `{v}` is not a number"))?;
+            Ok((task, w))
+        })
+        .collect()
+}
+
+/// Forward FLOPs of one sequence of each task, dense and under `schedule`.
+pub struct FlopsReport {
+    pub rows: Vec<(Task, Flops, Flops)>,
+    pub mix: Vec<(Task, f64)>,
+    pub table: String,
+}
+
+pub fn report(cfg: &RunConfig, schedule: &Schedule, mix: &[(Task, f64)]) -> Result<FlopsReport> {
+    let m = &cfg.model;
+    let plans = schedule.resolve(m.n_layers)?;
+    let dense_plans = Schedule::Dense.resolve(m.n_layers)?;
+    let mut rows = Vec::new();
+    let mut table = String::new();
+    writeln!(
+        table,
+        "model d={} layers={} heads={}/{} ffn={} ({:?}) vocab={} | format {:?}, text {} tokens, image {}×{}",
+        m.d_model,
+        m.n_layers,
+        m.n_heads,
+        m.n_kv_heads,
+        m.d_ffn,
+        m.ffn,
+        m.vocab.size(),
+        cfg.format.flavour,
+        cfg.format.text_len,
+        cfg.format.image_side,
+        cfg.format.image_side
+    )?;
+    writeln!(
+        table,
+        "layers: {}",
+        plans
+            .iter()
+            .map(|p| p.label())
+            .collect::<Vec<_>>()
+            .join(" ")
+    )?;
+    writeln!(table)?;
+    writeln!(
+        table,
+        "| task | seq | dense linear GFLOPs | routed linear GFLOPs | saved (linear only, paper) | dense total GFLOPs | routed total GFLOPs | saved (total) |"
+    )?;
+    writeln!(table, "|---|---|---|---|---|---|---|---|")?;
+    for &(task, _) in mix {
+        let seq = Composition {
+            task,
+            segments: cfg.format.composition(task),
+        };
+        let n = seq.len() as f64;
+        let dense = flops::forward(m, &flops::analytic_work(m, &dense_plans, &seq), n);
+        let routed = flops::forward(m, &flops::analytic_work(m, &plans, &seq), n);
+        writeln!(
+            table,
+            "| {task} | {} | {:.1} | {:.1} | {:.1} % | {:.1} | {:.1} | {:.1} % |",
+            seq.len(),
+            dense.linear / 1e9,
+            routed.linear / 1e9,
+            saving(dense.linear, routed.linear),
+            dense.total() / 1e9,
+            routed.total() / 1e9,
+            saving(dense.total(), routed.total())
+        )?;
+        rows.push((task, dense, routed));
+    }
+    let wsum: f64 = mix.iter().map(|(_, w)| w).sum();
+    let mixed = |f: &dyn Fn(&Flops) -> f64, dense: bool| -> f64 {
+        rows.iter()
+            .zip(mix)
+            .map(|((_, d, r), (_, w))| w / wsum * f(if dense { d } else { r }))
+            .sum()
+    };
+    let (dl, rl) = (mixed(&|f| f.linear, true), mixed(&|f| f.linear, false));
+    let (dt, rt) = (mixed(&|f| f.total(), true), mixed(&|f| f.total(), false));
+    writeln!(
+        table,
+        "| mix | | {:.1} | {:.1} | **{:.1} %** | {:.1} | {:.1} | {:.1} % |",
+        dl / 1e9,
+        rl / 1e9,
+        saving(dl, rl),
+        dt / 1e9,
+        rt / 1e9,
+        saving(dt, rt)
+    )?;
+    writeln!(table)?;
+    writeln!(
+        table,
+        "Forward FLOPs per sequence; training = {}× forward. 'linear only' counts the block projections \
+        per processed token (the convention that reproduces the paper's ratios); 'total' adds attention's quadratic term, \
+        routers and the LM head (docs/flops.md).",
+        flops::TRAIN_MULTIPLIER
+    )?;
+    Ok(FlopsReport {
+        rows,
+        mix: mix.to_vec(),
+        table,
+    })
+}
+
+fn saving(dense: f64, routed: f64) -> f64 {
+    100.0 * (1.0 - routed / dense)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn preset(name: &str) -> RunConfig {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../configs")
+            .join(name);
+        RunConfig::load(Some(&path), &[]).unwrap()
+    }
+
+    fn mixed_linear_saving(cfg: &RunConfig, schedule: &str) -> f64 {
+        let mix = parse_mix("t2i=1,mmu=1").unwrap();
+        let r = report(cfg, &paper_schedule(schedule).unwrap(), &mix).unwrap();
+        let d: f64 = r.rows.iter().map(|(_, d, _)| d.linear).sum();
+        let s: f64 = r.rows.iter().map(|(_, _, s)| s.linear).sum();
+        saving(d, s)
+    }
+
+    #[test]
+    fn reproduces_the_papers_showo_ratio() {
+        let s = mixed_linear_saving(&preset("showo-1.3b.toml"), "showo-paper");
+        assert!(
+            (s - 15.3).abs() < 0.5,
+            "Show-o saving {s:.2} %, paper 15.3 %"
+        );
+    }
+
+    #[test]
+    fn reproduces_the_papers_emu3_ratio() {
+        let s = mixed_linear_saving(&preset("emu3-8b.toml"), "emu3-paper");
+        assert!((s - 39.9).abs() < 0.5, "Emu3 saving {s:.2} %, paper 39.9 %");
+    }
+}

@@ -1,0 +1,120 @@
+//! `cargo xtask`: the project's own set-up and orchestration. It installs what UniMoD-rs needs
+//! (libtorch 2.11.0, the MNIST and judge packages) and drives the `unimod` CLI and cargo; the
+//! machine learning itself lives in the library crates and the CLI, never here.
+//!
+//! This crate must build on a machine without libtorch, so it depends on no crate that links tch.
+
+#[path = "../../crates/unimod-tok/src/cache.rs"]
+mod cache;
+mod setup;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Set-up, tests and experiments of UniMoD-rs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install libtorch 2.11.0 and the data packages into the per-user cache (idempotent).
+    Setup,
+    /// Set up if needed, then run the whole test suite (unit, integration and doc tests).
+    Test {
+        /// Extra arguments for `cargo test`, after `--`.
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Print libtorch's path and version, CUDA availability, threads and cache locations.
+    Doctor,
+    /// The main job. Until the trainer lands: the paper's FLOPs reproduction at full size.
+    Experiment,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.command {
+        Task::Setup => {
+            setup::run(&root)?;
+        }
+        Task::Test { cargo_args } => {
+            setup::run(&root)?;
+            let mut cargo = cargo_cmd(&root);
+            cargo.args(["test", "--workspace"]).args(&cargo_args);
+            run("cargo test", &mut cargo)?;
+        }
+        Task::Doctor => {
+            let libtorch = setup::libtorch_dir(&root);
+            println!("libtorch         {}", libtorch.display());
+            match setup::torch_version(&libtorch) {
+                Ok(v) => println!("libtorch version {v}"),
+                Err(e) => println!("libtorch version unknown ({e:#}): run `cargo xtask setup`"),
+            }
+            println!("cache            {}", cache::cache_root().display());
+            println!("data             {}", cache::data_dir().display());
+            println!("artifacts        {}", cache::artifacts_dir().display());
+            unimod(&root, &["doctor"])?;
+        }
+        Task::Experiment => {
+            setup::run(&root)?;
+            for (config, recipe) in [
+                ("configs/showo-1.3b.toml", "showo-paper"),
+                ("configs/emu3-8b.toml", "emu3-paper"),
+            ] {
+                println!("\n## {recipe}: {config}\n");
+                unimod(&root, &["flops", "--config", config, "--schedule", recipe])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the `unimod` CLI through cargo (release build), so xtask never duplicates its logic.
+fn unimod(root: &Path, args: &[&str]) -> Result<()> {
+    let mut cargo = cargo_cmd(root);
+    cargo
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "unimod-train",
+            "--bin",
+            "unimod",
+            "--",
+        ])
+        .args(args);
+    run("unimod", &mut cargo)
+}
+
+fn cargo_cmd(root: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root);
+    cmd
+}
+
+fn run(what: &str, cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
