@@ -143,12 +143,13 @@ impl UnifiedTransformer {
     /// # Shapes
     /// `batch.tokens: [B, S]` → `logits: [B, S, V]`.
     pub fn forward(&self, batch: &Batch, opts: &ForwardOptions) -> ModelOutput {
-        self.run(batch, opts, None, None)
+        self.run(batch, opts, None)
     }
 
-    /// Incremental forward: `batch` holds the new tokens only, with `offset` the number of
-    /// positions already in `cache` (their `attn_upto` and RoPE positions are absolute).
-    /// Routed layers must use a threshold mode: top-k over a sequence is not causal.
+    /// Incremental forward: `batch` holds the new tokens only (built with
+    /// [`Batch::continuing`] from the batch before), and attends to the keys in `cache`, to
+    /// which it appends its own. Routed layers decide by `opts.mode`, which must be a threshold
+    /// mode for autoregressive decoding: top-k over a sequence is not causal.
     ///
     /// # Shapes
     /// `batch.tokens: [B, T]` → `logits: [B, T, V]`.
@@ -157,14 +158,13 @@ impl UnifiedTransformer {
         batch: &Batch,
         opts: &ForwardOptions,
         cache: &mut KvCache,
-        offset: i64,
     ) -> ModelOutput {
         if cache.layers.is_empty() {
             cache.layers = (0..self.layers.len())
                 .map(|_| LayerCache::default())
                 .collect();
         }
-        self.run(batch, opts, Some(cache), Some(offset))
+        self.run(batch, opts, Some(cache))
     }
 
     fn run(
@@ -172,12 +172,8 @@ impl UnifiedTransformer {
         batch: &Batch,
         opts: &ForwardOptions,
         mut cache: Option<&mut KvCache>,
-        offset: Option<i64>,
     ) -> ModelOutput {
-        let mut input = self.layer_input(batch, opts);
-        if let Some(off) = offset {
-            input.index = &input.index + off;
-        }
+        let input = self.layer_input(batch, opts);
         let mut x = self.embed.forward(&batch.tokens);
         let mut out = ModelOutput {
             logits: Tensor::new(),

@@ -52,6 +52,15 @@ pub struct Batch {
     /// Host count of tokens per segment in each sample: routers size their gathers from it
     /// without reading the device.
     pub segment_counts: Vec<[usize; Segment::COUNT]>,
+    /// Where a batch continuing these sequences (incremental decoding) starts.
+    pub end: Continuation,
+}
+
+/// The sequence index and the RoPE position of the token that follows a batch, per sample.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Continuation {
+    pub offset: i64,
+    pub next_position: Vec<i64>,
 }
 
 /// Why sequences could not be batched.
@@ -73,8 +82,22 @@ pub enum BatchError {
 
 impl Batch {
     pub fn from_sequences(seqs: &[Sequence], device: Device) -> Result<Batch, BatchError> {
+        Batch::continuing(seqs, None, device)
+    }
+
+    /// A batch of tokens that follow `after` (the `end` of the batch before, whose keys sit in a
+    /// KV cache): indices and `attn_upto` are absolute, RoPE positions continue per sample.
+    ///
+    /// RoPE positions count only non-pad tokens, so padding inside a sequence (a batch of
+    /// generation prompts of different lengths) does not shift the positions after it.
+    pub fn continuing(
+        seqs: &[Sequence],
+        after: Option<&Continuation>,
+        device: Device,
+    ) -> Result<Batch, BatchError> {
         let first = seqs.first().ok_or(BatchError::Empty)?;
         let s = first.len();
+        let offset = after.map_or(0, |c| c.offset);
         for (index, q) in seqs.iter().enumerate() {
             if q.len() != s {
                 return Err(BatchError::Length {
@@ -83,13 +106,22 @@ impl Batch {
                     expected: s,
                 });
             }
+            if after.is_some_and(|c| c.next_position.len() != seqs.len()) {
+                return Err(BatchError::Inconsistent {
+                    index,
+                    what: "continuation has another batch size",
+                });
+            }
             if q.labels.len() != s || q.segments.len() != s || q.attn_upto.len() != s {
                 return Err(BatchError::Inconsistent {
                     index,
                     what: "field lengths differ",
                 });
             }
-            if q.attn_upto.iter().any(|&u| u < 0 || u as usize >= s) {
+            if q.attn_upto
+                .iter()
+                .any(|&u| u < offset || u >= offset + s as i64)
+            {
                 return Err(BatchError::Inconsistent {
                     index,
                     what: "attn_upto out of range",
@@ -107,10 +139,19 @@ impl Batch {
         let attn_upto = flat(&|q| q.attn_upto.clone());
         let tasks: Vec<Task> = seqs.iter().map(|q| q.task).collect();
         let task_ids: Vec<i64> = tasks.iter().map(|t| *t as i64).collect();
-        let positions = Tensor::arange(s as i64, (Kind::Int64, device))
-            .unsqueeze(0)
-            .expand([b, s as i64], false)
-            .contiguous();
+        let mut next_position = Vec::with_capacity(seqs.len());
+        let mut pos = Vec::with_capacity(seqs.len() * s);
+        for (i, q) in seqs.iter().enumerate() {
+            let mut p = after.map_or(0, |c| c.next_position[i]);
+            for g in &q.segments {
+                pos.push(p);
+                p += (*g != Segment::Pad) as i64;
+            }
+            next_position.push(p);
+        }
+        let positions = Tensor::from_slice(&pos)
+            .view([b, s as i64])
+            .to_device(device);
         let segment_counts = seqs
             .iter()
             .map(|q| {
@@ -130,6 +171,10 @@ impl Batch {
             positions,
             tasks,
             segment_counts,
+            end: Continuation {
+                offset: offset + s as i64,
+                next_position,
+            },
         })
     }
 
@@ -161,10 +206,11 @@ impl Batch {
         attention_mask(&index, &self.attn_upto, &index, &self.valid())
     }
 
-    /// `[B, S]` token index 0..S (not the RoPE position, which a format may choose otherwise).
+    /// `[B, S]` absolute sequence index of each token (not the RoPE position).
     pub fn positions_index(&self) -> Tensor {
         let (b, s) = (self.size() as i64, self.seq_len());
-        Tensor::arange(s, (Kind::Int64, self.device()))
+        let start = self.end.offset - s;
+        Tensor::arange_start(start, start + s, (Kind::Int64, self.device()))
             .unsqueeze(0)
             .expand([b, s], false)
     }

@@ -12,7 +12,7 @@ pub mod format;
 pub mod task;
 pub mod vocab;
 
-pub use batch::{Batch, IGNORE, Sequence};
+pub use batch::{Batch, Continuation, IGNORE, Sequence};
 pub use format::{Flavour, FormatConfig, FormatError};
 pub use task::{Segment, Task};
 pub use vocab::{Special, VocabLayout};

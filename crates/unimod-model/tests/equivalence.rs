@@ -1,0 +1,363 @@
+//! The equivalences the framework stands on: a routed layer at capacity 1 is the dense layer,
+//! cached decoding is the full forward, a task's tokens answer only to its own router, and a
+//! checkpoint round-trip changes nothing.
+
+use tch::{Device, Kind, Tensor, nn::VarStore};
+use unimod_model::{ForwardOptions, KvCache, ModelConfig, UnifiedTransformer, checkpoint};
+use unimod_router::{Capacities, LayerPlan, Routers, RoutingMode, Schedule};
+use unimod_tok::{Batch, Flavour, FormatConfig, Sequence, VocabLayout};
+
+const VOCAB: VocabLayout = VocabLayout {
+    n_text: 40,
+    n_codes: 16,
+};
+
+fn config(flavour: Flavour, schedule: Schedule) -> ModelConfig {
+    let mut c = ModelConfig {
+        flavour,
+        vocab: VOCAB,
+        d_model: 32,
+        n_layers: 3,
+        n_heads: 4,
+        n_kv_heads: 2,
+        d_ffn: 64,
+        ..Default::default()
+    };
+    c.routing.schedule = schedule;
+    c
+}
+
+fn routed_everywhere(capacity: Capacities, n: usize) -> Schedule {
+    Schedule::Explicit {
+        layers: vec![
+            LayerPlan::Routed {
+                capacity,
+                routers: Routers::PerTask
+            };
+            n
+        ],
+    }
+}
+
+fn build(cfg: &ModelConfig, seed: i64) -> (VarStore, UnifiedTransformer) {
+    tch::manual_seed(seed);
+    let vs = VarStore::new(Device::Cpu);
+    let m = UnifiedTransformer::new(&vs.root(), cfg).unwrap();
+    (vs, m)
+}
+
+fn format(flavour: Flavour) -> FormatConfig {
+    FormatConfig {
+        flavour,
+        text_len: 8,
+        image_side: 2,
+        cond_dropout: 0.0,
+    }
+}
+
+/// A T2I and an MMU sequence; with `full_text`, no padding anywhere.
+fn sequences(flavour: Flavour, full_text: bool) -> Vec<Sequence> {
+    let f = format(flavour);
+    let prompt: Vec<i64> = if full_text {
+        vec![11, 12, 13, 14, 15, 16]
+    } else {
+        vec![11, 12]
+    };
+    let (question, answer): (Vec<i64>, Vec<i64>) = if full_text {
+        (vec![20, 21, 22, 23], vec![24, 25])
+    } else {
+        (vec![20, 21], vec![24])
+    };
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3);
+    vec![
+        f.t2i(&VOCAB, &prompt, Some(&[1, 5, 9, 2]), Some(&mut rng))
+            .unwrap(),
+        f.mmu(&VOCAB, &[3, 4, 7, 8], &question, Some(&answer))
+            .unwrap(),
+    ]
+}
+
+fn batch(seqs: &[Sequence]) -> Batch {
+    Batch::from_sequences(seqs, Device::Cpu).unwrap()
+}
+
+/// Copies the dense model's weights into the routed one and makes every router weight
+/// sigmoid(30) = 1.0 in f32, so the routed layer's output is the dense layer's.
+fn align(dense: &VarStore, routed: &mut VarStore) {
+    let d = dense.variables();
+    tch::no_grad(|| {
+        for (name, mut v) in routed.variables() {
+            match d.get(&name) {
+                Some(src) => {
+                    v.copy_(src);
+                }
+                None if name.contains("router") && name.ends_with("proj.bias") => {
+                    let _ = v.fill_(30.0);
+                }
+                None => {}
+            }
+        }
+    });
+}
+
+#[test]
+fn capacity_one_equals_dense_exactly() {
+    for flavour in [Flavour::Showo, Flavour::Emu3] {
+        let dense_cfg = config(flavour, Schedule::Dense);
+        let mut routed_cfg = config(flavour, routed_everywhere(Capacities::all(1.0), 3));
+        routed_cfg.routing.aux_loss = 0.0;
+        routed_cfg.routing.causal_predictor = false;
+        let (vs_d, dense) = build(&dense_cfg, 0);
+        let (mut vs_r, routed) = build(&routed_cfg, 1);
+        align(&vs_d, &mut vs_r);
+        let b = batch(&sequences(flavour, true));
+        let opts = ForwardOptions::default();
+        let (od, or) = (dense.forward(&b, &opts), routed.forward(&b, &opts));
+        assert!(od.logits.equal(&or.logits), "{flavour:?}: logits differ");
+        dense.losses(&b, &od).total.backward();
+        routed.losses(&b, &or).total.backward();
+        let rv = vs_r.variables();
+        for (name, v) in vs_d.variables() {
+            let (gd, gr) = (v.grad(), rv[&name].grad());
+            assert!(
+                gd.allclose(&gr, 1e-6, 1e-7, false),
+                "{flavour:?}: gradient of {name} differs"
+            );
+        }
+    }
+}
+
+#[test]
+fn capacity_one_equals_dense_on_padded_batches() {
+    let dense_cfg = config(Flavour::Showo, Schedule::Dense);
+    let routed_cfg = config(Flavour::Showo, routed_everywhere(Capacities::all(1.0), 3));
+    let (vs_d, dense) = build(&dense_cfg, 0);
+    let (mut vs_r, routed) = build(&routed_cfg, 1);
+    align(&vs_d, &mut vs_r);
+    let b = batch(&sequences(Flavour::Showo, false));
+    let opts = ForwardOptions::default();
+    let valid = b.valid().unsqueeze(-1);
+    let (ld, lr) = (
+        dense.forward(&b, &opts).logits * &valid,
+        routed.forward(&b, &opts).logits * &valid,
+    );
+    assert!(
+        ld.allclose(&lr, 1e-5, 1e-5, false),
+        "max diff {}",
+        (ld - lr).abs().max().double_value(&[])
+    );
+}
+
+fn slice(s: &Sequence, r: std::ops::Range<usize>) -> Sequence {
+    Sequence {
+        task: s.task,
+        tokens: s.tokens[r.clone()].to_vec(),
+        labels: s.labels[r.clone()].to_vec(),
+        segments: s.segments[r.clone()].to_vec(),
+        attn_upto: s.attn_upto[r].to_vec(),
+    }
+}
+
+/// Prefill `prefix` tokens, then decode the rest one token at a time; compare with the full
+/// forward at every decoded position.
+fn check_cached(model: &UnifiedTransformer, seqs: &[Sequence], prefix: usize, mode: RoutingMode) {
+    let opts = ForwardOptions {
+        mode,
+        ..Default::default()
+    };
+    let full = model.forward(&batch(seqs), &opts).logits;
+    let mut cache = KvCache::default();
+    let first: Vec<Sequence> = seqs.iter().map(|s| slice(s, 0..prefix)).collect();
+    let b = batch(&first);
+    let mut end = b.end.clone();
+    let out = model.forward_cached(&b, &opts, &mut cache);
+    let mut pieces = vec![out.logits];
+    for i in prefix..seqs[0].len() {
+        let step: Vec<Sequence> = seqs.iter().map(|s| slice(s, i..i + 1)).collect();
+        let b = Batch::continuing(&step, Some(&end), Device::Cpu).unwrap();
+        end = b.end.clone();
+        pieces.push(model.forward_cached(&b, &opts, &mut cache).logits);
+    }
+    let cached = Tensor::cat(&pieces, 1);
+    let valid = batch(seqs).valid().unsqueeze(-1);
+    let (a, b) = (
+        (full * &valid).narrow(1, prefix as i64, (seqs[0].len() - prefix) as i64),
+        (cached * &valid).narrow(1, prefix as i64, (seqs[0].len() - prefix) as i64),
+    );
+    assert!(
+        a.allclose(&b, 1e-4, 1e-5, false),
+        "cached decoding differs: {}",
+        (a - b).abs().max().double_value(&[])
+    );
+}
+
+#[test]
+fn cached_decoding_equals_full_forward_emu3() {
+    let (_vs, model) = build(&config(Flavour::Emu3, Schedule::Dense), 0);
+    check_cached(
+        &model,
+        &sequences(Flavour::Emu3, true),
+        3,
+        RoutingMode::TopK,
+    );
+}
+
+#[test]
+fn cached_decoding_equals_full_forward_showo_mmu() {
+    let (_vs, model) = build(&config(Flavour::Showo, Schedule::Dense), 0);
+    let mmu = vec![sequences(Flavour::Showo, true).remove(1)];
+    // The prefix (task token, image, question) is bidirectional up to <|eoi|>: prefill it.
+    let after_question = mmu[0]
+        .segments
+        .iter()
+        .rposition(|g| *g == unimod_tok::Segment::Question)
+        .unwrap()
+        + 1;
+    check_cached(&model, &mmu, after_question, RoutingMode::TopK);
+}
+
+#[test]
+fn cached_decoding_equals_full_forward_with_causal_routing() {
+    let cfg = config(Flavour::Emu3, routed_everywhere(Capacities::all(0.5), 3));
+    let (vs, model) = build(&cfg, 0);
+    // Random router weights so that the causal decisions are mixed.
+    tch::no_grad(|| {
+        for (name, mut v) in vs.variables() {
+            if name.contains("router") || name.contains("predictor") {
+                v.copy_(&(Tensor::randn(v.size(), tch::kind::FLOAT_CPU) * 0.5));
+            }
+        }
+    });
+    for mode in [
+        RoutingMode::ThresholdRouter,
+        RoutingMode::ThresholdPredictor,
+    ] {
+        check_cached(&model, &sequences(Flavour::Emu3, true), 2, mode);
+    }
+}
+
+#[test]
+fn each_task_is_routed_by_its_own_router_only() {
+    let cap = Capacities {
+        t2i: Some(0.5),
+        mmu: Some(0.5),
+        lm: None,
+    };
+    let cfg = config(Flavour::Showo, routed_everywhere(cap, 3));
+    let (vs, model) = build(&cfg, 0);
+    let b = batch(&sequences(Flavour::Showo, true));
+    let before = model.forward(&b, &ForwardOptions::default());
+    tch::no_grad(|| {
+        for (name, mut v) in vs.variables() {
+            if name.contains("router.mmu") {
+                v.copy_(&(Tensor::randn(v.size(), tch::kind::FLOAT_CPU) * 3.0));
+            }
+        }
+    });
+    let after = model.forward(&b, &ForwardOptions::default());
+    let t2i = |o: &unimod_model::ModelOutput| o.logits.get(0);
+    let mmu = |o: &unimod_model::ModelOutput| o.logits.get(1);
+    assert!(
+        t2i(&before).equal(&t2i(&after)),
+        "the MMU router changed a T2I sample"
+    );
+    assert!(
+        !mmu(&before).equal(&mmu(&after)),
+        "the MMU router did not change the MMU sample"
+    );
+    // Exactly k routable tokens per sample were processed in every routed layer.
+    for s in &after.routing {
+        let kept = s
+            .processed_mask
+            .logical_and(&s.routable)
+            .sum_dim_intlist(1, false, Kind::Int64);
+        let routable = s.routable.sum_dim_intlist(1, false, Kind::Int64);
+        let expected = (routable.to_kind(Kind::Double) * 0.5)
+            .ceil()
+            .to_kind(Kind::Int64);
+        assert!(
+            kept.equal(&expected),
+            "layer {}: kept {kept:?}, expected {expected:?}",
+            s.layer
+        );
+    }
+}
+
+#[test]
+fn gradients_reach_every_parameter() {
+    let cap = Capacities {
+        t2i: Some(0.5),
+        mmu: Some(0.75),
+        lm: None,
+    };
+    let cfg = config(Flavour::Showo, routed_everywhere(cap, 3));
+    let (vs, model) = build(&cfg, 0);
+    let b = batch(&sequences(Flavour::Showo, false));
+    let out = model.forward(&b, &ForwardOptions::default());
+    model.losses(&b, &out).total.backward();
+    for (name, v) in vs.variables() {
+        let g = v.grad();
+        assert!(
+            g.defined() && g.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+            "no gradient reaches {name}"
+        );
+    }
+}
+
+#[test]
+fn losses_sit_on_labelled_positions_and_are_deterministic() {
+    let cfg = config(Flavour::Showo, Schedule::Dense);
+    let b = batch(&sequences(Flavour::Showo, false));
+    let run = || {
+        let (_vs, m) = build(&cfg, 7);
+        let out = m.forward(&b, &ForwardOptions::default());
+        let l = m.losses(&b, &out);
+        (l.total.double_value(&[]), out.logits)
+    };
+    let ((a, logits), (c, _)) = (run(), run());
+    assert_eq!(a, c, "same seed, different loss");
+    // Changing logits where there is no label leaves the loss unchanged.
+    let unlabelled = b.labels.eq(unimod_tok::IGNORE).unsqueeze(-1);
+    let (_vs, m) = build(&cfg, 7);
+    let mut out = m.forward(&b, &ForwardOptions::default());
+    out.logits = logits.masked_fill(&unlabelled, 5.0);
+    assert_eq!(m.losses(&b, &out).total.double_value(&[]), a);
+}
+
+#[test]
+fn checkpoint_round_trip_and_refusal() {
+    let cfg = config(Flavour::Showo, routed_everywhere(Capacities::all(0.5), 3));
+    let (vs, model) = build(&cfg, 0);
+    let dir = std::env::temp_dir().join(format!("unimod-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.safetensors");
+    let toml = toml::to_string(&cfg).unwrap();
+    checkpoint::save_model(&path, &vs, &toml, Default::default()).unwrap();
+    let loaded = checkpoint::load_tensors(&path).unwrap();
+    assert_eq!(checkpoint::read_config(&loaded, &path).unwrap(), toml);
+    let (mut vs2, model2) = build(&cfg, 99);
+    checkpoint::load_into(&mut vs2, &loaded, &path).unwrap();
+    let b = batch(&sequences(Flavour::Showo, false));
+    let o = ForwardOptions::default();
+    assert!(
+        model
+            .forward(&b, &o)
+            .logits
+            .equal(&model2.forward(&b, &o).logits)
+    );
+    // Another config (wider) is refused with the tensor and shapes named.
+    let mut other = cfg.clone();
+    other.d_model = 64;
+    let (mut vs3, _) = build(&other, 0);
+    let e = checkpoint::load_into(&mut vs3, &loaded, &path)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("has shape") && e.contains("expects"), "{e}");
+    // A truncated file is refused as corrupt.
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let e = checkpoint::load_tensors(&path).err().unwrap().to_string();
+    assert!(e.contains("not a valid safetensors checkpoint"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
