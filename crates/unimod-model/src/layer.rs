@@ -41,10 +41,6 @@ pub struct RoutingStats {
     pub processed: [Option<usize>; Task::COUNT],
     /// Valid tokens per task in the batch.
     pub total: [usize; Task::COUNT],
-    /// `[tasks, 2]` processed tokens by task and modality (text, image), on the device.
-    pub kept_by_modality: Tensor,
-    /// `[tasks, 2]` valid tokens by task and modality.
-    pub total_by_modality: Tensor,
     /// `[B, S]` router logits (detached).
     pub scores: Tensor,
     /// `[B, S]` true for tokens the layer processed.
@@ -53,6 +49,22 @@ pub struct RoutingStats {
     pub routable: Tensor,
     /// `[B, S]` the causal predictor's logits, if trained.
     pub predictor_logits: Option<Tensor>,
+}
+
+impl RoutingStats {
+    /// `([tasks, 2], [tasks, 2])`: processed and valid tokens by task and modality (text,
+    /// image), on the device. Computed on demand, so training steps that do not log skip it.
+    pub fn by_modality(&self, b: &Batch) -> (Tensor, Tensor) {
+        // one-hot task [B, T] contracted with modality [B, S, 2]: [T, 2] counts in one op.
+        let task_1h = b.task.one_hot(Task::COUNT as i64).to_kind(Kind::Float);
+        let image = b.is_image();
+        let modality = Tensor::stack(&[image.logical_not(), image], -1).to_kind(Kind::Float);
+        let valid = b.valid().to_kind(Kind::Float).unsqueeze(-1);
+        let count =
+            |m: &Tensor| Tensor::einsum("bt,bsm->tm", &[&task_1h, &(&modality * m)], None::<i64>);
+        let kept = count(&(self.processed_mask.to_kind(Kind::Float).unsqueeze(-1) * &valid));
+        (kept, count(&valid))
+    }
 }
 
 /// What a layer returns.
@@ -417,19 +429,10 @@ impl RoutedLayer {
         for i in 0..b.size() {
             total[b.tasks[i].index()] += b.seq_len() as usize - b.count(i, &[Segment::Pad]);
         }
-        // one-hot task [B, T] × modality [B, S, 2] → [T, 2] counts in one contraction.
-        let task_1h = b.task.one_hot(Task::COUNT as i64).to_kind(Kind::Float);
-        let image = b.is_image();
-        let modality = Tensor::stack(&[image.logical_not(), image], -1).to_kind(Kind::Float);
-        let valid = b.valid().to_kind(Kind::Float).unsqueeze(-1);
-        let count =
-            |m: &Tensor| Tensor::einsum("bt,bsm->tm", &[&task_1h, &(&modality * m)], None::<i64>);
         RoutingStats {
             layer,
             processed: processed.unwrap_or([None; Task::COUNT]),
             total,
-            kept_by_modality: count(&(processed_mask.to_kind(Kind::Float).unsqueeze(-1) * &valid)),
-            total_by_modality: count(&valid),
             scores: score.detach(),
             processed_mask: processed_mask.shallow_clone(),
             routable: routable.shallow_clone(),
