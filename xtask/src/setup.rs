@@ -141,6 +141,7 @@ fn install_torch(site: &Path) -> Result<()> {
             "--no-input",
             "--disable-pip-version-check",
             "--quiet",
+            "--root-user-action=ignore",
         ])
         .arg("--target")
         .arg(&staging)
