@@ -166,6 +166,16 @@ pub struct AttentionMaps {
     pub scores: Tensor,
 }
 
+/// What attention returns.
+#[derive(Debug)]
+pub struct AttentionOutput {
+    /// `[B, T, D]` after the output projection.
+    pub out: Tensor,
+    pub maps: Option<AttentionMaps>,
+    /// Keys each query attended over (cached ones included).
+    pub keys: i64,
+}
+
 #[derive(Debug)]
 pub struct Attention {
     q: nn::Linear,
@@ -205,7 +215,7 @@ impl Attention {
         rope: &Rope,
         cache: Option<&mut LayerCache>,
         capture: bool,
-    ) -> (Tensor, Option<AttentionMaps>, i64) {
+    ) -> AttentionOutput {
         let (b, t, _) = x.size3().expect("x is [B, T, D]");
         let heads = |y: Tensor, h: i64| y.view([b, t, h, self.head_dim]).transpose(1, 2);
         let q = rope.apply(&heads(self.q.forward(x), self.n_heads), tokens.positions);
@@ -248,7 +258,11 @@ impl Attention {
             .transpose(1, 2)
             .contiguous()
             .view([b, t, self.n_heads * self.head_dim]);
-        (self.o.forward(&out), maps, keys)
+        AttentionOutput {
+            out: self.o.forward(&out),
+            maps,
+            keys,
+        }
     }
 }
 
@@ -292,7 +306,11 @@ impl Block {
         capture: bool,
     ) -> BlockDelta {
         let h = self.norm1.forward(x);
-        let (a, attention, keys) = self.attn.forward(&h, tokens, rope, cache, capture);
+        let AttentionOutput {
+            out: a,
+            maps: attention,
+            keys,
+        } = self.attn.forward(&h, tokens, rope, cache, capture);
         let delta = match &self.norm2 {
             None => a + self.mlp.forward(&h),
             Some(n2) => {
