@@ -8,7 +8,10 @@
 
 pub mod batch;
 pub mod cache;
+pub mod dataset;
 pub mod format;
+pub mod judge;
+pub mod shapes;
 pub mod task;
 pub mod vocab;
 

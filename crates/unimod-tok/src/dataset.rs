@@ -1,0 +1,174 @@
+//! One interface for every dataset: deterministic examples by (split, index), each an RGB image
+//! with captions (and the facts they assert), question/answer pairs, and an optional class.
+
+use crate::shapes::{Caption, ShapesConfig};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Split {
+    Train = 0,
+    Val = 1,
+    Test = 2,
+}
+
+/// An 8-bit RGB image, row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    pub width: usize,
+    pub height: usize,
+    pub rgb: Vec<u8>,
+}
+
+impl Image {
+    pub fn black(width: usize, height: usize) -> Image {
+        Image {
+            width,
+            height,
+            rgb: vec![0; width * height * 3],
+        }
+    }
+
+    pub fn get(&self, x: usize, y: usize) -> [u8; 3] {
+        let i = (y * self.width + x) * 3;
+        [self.rgb[i], self.rgb[i + 1], self.rgb[i + 2]]
+    }
+
+    pub fn set(&mut self, x: usize, y: usize, c: [u8; 3]) {
+        let i = (y * self.width + x) * 3;
+        self.rgb[i..i + 3].copy_from_slice(&c);
+    }
+
+    /// `[N, 3, H, W]` floats in [0, 1].
+    pub fn batch_to_tensor(images: &[Image]) -> Tensor {
+        let (h, w) = (images[0].height as i64, images[0].width as i64);
+        let bytes: Vec<u8> = images.iter().flat_map(|i| i.rgb.iter().copied()).collect();
+        Tensor::from_slice(&bytes)
+            .view([images.len() as i64, h, w, 3])
+            .permute([0, 3, 1, 2])
+            .to_kind(Kind::Float)
+            / 255.0
+    }
+
+    /// Inverse of [`Image::batch_to_tensor`] (values clamped to [0, 1]).
+    pub fn batch_from_tensor(t: &Tensor) -> Vec<Image> {
+        let (n, _, h, w) = t.size4().expect("[N, 3, H, W]");
+        let bytes = (t.clamp(0.0, 1.0) * 255.0)
+            .round()
+            .to_kind(Kind::Uint8)
+            .permute([0, 2, 3, 1])
+            .contiguous()
+            .to_device(tch::Device::Cpu);
+        let flat = Vec::<u8>::try_from(bytes.view([-1])).expect("uint8 tensor");
+        let per = (h * w * 3) as usize;
+        (0..n as usize)
+            .map(|i| Image {
+                width: w as usize,
+                height: h as usize,
+                rgb: flat[i * per..(i + 1) * per].to_vec(),
+            })
+            .collect()
+    }
+
+    /// Writes images as a PNG grid with `cols` columns and a 2-pixel gap, upscaled `scale`×.
+    pub fn save_grid(
+        images: &[Image],
+        cols: usize,
+        scale: usize,
+        path: &Path,
+    ) -> Result<(), image::ImageError> {
+        let (w, h) = (images[0].width * scale, images[0].height * scale);
+        let rows = images.len().div_ceil(cols);
+        let gap = 2;
+        let mut out = image::RgbImage::from_pixel(
+            (cols * (w + gap) + gap) as u32,
+            (rows * (h + gap) + gap) as u32,
+            image::Rgb([64, 64, 64]),
+        );
+        for (k, img) in images.iter().enumerate() {
+            let (ox, oy) = (gap + (k % cols) * (w + gap), gap + (k / cols) * (h + gap));
+            for y in 0..h {
+                for x in 0..w {
+                    out.put_pixel(
+                        (ox + x) as u32,
+                        (oy + y) as u32,
+                        image::Rgb(img.get(x / scale, y / scale)),
+                    );
+                }
+            }
+        }
+        out.save(path)
+    }
+}
+
+/// The kind of an MMU question; accuracy is reported per kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QaKind {
+    Color,
+    Shape,
+    Count,
+    Exists,
+    Position,
+    Digit,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Qa {
+    pub kind: QaKind,
+    pub question: String,
+    pub answer: String,
+}
+
+/// One sample of a dataset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub image: Image,
+    pub captions: Vec<Caption>,
+    pub qa: Vec<Qa>,
+    /// Class label where the dataset has one (MNIST digit).
+    pub label: Option<u8>,
+    /// The scene's objects where the dataset is procedural (`shapes`).
+    pub objects: Vec<crate::shapes::Object>,
+}
+
+/// A dataset: deterministic, indexable examples per split.
+pub trait Dataset: Send + Sync {
+    fn name(&self) -> &str;
+    /// Number of examples in a split; `None` for an unbounded (procedural) dataset.
+    fn len(&self, split: Split) -> Option<usize>;
+    fn example(&self, split: Split, index: u64) -> Example;
+    /// Canvas side in pixels.
+    fn image_size(&self) -> usize;
+}
+
+impl Dataset for ShapesConfig {
+    fn name(&self) -> &str {
+        "shapes"
+    }
+    fn len(&self, _split: Split) -> Option<usize> {
+        None
+    }
+    fn example(&self, split: Split, index: u64) -> Example {
+        ShapesConfig::example(self, split, index)
+    }
+    fn image_size(&self) -> usize {
+        self.image_size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_round_trip_is_lossless() {
+        let c = ShapesConfig::default();
+        let imgs: Vec<Image> = (0..3).map(|i| c.example(Split::Val, i).image).collect();
+        let t = Image::batch_to_tensor(&imgs);
+        assert_eq!(t.size(), [3, 3, 32, 32]);
+        assert_eq!(Image::batch_from_tensor(&t), imgs);
+    }
+}

@@ -1,0 +1,422 @@
+//! `shapes`: a procedural compositional world, embedded and unbounded. Each image is a black
+//! canvas with 1–3 objects (a shape of a colour and a size) in distinct cells of a 3×3 grid;
+//! each comes with its structured spec, captions in several phrasings, each caption with the
+//! facts it asserts (what the T2I judge checks), and question/answer pairs.
+//!
+//! Sample `i` of a split is a pure function of (seed, split, i): reproducible and parallel.
+
+use crate::dataset::{Example, Image, Qa, QaKind, Split};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Shape {
+    Circle,
+    Square,
+    Triangle,
+}
+
+impl Shape {
+    pub const ALL: [Shape; 3] = [Shape::Circle, Shape::Square, Shape::Triangle];
+    pub fn name(self) -> &'static str {
+        match self {
+            Shape::Circle => "circle",
+            Shape::Square => "square",
+            Shape::Triangle => "triangle",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Color {
+    Red,
+    Green,
+    Blue,
+    Yellow,
+    Magenta,
+    Cyan,
+    White,
+    Orange,
+}
+
+impl Color {
+    pub const ALL: [Color; 8] = [
+        Color::Red,
+        Color::Green,
+        Color::Blue,
+        Color::Yellow,
+        Color::Magenta,
+        Color::Cyan,
+        Color::White,
+        Color::Orange,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Color::Red => "red",
+            Color::Green => "green",
+            Color::Blue => "blue",
+            Color::Yellow => "yellow",
+            Color::Magenta => "magenta",
+            Color::Cyan => "cyan",
+            Color::White => "white",
+            Color::Orange => "orange",
+        }
+    }
+    pub fn rgb(self) -> [u8; 3] {
+        match self {
+            Color::Red => [230, 30, 30],
+            Color::Green => [30, 200, 40],
+            Color::Blue => [40, 70, 240],
+            Color::Yellow => [240, 230, 40],
+            Color::Magenta => [220, 40, 220],
+            Color::Cyan => [40, 220, 230],
+            Color::White => [245, 245, 245],
+            Color::Orange => [250, 140, 20],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Size {
+    Small,
+    Large,
+}
+
+/// A cell of the 3×3 grid, row-major 0..9.
+pub type Cell = u8;
+
+pub const POSITIONS: [&str; 9] = [
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Object {
+    pub shape: Shape,
+    pub color: Color,
+    pub size: Size,
+    pub cell: Cell,
+}
+
+/// What a caption asserts about the image; the T2I judge checks each.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "fact", rename_all = "snake_case")]
+pub enum Fact {
+    /// An object of this shape exists (GenEval "single object" / "two objects").
+    Shape { shape: Shape },
+    /// An object of this shape has this colour (colour attribution).
+    Color { shape: Shape, color: Color },
+    /// Exactly `n` objects of this colour and shape.
+    Count { shape: Shape, color: Color, n: u8 },
+    /// The object of this colour and shape sits in this cell.
+    Position {
+        shape: Shape,
+        color: Color,
+        cell: Cell,
+    },
+    /// The first object is left of the second.
+    LeftOf {
+        a: (Shape, Color),
+        b: (Shape, Color),
+    },
+}
+
+impl Fact {
+    /// The GenEval-style category the fact scores under.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Fact::Shape { .. } => "object",
+            Fact::Color { .. } => "color",
+            Fact::Count { .. } => "counting",
+            Fact::Position { .. } => "position",
+            Fact::LeftOf { .. } => "relation",
+        }
+    }
+}
+
+/// A caption and the facts it asserts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Caption {
+    pub text: String,
+    pub facts: Vec<Fact>,
+}
+
+/// `[data]` options of the shapes world.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShapesConfig {
+    /// Canvas side in pixels: 32 (default) or 64.
+    pub image_size: usize,
+    pub max_objects: usize,
+    pub seed: u64,
+}
+
+impl Default for ShapesConfig {
+    fn default() -> Self {
+        ShapesConfig {
+            image_size: 32,
+            max_objects: 3,
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scene {
+    pub objects: Vec<Object>,
+}
+
+impl ShapesConfig {
+    fn rng(&self, split: Split, index: u64) -> ChaCha8Rng {
+        let mut seed = [0u8; 32];
+        seed[..8].copy_from_slice(&self.seed.to_le_bytes());
+        seed[8] = split as u8;
+        seed[16..24].copy_from_slice(&index.to_le_bytes());
+        ChaCha8Rng::from_seed(seed)
+    }
+
+    pub fn scene(&self, rng: &mut impl Rng) -> Scene {
+        let n = rng.gen_range(1..=self.max_objects.clamp(1, 9));
+        let mut cells: Vec<Cell> = (0..9).collect();
+        cells.shuffle(rng);
+        let objects = cells[..n]
+            .iter()
+            .map(|&cell| Object {
+                shape: *Shape::ALL.choose(rng).expect("non-empty"),
+                color: *Color::ALL.choose(rng).expect("non-empty"),
+                size: if rng.gen_bool(0.5) {
+                    Size::Small
+                } else {
+                    Size::Large
+                },
+                cell,
+            })
+            .collect();
+        Scene { objects }
+    }
+
+    /// Example `index` of `split`: image, captions with facts, questions and answers.
+    pub fn example(&self, split: Split, index: u64) -> Example {
+        let mut rng = self.rng(split, index);
+        let scene = self.scene(&mut rng);
+        let image = self.render(&scene);
+        let (captions, qa) = (captions(&scene, &mut rng), questions(&scene, &mut rng));
+        Example {
+            image,
+            captions,
+            qa,
+            label: None,
+            objects: scene.objects,
+        }
+    }
+
+    /// Rasterises a scene: each pixel centre is tested against the object's geometry.
+    pub fn render(&self, scene: &Scene) -> Image {
+        let s = self.image_size;
+        let mut img = Image::black(s, s);
+        let cell = s as f64 / 3.0;
+        for o in &scene.objects {
+            let (row, col) = ((o.cell / 3) as f64, (o.cell % 3) as f64);
+            let (cx, cy) = ((col + 0.5) * cell, (row + 0.5) * cell);
+            let r = cell * if o.size == Size::Large { 0.45 } else { 0.33 };
+            for y in 0..s {
+                for x in 0..s {
+                    let (px, py) = (x as f64 + 0.5 - cx, y as f64 + 0.5 - cy);
+                    let inside = match o.shape {
+                        Shape::Circle => px * px + py * py <= r * r,
+                        Shape::Square => px.abs() <= r * 0.8 && py.abs() <= r * 0.8,
+                        // Apex up, base at the bottom: |x| ≤ (y + r) / 2 for y in [-r, r].
+                        Shape::Triangle => py >= -r && py <= r && px.abs() <= (py + r) / 2.0,
+                    };
+                    if inside {
+                        img.set(x, y, o.color.rgb());
+                    }
+                }
+            }
+        }
+        img
+    }
+}
+
+fn describe(o: &Object) -> String {
+    format!("a {} {}", o.color.name(), o.shape.name())
+}
+
+fn number(n: usize) -> &'static str {
+    [
+        "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+    ][n.min(9)]
+}
+
+/// Several phrasings, each with the facts it asserts.
+fn captions(scene: &Scene, rng: &mut impl Rng) -> Vec<Caption> {
+    let objs = &scene.objects;
+    let mut out = Vec::new();
+    // 1. Every object with its position.
+    let text = objs
+        .iter()
+        .map(|o| format!("{} at the {}", describe(o), POSITIONS[o.cell as usize]))
+        .collect::<Vec<_>>()
+        .join(" and ");
+    let mut facts = Vec::new();
+    for o in objs {
+        facts.push(Fact::Shape { shape: o.shape });
+        facts.push(Fact::Color {
+            shape: o.shape,
+            color: o.color,
+        });
+        facts.push(Fact::Position {
+            shape: o.shape,
+            color: o.color,
+            cell: o.cell,
+        });
+    }
+    out.push(Caption { text, facts });
+    // 2. Counting of the most frequent (colour, shape).
+    let o = objs[rng.gen_range(0..objs.len())];
+    let n = objs
+        .iter()
+        .filter(|p| p.shape == o.shape && p.color == o.color)
+        .count();
+    let text = if n == 1 {
+        describe(&o)
+    } else {
+        format!("{} {} {}s", number(n), o.color.name(), o.shape.name())
+    };
+    out.push(Caption {
+        text,
+        facts: vec![Fact::Count {
+            shape: o.shape,
+            color: o.color,
+            n: n as u8,
+        }],
+    });
+    // 3. A relation between two objects, when there are two.
+    if objs.len() >= 2 {
+        let (a, b) = (objs[0], objs[1]);
+        let (l, r) = if a.cell % 3 < b.cell % 3 {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        if l.cell % 3 != r.cell % 3 {
+            out.push(Caption {
+                text: format!("{} left of {}", describe(&l), describe(&r)),
+                facts: vec![
+                    Fact::Color {
+                        shape: l.shape,
+                        color: l.color,
+                    },
+                    Fact::Color {
+                        shape: r.shape,
+                        color: r.color,
+                    },
+                    Fact::LeftOf {
+                        a: (l.shape, l.color),
+                        b: (r.shape, r.color),
+                    },
+                ],
+            });
+        }
+    }
+    out
+}
+
+fn questions(scene: &Scene, rng: &mut impl Rng) -> Vec<Qa> {
+    let objs = &scene.objects;
+    let o = objs[rng.gen_range(0..objs.len())];
+    let mut qa = vec![
+        Qa {
+            kind: QaKind::Count,
+            question: "how many objects are there?".into(),
+            answer: number(objs.len()).into(),
+        },
+        Qa {
+            kind: QaKind::Position,
+            question: format!("where is the {} {}?", o.color.name(), o.shape.name()),
+            answer: POSITIONS[o.cell as usize].into(),
+        },
+    ];
+    if objs.iter().filter(|p| p.shape == o.shape).count() == 1 {
+        qa.push(Qa {
+            kind: QaKind::Color,
+            question: format!("what color is the {}?", o.shape.name()),
+            answer: o.color.name().into(),
+        });
+    }
+    if objs.iter().filter(|p| p.color == o.color).count() == 1 {
+        qa.push(Qa {
+            kind: QaKind::Shape,
+            question: format!("what shape is the {} object?", o.color.name()),
+            answer: o.shape.name().into(),
+        });
+    }
+    // Existence: half the time about a present object, half about an absent one.
+    let (shape, color) = if rng.gen_bool(0.5) {
+        (o.shape, o.color)
+    } else {
+        (
+            *Shape::ALL.choose(rng).expect("non-empty"),
+            *Color::ALL.choose(rng).expect("non-empty"),
+        )
+    };
+    let present = objs.iter().any(|p| p.shape == shape && p.color == color);
+    qa.push(Qa {
+        kind: QaKind::Exists,
+        question: format!("is there a {} {}?", color.name(), shape.name()),
+        answer: if present { "yes" } else { "no" }.into(),
+    });
+    qa
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn examples_are_deterministic_and_split_dependent() {
+        let c = ShapesConfig::default();
+        assert_eq!(c.example(Split::Train, 5), c.example(Split::Train, 5));
+        assert_ne!(c.example(Split::Train, 5), c.example(Split::Test, 5));
+        assert_ne!(c.example(Split::Train, 5), c.example(Split::Train, 6));
+    }
+
+    #[test]
+    fn render_places_colour_in_the_objects_cell() {
+        let c = ShapesConfig::default();
+        let scene = Scene {
+            objects: vec![Object {
+                shape: Shape::Square,
+                color: Color::Red,
+                size: Size::Large,
+                cell: 4,
+            }],
+        };
+        let img = c.render(&scene);
+        assert_eq!(img.get(16, 16), Color::Red.rgb());
+        assert_eq!(img.get(2, 2), [0, 0, 0]);
+    }
+
+    #[test]
+    fn captions_and_answers_agree_with_the_scene() {
+        let c = ShapesConfig::default();
+        for i in 0..50 {
+            let e = c.example(Split::Train, i);
+            assert!(!e.captions.is_empty() && !e.qa.is_empty());
+            let count = e.qa.iter().find(|q| q.kind == QaKind::Count).unwrap();
+            assert!(["one", "two", "three"].contains(&count.answer.as_str()));
+        }
+    }
+}
