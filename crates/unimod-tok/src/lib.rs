@@ -13,7 +13,9 @@ pub mod format;
 pub mod judge;
 pub mod shapes;
 pub mod task;
+pub mod text;
 pub mod vocab;
+pub mod vq;
 
 pub use batch::{Batch, Continuation, IGNORE, Sequence};
 pub use format::{Flavour, FormatConfig, FormatError};
