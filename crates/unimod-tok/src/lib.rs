@@ -13,6 +13,7 @@ pub mod format;
 pub mod judge;
 pub mod shapes;
 pub mod task;
+pub mod tensorfile;
 pub mod text;
 pub mod vocab;
 pub mod vq;

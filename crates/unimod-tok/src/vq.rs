@@ -5,6 +5,7 @@
 //! 64×64 → 16×16 = 256 tokens as in Show-o at 256 px.
 
 use crate::dataset::Image;
+use crate::tensorfile::{CheckpointError, load_tensors, save_tensors};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn, nn::Module, nn::OptimizerConfig};
 
@@ -117,19 +118,18 @@ impl VqVae {
                 },
             ));
         }
-        decoder = decoder
-            .add_fn(|x| x.relu())
-            .add(nn::conv2d(
-                p / "dec_out",
-                c,
-                3,
-                3,
-                nn::ConvConfig {
-                    padding: 1,
-                    ..Default::default()
-                },
-            ))
-            .add_fn(|x| x.sigmoid());
+        decoder = decoder.add_fn(|x| x.relu()).add(nn::conv2d(
+            p / "dec_out",
+            c,
+            3,
+            3,
+            nn::ConvConfig {
+                padding: 1,
+                ..Default::default()
+            },
+        ));
+        // A linear output (no sigmoid): on mostly black canvases a sigmoid saturates at 0 and
+        // the decoder stops learning the objects.
         let codebook = p.var(
             "codebook",
             &[cfg.codebook_size, cfg.code_dim],
@@ -184,7 +184,9 @@ impl VqVae {
                 side,
                 self.cfg.code_dim,
             ]);
-            self.decoder.forward(&z.permute([0, 3, 1, 2]))
+            self.decoder
+                .forward(&z.permute([0, 3, 1, 2]))
+                .clamp(0.0, 1.0)
         })
     }
 
@@ -247,6 +249,40 @@ impl VqVae {
             let mut cb = self.codebook.shallow_clone();
             cb.copy_(&fresh.where_self(&dead.unsqueeze(1), &cb));
         });
+    }
+}
+
+/// Metadata key of the tokenizer config (JSON).
+const VQ_CONFIG_KEY: &str = "unimod.vq_config";
+
+impl VqVae {
+    /// Saves the weights with the config in the metadata.
+    pub fn save(&self, vs: &nn::VarStore, path: &std::path::Path) -> Result<(), CheckpointError> {
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let meta = [(
+            VQ_CONFIG_KEY.to_string(),
+            serde_json::to_string(&self.cfg).expect("config serialises"),
+        )]
+        .into();
+        save_tensors(path, &vars, meta)
+    }
+
+    /// Loads a tokenizer written by [`VqVae::save`].
+    pub fn load(
+        path: &std::path::Path,
+        device: Device,
+    ) -> Result<(nn::VarStore, VqVae), CheckpointError> {
+        let loaded = load_tensors(path)?;
+        let cfg: VqConfig = loaded
+            .metadata
+            .get(VQ_CONFIG_KEY)
+            .and_then(|c| serde_json::from_str(c).ok())
+            .ok_or_else(|| CheckpointError::NoConfig { path: path.into() })?;
+        let mut vs = nn::VarStore::new(device);
+        let vq = VqVae::new(&vs.root(), cfg);
+        crate::tensorfile::load_into(&mut vs, &loaded, path)?;
+        Ok((vs, vq))
     }
 }
 

@@ -2,6 +2,7 @@
 //! field defaulted (`serde(default)`) and unknown fields refused, so a typo is an error that
 //! names the field. Every run writes the fully resolved config next to its outputs.
 
+use crate::data::{DataConfig, TokenizerConfig};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -13,6 +14,8 @@ use unimod_tok::FormatConfig;
 pub struct RunConfig {
     pub model: ModelConfig,
     pub format: FormatConfig,
+    pub data: DataConfig,
+    pub tokenizer: TokenizerConfig,
 }
 
 impl RunConfig {

@@ -5,7 +5,9 @@
 //! (`flops`, `doctor`, …) drive the library crates.
 
 pub mod config;
+pub mod data;
 pub mod device;
 pub mod flops_report;
+pub mod progress;
 
 pub use config::RunConfig;

@@ -1,9 +1,10 @@
 //! `unimod`: the command line of UniMoD-rs.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
-use unimod_train::{RunConfig, flops_report};
+use unimod_tok::dataset::{Image, Split};
+use unimod_train::{RunConfig, data, flops_report};
 
 #[derive(Parser)]
 #[command(
@@ -34,7 +35,42 @@ impl ConfigArgs {
 }
 
 #[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train (or reuse, when config and hash match) the text BPE and the image VQ tokenizer.
+    Train {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Write a PNG grid of examples and a markdown file with their captions and QA.
+    Show {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[arg(short = 'n', long, default_value_t = 16)]
+        count: u64,
+        #[arg(long, default_value = "runs/data-show")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
+    /// Image and text tokenizers.
+    Tokenizer {
+        #[command(subcommand)]
+        command: TokenizerCommand,
+    },
+    /// Dataset inspection.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
     /// Print libtorch's version, CUDA availability and device count, and the thread count.
     Doctor,
     /// Analytic forward FLOPs per sequence, dense vs the config's (or another) schedule.
@@ -58,6 +94,60 @@ fn main() -> Result<()> {
             println!("CUDA devices      {}", tch::Cuda::device_count());
             println!("cuDNN available   {}", tch::Cuda::cudnn_is_available());
             println!("CPU threads       {}", tch::get_num_threads());
+        }
+        Command::Tokenizer {
+            command: TokenizerCommand::Train { config, device },
+        } => {
+            let cfg = config.load()?;
+            let device = unimod_train::device::parse(&device)?;
+            let tk = data::tokenizers(&cfg.data, &cfg.tokenizer, device)?;
+            let r = &tk.report;
+            println!("tokenizers in {}", tk.dir.display());
+            println!(
+                "| text vocab | image codes | PSNR | perplexity | dead codes | judge (clean) | judge (reconstructed) | train s |"
+            );
+            println!("|---|---|---|---|---|---|---|---|");
+            println!(
+                "| {} | {} | {:.1} dB | {:.1} | {} | {:.1} % | {:.1} % | {:.0} |",
+                r.text_vocab,
+                tk.vq.cfg.codebook_size,
+                r.psnr_db,
+                r.perplexity,
+                r.dead_codes,
+                100.0 * r.judge_clean,
+                100.0 * r.judge_reconstructed,
+                r.train_seconds
+            );
+        }
+        Command::Data {
+            command: DataCommand::Show { config, count, out },
+        } => {
+            let cfg = config.load()?;
+            let world = data::dataset(&cfg.data)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let examples: Vec<_> = (0..count).map(|i| world.example(Split::Train, i)).collect();
+            let images: Vec<_> = examples.iter().map(|e| e.image.clone()).collect();
+            let png = out.join("examples.png");
+            Image::save_grid(&images, 4, 4, &png)
+                .with_context(|| format!("writing {}", png.display()))?;
+            let mut md = String::from("# shapes examples (grid row-major, 4 per row)\n\n");
+            for (i, e) in examples.iter().enumerate() {
+                let caps: Vec<String> = e
+                    .captions
+                    .iter()
+                    .map(|c| format!("\"{}\"", c.text))
+                    .collect();
+                md.push_str(&format!("{i}. captions: {}\n", caps.join("; ")));
+                for q in &e.qa {
+                    md.push_str(&format!("   - {} → {}\n", q.question, q.answer));
+                }
+            }
+            std::fs::write(out.join("examples.md"), md)?;
+            println!(
+                "wrote {} and {}",
+                png.display(),
+                out.join("examples.md").display()
+            );
         }
         Command::Flops {
             config,

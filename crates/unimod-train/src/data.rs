@@ -1,0 +1,410 @@
+//! From the dataset to batches: the tokenizers (trained once, cached by a hash of their
+//! configuration, reused by every run), the tokenised image pools (encoded once, cached next to
+//! the tokenizers, so training never re-encodes an image), and the deterministic mixed-task
+//! stream whose batch `s` is a pure function of (seed, s): resuming needs no data state.
+
+use crate::progress;
+use anyhow::{Context, Result, bail};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+use tch::{Device, Kind, Tensor, nn};
+use unimod_tok::dataset::{Example, Image, Split};
+use unimod_tok::judge::{self, Detection};
+use unimod_tok::shapes::ShapesConfig;
+use unimod_tok::text::TextTokenizer;
+use unimod_tok::vq::{self, VqConfig, VqVae};
+use unimod_tok::{FormatConfig, Sequence, Task, VocabLayout, cache, tensorfile};
+
+/// `[data]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// `shapes` (the embedded procedural world).
+    pub dataset: String,
+    pub shapes: ShapesConfig,
+    /// Distinct training images (encoded once and cycled).
+    pub train_pool: usize,
+    /// Validation images for losses and generation metrics.
+    pub val_pool: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            dataset: "shapes".into(),
+            shapes: ShapesConfig::default(),
+            train_pool: 4096,
+            val_pool: 256,
+        }
+    }
+}
+
+/// `[tokenizer]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokenizerConfig {
+    /// Target size of the text BPE, specials included.
+    pub text_vocab: usize,
+    /// Examples whose texts train the BPE.
+    pub text_examples: u64,
+    pub image: VqConfig,
+}
+
+impl Default for TokenizerConfig {
+    fn default() -> Self {
+        TokenizerConfig {
+            text_vocab: 512,
+            text_examples: 4000,
+            image: VqConfig::default(),
+        }
+    }
+}
+
+/// What the tokenizer training measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenizerReport {
+    pub text_vocab: usize,
+    pub psnr_db: f64,
+    pub perplexity: f64,
+    pub dead_codes: i64,
+    /// Judge agreement (detected objects = scene) on clean renders and on reconstructions.
+    pub judge_clean: f64,
+    pub judge_reconstructed: f64,
+    pub images: usize,
+    pub train_seconds: f64,
+}
+
+/// Trained tokenizers and the vocabulary layout they imply.
+pub struct Tokenizers {
+    pub dir: PathBuf,
+    pub text: TextTokenizer,
+    pub vq_vs: nn::VarStore,
+    pub vq: VqVae,
+    pub report: TokenizerReport,
+}
+
+impl Tokenizers {
+    pub fn layout(&self) -> VocabLayout {
+        VocabLayout {
+            n_text: self.text.vocab_size(),
+            n_codes: self.vq.cfg.codebook_size as usize,
+        }
+    }
+}
+
+pub fn dataset(cfg: &DataConfig) -> Result<ShapesConfig> {
+    match cfg.dataset.as_str() {
+        "shapes" => Ok(cfg.shapes),
+        other => bail!("data.dataset = {other:?}: only \"shapes\" is implemented"),
+    }
+}
+
+/// Bumped whenever tokenizer training changes, so cached artifacts of older code are not reused.
+const ARTIFACT_VERSION: u32 = 2;
+
+fn key(parts: &impl Serialize) -> String {
+    let json = serde_json::to_string(&(ARTIFACT_VERSION, parts)).expect("configs serialise");
+    let digest = Sha256::digest(json.as_bytes());
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The tokenizers for `data` + `tok`: loaded from the cache when trained before with the same
+/// configuration, trained (and cached) otherwise.
+pub fn tokenizers(data: &DataConfig, tok: &TokenizerConfig, device: Device) -> Result<Tokenizers> {
+    let world = dataset(data)?;
+    let dir = cache::artifacts_dir()
+        .join("tokenizers")
+        .join(key(&(&world, tok)));
+    let (text_path, vq_path, report_path) = (
+        dir.join("tokenizer.json"),
+        dir.join("vq.safetensors"),
+        dir.join("report.json"),
+    );
+    if report_path.exists() {
+        let text = TextTokenizer::load(&text_path)
+            .with_context(|| format!("cached tokenizer in {}", dir.display()))?;
+        let (vq_vs, vq) = VqVae::load(&vq_path, device)
+            .with_context(|| format!("cached tokenizer in {}", dir.display()))?;
+        let report =
+            serde_json::from_str(&std::fs::read_to_string(&report_path)?).with_context(|| {
+                format!("{} is corrupt: delete it to retrain", report_path.display())
+            })?;
+        return Ok(Tokenizers {
+            dir,
+            text,
+            vq_vs,
+            vq,
+            report,
+        });
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let start = std::time::Instant::now();
+    let texts: Vec<String> = (0..tok.text_examples)
+        .into_par_iter()
+        .flat_map_iter(|i| texts_of(&world.example(Split::Train, i)))
+        .collect();
+    let text = TextTokenizer::train(texts.into_iter(), tok.text_vocab)?;
+    tch::manual_seed(tok.image.seed);
+    let vq_vs = nn::VarStore::new(device);
+    let vq = VqVae::new(&vq_vs.root(), tok.image);
+    let bar = progress::bar(tok.image.steps as u64, "image tokenizer");
+    let bs = tok.image.batch_size as u64;
+    vq.train(
+        &vq_vs,
+        |step| images_tensor(&world, Split::Train, step as u64 * bs, bs, device),
+        |step, s| {
+            bar.set_position(step as u64 + 1);
+            bar.set_message(format!("mse {:.4}", s.recon));
+        },
+    )?;
+    bar.finish_and_clear();
+    let report = measure(&world, &text, &vq, start.elapsed().as_secs_f64(), device, &dir.join("reconstructions.png"))?;
+    text.save(&text_path)?;
+    vq.save(&vq_vs, &vq_path)?;
+    std::fs::write(&report_path, serde_json::to_string_pretty(&report)?)?;
+    Ok(Tokenizers {
+        dir,
+        text,
+        vq_vs,
+        vq,
+        report,
+    })
+}
+
+/// Every text of an example: captions, questions, answers.
+fn texts_of(e: &Example) -> Vec<String> {
+    let mut v: Vec<String> = e.captions.iter().map(|c| c.text.clone()).collect();
+    for q in &e.qa {
+        v.push(q.question.clone());
+        v.push(q.answer.clone());
+    }
+    v
+}
+
+fn images_tensor(world: &ShapesConfig, split: Split, from: u64, n: u64, device: Device) -> Tensor {
+    let imgs: Vec<Image> = (from..from + n)
+        .into_par_iter()
+        .map(|i| world.example(split, i).image)
+        .collect();
+    vq::to_device(&imgs, device)
+}
+
+/// Measures the tokenizers on test images and writes 8 of them above their reconstructions.
+fn measure(
+    world: &ShapesConfig,
+    text: &TextTokenizer,
+    vq: &VqVae,
+    secs: f64,
+    device: Device,
+    grid: &std::path::Path,
+) -> Result<TokenizerReport> {
+    let n = 512u64;
+    let examples: Vec<Example> = (0..n)
+        .into_par_iter()
+        .map(|i| world.example(Split::Test, i))
+        .collect();
+    let imgs: Vec<Image> = examples.iter().map(|e| e.image.clone()).collect();
+    let x = vq::to_device(&imgs, device);
+    let codes = vq.encode(&x);
+    let recon = vq.decode(&codes);
+    let (perplexity, dead_codes) = vq::codebook_usage(&codes, vq.cfg.codebook_size);
+    let back = Image::batch_from_tensor(&recon);
+    let truth: Vec<Vec<Detection>> = examples
+        .iter()
+        .map(|e| {
+            e.objects
+                .iter()
+                .map(|o| Detection {
+                    cell: o.cell,
+                    color: o.color,
+                    shape: o.shape,
+                })
+                .collect()
+        })
+        .collect();
+    let clean: Vec<_> = truth
+        .iter()
+        .cloned()
+        .zip(imgs.iter().map(judge::detect))
+        .collect();
+    let rec: Vec<_> = truth
+        .into_iter()
+        .zip(back.iter().map(judge::detect))
+        .collect();
+    let shown: Vec<Image> = imgs[..8].iter().chain(&back[..8]).cloned().collect();
+    Image::save_grid(&shown, 8, 4, grid).with_context(|| format!("writing {}", grid.display()))?;
+    Ok(TokenizerReport {
+        text_vocab: text.vocab_size(),
+        psnr_db: vq::psnr(&x, &recon),
+        perplexity,
+        dead_codes,
+        judge_clean: judge::scene_agreement(&clean),
+        judge_reconstructed: judge::scene_agreement(&rec),
+        images: n as usize,
+        train_seconds: secs,
+    })
+}
+
+/// Tokenised images of one split: codes `[N, T]`, encoded once and cached.
+pub struct Pool {
+    pub split: Split,
+    pub codes: Vec<Vec<u32>>,
+}
+
+pub fn pool(
+    tk: &Tokenizers,
+    world: &ShapesConfig,
+    split: Split,
+    n: usize,
+    device: Device,
+) -> Result<Pool> {
+    let path = tk
+        .dir
+        .join(format!("pool-{split:?}-{n}.safetensors").to_lowercase());
+    let codes = if path.exists() {
+        let loaded = tensorfile::load_tensors(&path)?;
+        loaded
+            .tensors
+            .get("codes")
+            .map(|t| t.shallow_clone())
+            .with_context(|| format!("{} has no codes", path.display()))?
+    } else {
+        let chunks: Vec<Tensor> = (0..n as u64)
+            .step_by(256)
+            .map(|from| {
+                tk.vq
+                    .encode(&images_tensor(
+                        world,
+                        split,
+                        from,
+                        256.min(n as u64 - from),
+                        device,
+                    ))
+                    .to_device(Device::Cpu)
+            })
+            .collect();
+        let codes = Tensor::cat(&chunks, 0);
+        tensorfile::save_tensors(
+            &path,
+            &[("codes".into(), codes.shallow_clone())],
+            Default::default(),
+        )?;
+        codes
+    };
+    let t = codes.size()[1] as usize;
+    let flat = Vec::<i64>::try_from(codes.to_kind(Kind::Int64).flatten(0, -1))?;
+    Ok(Pool {
+        split,
+        codes: flat
+            .chunks(t)
+            .map(|c| c.iter().map(|&v| v as u32).collect())
+            .collect(),
+    })
+}
+
+/// Samples per task in one batch (Show-o: t2i 15 : lm 4 : mmu 10).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TaskMix {
+    pub t2i: usize,
+    pub mmu: usize,
+    pub lm: usize,
+}
+
+impl Default for TaskMix {
+    fn default() -> Self {
+        TaskMix {
+            t2i: 12,
+            mmu: 12,
+            lm: 0,
+        }
+    }
+}
+
+impl TaskMix {
+    pub fn get(&self, t: Task) -> usize {
+        match t {
+            Task::T2i => self.t2i,
+            Task::Mmu => self.mmu,
+            Task::Lm => self.lm,
+        }
+    }
+}
+
+/// Builds the sequence of one sample of `task` from example `index` of `pool`.
+#[allow(clippy::too_many_arguments)]
+pub fn sequence(
+    text: &TextTokenizer,
+    layout: &VocabLayout,
+    format: &FormatConfig,
+    world: &ShapesConfig,
+    pool: &Pool,
+    task: Task,
+    index: usize,
+    rng: &mut ChaCha8Rng,
+    training: bool,
+) -> Result<Sequence> {
+    let e = world.example(pool.split, index as u64);
+    let codes = &pool.codes[index];
+    Ok(match task {
+        Task::T2i => {
+            let cap = &e.captions[rng.gen_range(0..e.captions.len())];
+            let prompt = text.encode(&cap.text)?;
+            format.t2i(
+                layout,
+                &prompt,
+                Some(codes),
+                training.then_some(rng as &mut dyn rand::RngCore),
+            )?
+        }
+        Task::Mmu => {
+            let qa = &e.qa[rng.gen_range(0..e.qa.len())];
+            let (q, a) = (text.encode(&qa.question)?, text.encode(&qa.answer)?);
+            format.mmu(layout, codes, &q, Some(&a))?
+        }
+        Task::Lm => {
+            let qa = &e.qa[rng.gen_range(0..e.qa.len())];
+            let line = format!("{} . {} {}", e.captions[0].text, qa.question, qa.answer);
+            let mut ids = text.encode(&line)?;
+            ids.truncate(format.seq_len() - 3);
+            format.lm(&ids)?
+        }
+    })
+}
+
+/// The sequences of batch `step`: each task's sub-batch next to each other, in task order.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_sequences(
+    text: &TextTokenizer,
+    layout: &VocabLayout,
+    format: &FormatConfig,
+    world: &ShapesConfig,
+    pool: &Pool,
+    mix: &TaskMix,
+    seed: u64,
+    step: u64,
+    training: bool,
+) -> Result<Vec<Sequence>> {
+    let per_batch: usize = Task::ALL.iter().map(|t| mix.get(*t)).sum();
+    let jobs: Vec<(Task, usize)> = Task::ALL
+        .iter()
+        .flat_map(|t| (0..mix.get(*t)).map(move |j| (*t, j)))
+        .enumerate()
+        .map(|(slot, (t, _))| (t, slot))
+        .collect();
+    jobs.into_par_iter()
+        .map(|(task, slot)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(
+                seed ^ (step.wrapping_mul(0x9E37_79B9_7F4A_7C15)) ^ ((slot as u64) << 48),
+            );
+            let index = ((step as usize) * per_batch + slot) % pool.codes.len();
+            sequence(
+                text, layout, format, world, pool, task, index, &mut rng, training,
+            )
+        })
+        .collect()
+}
