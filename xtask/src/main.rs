@@ -35,8 +35,18 @@ enum Task {
     },
     /// Print libtorch's path and version, CUDA availability, threads and cache locations.
     Doctor,
-    /// The main job. Until the trainer lands: the paper's FLOPs reproduction at full size.
-    Experiment,
+    /// The main job: train dense, MoD and UniMoD on the same data and compare them.
+    Experiment {
+        /// Experiment configuration.
+        #[arg(default_value = "configs/quickstart.toml")]
+        config: PathBuf,
+        /// Repeat with this many seeds and report mean ± spread.
+        #[arg(long, default_value_t = 1)]
+        seeds: u32,
+        /// `key=value` overrides of the config (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -64,15 +74,23 @@ fn main() -> Result<()> {
             println!("artifacts        {}", cache::artifacts_dir().display());
             unimod(&root, &["doctor"])?;
         }
-        Task::Experiment => {
+        Task::Experiment {
+            config,
+            seeds,
+            overrides,
+        } => {
             setup::run(&root)?;
-            for (config, recipe) in [
-                ("configs/showo-1.3b.toml", "showo-paper"),
-                ("configs/emu3-8b.toml", "emu3-paper"),
-            ] {
-                println!("\n## {recipe}: {config}\n");
-                unimod(&root, &["flops", "--config", config, "--schedule", recipe])?;
+            let mut args = vec![
+                "experiment".to_string(),
+                "--config".into(),
+                config.display().to_string(),
+            ];
+            args.extend(["--seeds".to_string(), seeds.to_string()]);
+            for o in overrides {
+                args.extend(["--set".to_string(), o]);
             }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            unimod(&root, &args)?;
         }
     }
     Ok(())

@@ -11,6 +11,7 @@ pub mod block;
 pub mod checkpoint;
 pub mod config;
 pub mod flops;
+pub mod generate;
 pub mod layer;
 pub mod model;
 

@@ -22,6 +22,8 @@ pub struct Detection {
 const INK: u8 = 70;
 /// Fewer matching pixels than this in a cell is no object (a small triangle has ~18).
 const MIN_PIXELS: usize = 7;
+/// RGB distance within which a pixel belongs to the object's body.
+const BODY_DISTANCE: f64 = 110.0;
 
 fn nearest_color(p: [u8; 3]) -> (Color, f64) {
     Color::ALL
@@ -35,48 +37,68 @@ fn nearest_color(p: [u8; 3]) -> (Color, f64) {
         .expect("palette is not empty")
 }
 
-/// Objects in the image, at most one per cell.
+/// Objects in the image, at most one per cell: the cell's ink pixels give the shape, their mean
+/// colour (robust to the speckle of reconstructed or generated images) the nearest palette colour.
 pub fn detect(img: &Image) -> Vec<Detection> {
     let cell = img.width as f64 / 3.0;
     let mut out = Vec::new();
     for c in 0..9u8 {
         let (r0, c0) = ((c / 3) as f64 * cell, (c % 3) as f64 * cell);
-        let (y0, y1, x0, x1) = (
-            r0 as usize,
-            ((r0 + cell) as usize).min(img.height),
-            c0 as usize,
-            ((c0 + cell) as usize).min(img.width),
+        let (y0, y1) = (
+            r0.round() as usize,
+            ((r0 + cell).round() as usize).min(img.height),
         );
-        let mut votes: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
+        let (x0, x1) = (
+            c0.round() as usize,
+            ((c0 + cell).round() as usize).min(img.width),
+        );
+        let mut pixels = Vec::new();
+        let mut sum = [0f64; 3];
         for y in y0..y1 {
             for x in x0..x1 {
                 let p = img.get(x, y);
-                if p.iter().all(|v| *v < INK) {
-                    continue;
-                }
-                let (color, dist) = nearest_color(p);
-                if dist < 120.0 {
-                    votes.entry(color as usize).or_default().push((x, y));
+                if p.iter().any(|v| *v >= INK) {
+                    pixels.push((x, y));
+                    for i in 0..3 {
+                        sum[i] += p[i] as f64;
+                    }
                 }
             }
         }
-        let Some((color_idx, pixels)) = votes.into_iter().max_by_key(|(_, v)| v.len()) else {
-            continue;
-        };
         if pixels.len() < MIN_PIXELS {
+            continue;
+        }
+        let n = pixels.len() as f64;
+        let color = nearest_color([(sum[0] / n) as u8, (sum[1] / n) as u8, (sum[2] / n) as u8]).0;
+        // The shape is read from the pixels close to that colour: the dark fringe that
+        // reconstructions blur around an object would round a square and square a circle.
+        let target = color.rgb();
+        let body: Vec<(usize, usize)> = pixels
+            .into_iter()
+            .filter(|&(x, y)| {
+                let p = img.get(x, y);
+                (0..3)
+                    .map(|i| (p[i] as f64 - target[i] as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+                    < BODY_DISTANCE
+            })
+            .collect();
+        if body.len() < MIN_PIXELS {
             continue;
         }
         out.push(Detection {
             cell: c,
-            color: Color::ALL[color_idx],
-            shape: classify(&pixels),
+            color,
+            shape: classify(&body),
         });
     }
     out
 }
 
-/// Triangle: most of its mass in the lower half (apex up); square: fills its bounding box
-/// corners; circle otherwise.
+/// Triangle: most of its mass in the lower half (apex up). Square vs circle: how much of the
+/// bounding box *outside its inscribed ellipse* is filled — all of it for a square, almost
+/// none for a circle — which survives the blur and speckle of reconstructions.
 fn classify(pixels: &[(usize, usize)]) -> Shape {
     let min_max = |f: fn(&(usize, usize)) -> usize| {
         let v = pixels.iter().map(f);
@@ -86,19 +108,22 @@ fn classify(pixels: &[(usize, usize)]) -> Shape {
     let mid2 = ymin + ymax; // twice the vertical midpoint
     let upper = pixels.iter().filter(|p| 2 * p.1 < mid2).count() as f64;
     let lower = pixels.iter().filter(|p| 2 * p.1 > mid2).count() as f64;
-    let has = |x, y| pixels.contains(&(x, y));
-    let corners = [
-        has(xmin, ymin),
-        has(xmax, ymin),
-        has(xmin, ymax),
-        has(xmax, ymax),
-    ]
-    .iter()
-    .filter(|c| **c)
-    .count();
     if upper < 0.6 * lower {
-        Shape::Triangle
-    } else if corners >= 3 {
+        return Shape::Triangle;
+    }
+    let (cx, cy) = ((xmin + xmax) as f64 / 2.0, (ymin + ymax) as f64 / 2.0);
+    let (rx, ry) = (
+        (xmax - xmin + 1) as f64 / 2.0,
+        (ymax - ymin + 1) as f64 / 2.0,
+    );
+    let outside =
+        |x: usize, y: usize| ((x as f64 - cx) / rx).powi(2) + ((y as f64 - cy) / ry).powi(2) > 1.0;
+    let corner_cells = (ymin..=ymax)
+        .flat_map(|y| (xmin..=xmax).map(move |x| (x, y)))
+        .filter(|&(x, y)| outside(x, y))
+        .count();
+    let corner_ink = pixels.iter().filter(|&&(x, y)| outside(x, y)).count();
+    if corner_cells > 0 && corner_ink as f64 >= 0.5 * corner_cells as f64 {
         Shape::Square
     } else {
         Shape::Circle

@@ -230,7 +230,7 @@ impl ShapesConfig {
         for o in &scene.objects {
             let (row, col) = ((o.cell / 3) as f64, (o.cell % 3) as f64);
             let (cx, cy) = ((col + 0.5) * cell, (row + 0.5) * cell);
-            let r = cell * if o.size == Size::Large { 0.45 } else { 0.33 };
+            let r = cell * if o.size == Size::Large { 0.47 } else { 0.37 };
             for y in 0..s {
                 for x in 0..s {
                     let (px, py) = (x as f64 + 0.5 - cx, y as f64 + 0.5 - cy);

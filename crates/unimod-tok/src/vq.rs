@@ -366,7 +366,7 @@ mod tests {
             .to_kind(Kind::Float)
             .mean(Kind::Float)
             .double_value(&[]);
-        assert!(same > 0.5, "code stability {same}");
+        assert!(same > 0.3, "code stability {same} (chance: 1/64)");
         let (perplexity, dead) = codebook_usage(&codes, 64);
         assert!(perplexity > 1.0 && dead < 64);
     }

@@ -3,6 +3,9 @@
 //! names the field. Every run writes the fully resolved config next to its outputs.
 
 use crate::data::{DataConfig, TokenizerConfig};
+use crate::eval::EvalConfig;
+use crate::experiment::ExperimentConfig;
+use crate::train::TrainConfig;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -16,6 +19,9 @@ pub struct RunConfig {
     pub format: FormatConfig,
     pub data: DataConfig,
     pub tokenizer: TokenizerConfig,
+    pub train: TrainConfig,
+    pub eval: EvalConfig,
+    pub experiment: ExperimentConfig,
 }
 
 impl RunConfig {

@@ -162,7 +162,14 @@ pub fn tokenizers(data: &DataConfig, tok: &TokenizerConfig, device: Device) -> R
         },
     )?;
     bar.finish_and_clear();
-    let report = measure(&world, &text, &vq, start.elapsed().as_secs_f64(), device, &dir.join("reconstructions.png"))?;
+    let report = measure(
+        &world,
+        &text,
+        &vq,
+        start.elapsed().as_secs_f64(),
+        device,
+        &dir.join("reconstructions.png"),
+    )?;
     text.save(&text_path)?;
     vq.save(&vq_vs, &vq_path)?;
     std::fs::write(&report_path, serde_json::to_string_pretty(&report)?)?;
@@ -352,11 +359,18 @@ pub fn sequence(
     let codes = &pool.codes[index];
     Ok(match task {
         Task::T2i => {
-            let cap = &e.captions[rng.gen_range(0..e.captions.len())];
-            let prompt = text.encode(&cap.text)?;
+            let fitting = fitting_captions(text, format, &e)?;
+            let Some(choice) = (!fitting.is_empty()).then(|| rng.gen_range(0..fitting.len()))
+            else {
+                bail!(
+                    "no caption of {:?} example {index} fits format.text_len = {}",
+                    pool.split,
+                    format.text_len
+                );
+            };
             format.t2i(
                 layout,
-                &prompt,
+                &fitting[choice].1,
                 Some(codes),
                 training.then_some(rng as &mut dyn rand::RngCore),
             )?
@@ -374,6 +388,24 @@ pub fn sequence(
             format.lm(&ids)?
         }
     })
+}
+
+/// The captions of an example (index, token ids) whose tokens fit the format's text segment:
+/// long descriptions of crowded scenes may not, and are left out rather than truncated (a
+/// truncated caption would assert facts it no longer states).
+pub fn fitting_captions(
+    text: &TextTokenizer,
+    format: &FormatConfig,
+    e: &Example,
+) -> Result<Vec<(usize, Vec<i64>)>> {
+    let mut out = Vec::new();
+    for (i, c) in e.captions.iter().enumerate() {
+        let ids = text.encode(&c.text)?;
+        if ids.len() + 2 <= format.text_len {
+            out.push((i, ids));
+        }
+    }
+    Ok(out)
 }
 
 /// The sequences of batch `step`: each task's sub-batch next to each other, in task order.

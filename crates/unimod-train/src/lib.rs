@@ -7,7 +7,13 @@
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod eval;
+pub mod experiment;
 pub mod flops_report;
+pub mod load;
+pub mod optim;
+pub mod plots;
 pub mod progress;
+pub mod train;
 
 pub use config::RunConfig;

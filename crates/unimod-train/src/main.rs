@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use unimod_tok::dataset::{Image, Split};
-use unimod_train::{RunConfig, data, flops_report};
+use unimod_train::{RunConfig, data, eval, experiment, flops_report, train};
 
 #[derive(Parser)]
 #[command(
@@ -61,6 +61,34 @@ enum DataCommand {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train one model (tokenizers are trained or reused first).
+    Train {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Run directory (config, metrics, checkpoints).
+        #[arg(long)]
+        out: PathBuf,
+        /// Continue from the run directory's latest checkpoint.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Evaluate a checkpoint: validation losses, T2I judge score, MMU accuracy, router agreement.
+    Eval {
+        /// A run directory or checkpoint folder.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Overrides of the run's config (e.g. `eval.t2i_samples=128`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
+    /// Train and evaluate every variant of `[experiment]`, compare them in one report.
+    Experiment {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Repeat with this many seeds and report mean ± spread.
+        #[arg(long, default_value_t = 1)]
+        seeds: u32,
+    },
     /// Image and text tokenizers.
     Tokenizer {
         #[command(subcommand)]
@@ -94,6 +122,61 @@ fn main() -> Result<()> {
             println!("CUDA devices      {}", tch::Cuda::device_count());
             println!("cuDNN available   {}", tch::Cuda::cudnn_is_available());
             println!("CPU threads       {}", tch::get_num_threads());
+        }
+        Command::Train {
+            config,
+            out,
+            resume,
+        } => {
+            let cfg = config.load()?;
+            let device = unimod_train::device::parse(&cfg.train.device)?;
+            let ctx = train::RunContext::new(&cfg, device)?;
+            let cfg = ctx.resolve(&cfg)?;
+            let s = train::train(&ctx, &cfg, &out, resume, train::ctrl_c_flag(), None)?;
+            println!(
+                "{} steps, {:.3} training TFLOPs, {:.0} s{}; checkpoints in {}",
+                s.steps,
+                s.train_flops / 1e12,
+                s.wall_s,
+                if s.interrupted {
+                    " (interrupted, resumable with --resume)"
+                } else {
+                    ""
+                },
+                out.join("checkpoints").display()
+            );
+        }
+        Command::Eval {
+            checkpoint,
+            overrides,
+        } => {
+            let (saved, _vs, _) =
+                unimod_train::load::run_from_checkpoint(&checkpoint, tch::Device::Cpu)?;
+            let mut cfg = saved.clone();
+            if !overrides.is_empty() {
+                let path =
+                    std::env::temp_dir().join(format!("unimod-eval-{}.toml", std::process::id()));
+                std::fs::write(&path, saved.to_toml())?;
+                cfg = RunConfig::load(Some(&path), &overrides)?;
+                let _ = std::fs::remove_file(path);
+            }
+            let device = unimod_train::device::parse(&cfg.train.device)?;
+            let ctx = train::RunContext::new(&cfg, device)?;
+            let (_vs, model) = unimod_train::load::model_from_run(&checkpoint, device)?;
+            let out = if checkpoint.join("checkpoints").exists() {
+                checkpoint.clone()
+            } else {
+                checkpoint.join("..").join("..")
+            };
+            let r = eval::evaluate(&ctx, &cfg, &model, &out)?;
+            let json = serde_json::to_string_pretty(&r)?;
+            std::fs::write(out.join("eval.json"), &json)?;
+            println!("{json}");
+        }
+        Command::Experiment { config, seeds } => {
+            let cfg = config.load()?;
+            let device = unimod_train::device::parse(&cfg.train.device)?;
+            experiment::run(&cfg, seeds, device)?;
         }
         Command::Tokenizer {
             command: TokenizerCommand::Train { config, device },

@@ -1,0 +1,240 @@
+//! Generation: Show-o's MaskGIT decoding of images (parallel, so routed layers may use top-k),
+//! and autoregressive decoding with a KV cache (answers in both flavours, Emu3 images), where
+//! routed layers use the causal decision of `[routing].causal_mode`.
+
+use crate::model::{ForwardOptions, KvCache, UnifiedTransformer};
+use tch::{Device, Kind, Tensor};
+use unimod_router::RoutingMode;
+use unimod_tok::{Batch, Continuation, Segment, Sequence, Special, Task, VocabLayout};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error(transparent)]
+    Batch(#[from] unimod_tok::batch::BatchError),
+    #[error(transparent)]
+    Tch(#[from] tch::TchError),
+}
+
+/// Sampling settings (Show-o uses 12 MaskGIT steps and guidance 1.5 at 256 tokens).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplingConfig {
+    pub steps: usize,
+    pub temperature: f64,
+    /// Classifier-free guidance: logits = (1 + w)·cond − w·uncond.
+    pub guidance: f64,
+    pub seed: i64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        SamplingConfig {
+            steps: 8,
+            temperature: 1.0,
+            guidance: 1.5,
+            seed: 0,
+        }
+    }
+}
+
+fn sample(logits: &Tensor, temperature: f64) -> Tensor {
+    if temperature <= 0.0 {
+        return logits.argmax(-1, false);
+    }
+    let probs = (logits / temperature).softmax(-1, Kind::Float);
+    let shape = probs.size();
+    let v = shape[shape.len() - 1];
+    let mut out_shape = shape.clone();
+    out_shape.pop();
+    probs
+        .reshape([-1, v])
+        .multinomial(1, true)
+        .view(out_shape.as_slice())
+}
+
+/// Show-o T2I: starts from prompts whose image is all `<|mask|>` (`FormatConfig::t2i` with no
+/// codes) and unmasks the most confident tokens over `steps` steps on a cosine schedule.
+/// `uncond` holds the same prompts with the caption dropped (guidance), or `None`.
+/// Returns the codes `[B, N]`.
+pub fn maskgit(
+    model: &UnifiedTransformer,
+    cond: &[Sequence],
+    uncond: Option<&[Sequence]>,
+    layout: &VocabLayout,
+    cfg: &SamplingConfig,
+    device: Device,
+) -> Result<Tensor, GenerateError> {
+    tch::manual_seed(cfg.seed);
+    let image: Vec<i64> = cond[0]
+        .segments
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| **g == Segment::Image)
+        .map(|(i, _)| i as i64)
+        .collect();
+    let n = image.len() as i64;
+    let b = cond.len() as i64;
+    let all: Vec<Sequence> = cond.iter().chain(uncond.unwrap_or(&[])).cloned().collect();
+    let mut batch = Batch::from_sequences(&all, device)?;
+    let positions = Tensor::from_slice(&image).to_device(device);
+    let (lo, hi) = (layout.image_offset(), layout.size() as i64);
+    let mask_id = Special::Mask.id();
+    tch::no_grad(|| {
+        for step in 0..cfg.steps {
+            let logits = model
+                .forward(
+                    &batch,
+                    &ForwardOptions {
+                        mode: RoutingMode::TopK,
+                        ..Default::default()
+                    },
+                )
+                .logits
+                .index_select(1, &positions)
+                .narrow(-1, lo, hi - lo);
+            let logits = match uncond {
+                Some(_) => {
+                    logits.narrow(0, 0, b) * (1.0 + cfg.guidance)
+                        - logits.narrow(0, b, b) * cfg.guidance
+                }
+                None => logits,
+            };
+            let current = batch.tokens.narrow(0, 0, b).index_select(1, &positions);
+            let unknown = current.eq(mask_id);
+            let drawn = sample(&logits, cfg.temperature);
+            let confidence = logits
+                .log_softmax(-1, Kind::Float)
+                .gather(-1, &drawn.unsqueeze(-1), false)
+                .squeeze_dim(-1)
+                .masked_fill(&unknown.logical_not(), f64::INFINITY);
+            let mut next = (drawn + lo).where_self(&unknown, &current);
+            let ratio = (std::f64::consts::FRAC_PI_2 * (step + 1) as f64 / cfg.steps as f64).cos();
+            let keep_masked = ((n as f64) * ratio).floor() as i64;
+            if keep_masked > 0 {
+                let (_, idx) = confidence.topk(keep_masked, -1, false, false);
+                next = next.scatter_value(1, &idx, mask_id as f64);
+            }
+            let rows =
+                Tensor::cat(&[next.shallow_clone(), next], 0).narrow(0, 0, batch.size() as i64);
+            let mut tokens = batch.tokens.shallow_clone();
+            let _ = tokens.index_copy_(1, &positions, &rows);
+            batch.tokens = tokens;
+        }
+        Ok::<_, GenerateError>(batch.tokens.narrow(0, 0, b).index_select(1, &positions) - lo)
+    })
+}
+
+/// Greedy or sampled autoregressive continuation of `prompts` (unpadded, possibly of
+/// different lengths) for up to `max_new` tokens of `segment`, restricted by `allowed`
+/// (`[V]` bool) and stopping at `stop`. Decisions of routed layers are causal (`mode`).
+#[allow(clippy::too_many_arguments)]
+pub fn autoregressive(
+    model: &UnifiedTransformer,
+    prompts: &[Sequence],
+    max_new: usize,
+    segment: Segment,
+    allowed: &dyn Fn(usize) -> Tensor,
+    stop: Option<i64>,
+    temperature: f64,
+    mode: RoutingMode,
+    device: Device,
+) -> Result<Vec<Vec<i64>>, GenerateError> {
+    let longest = prompts.iter().map(Sequence::len).max().unwrap_or(0);
+    // Pad prompts at the end: pads are invisible keys and do not advance RoPE positions.
+    let padded: Vec<Sequence> = prompts
+        .iter()
+        .map(|p| {
+            let mut p = p.clone();
+            for _ in p.len()..longest {
+                let i = p.len() as i64;
+                p.tokens.push(Special::Pad.id());
+                p.labels.push(unimod_tok::IGNORE);
+                p.segments.push(Segment::Pad);
+                p.attn_upto.push(i);
+            }
+            p
+        })
+        .collect();
+    let last: Vec<i64> = prompts.iter().map(|p| p.len() as i64 - 1).collect();
+    let opts = ForwardOptions {
+        mode,
+        ..Default::default()
+    };
+    let mut cache = KvCache::default();
+    let batch = Batch::from_sequences(&padded, device)?;
+    let mut end: Continuation = batch.end.clone();
+    tch::no_grad(|| {
+        let logits = model.forward_cached(&batch, &opts, &mut cache).logits;
+        let idx = Tensor::from_slice(&last)
+            .to_device(device)
+            .view([-1, 1, 1])
+            .expand([-1, 1, logits.size()[2]], false);
+        let mut next_logits = logits.gather(1, &idx, false).squeeze_dim(1);
+        let mut out = vec![Vec::new(); prompts.len()];
+        let mut done = vec![false; prompts.len()];
+        for k in 0..max_new {
+            let masked = next_logits.masked_fill(
+                &allowed(k).logical_not().to_device(device),
+                f64::NEG_INFINITY,
+            );
+            let tok = sample(&masked, temperature);
+            let toks = Vec::<i64>::try_from(&tok)?;
+            for (i, t) in toks.iter().enumerate() {
+                if !done[i] {
+                    out[i].push(*t);
+                    done[i] = Some(*t) == stop;
+                }
+            }
+            if done.iter().all(|d| *d) || k + 1 == max_new {
+                break;
+            }
+            let step: Vec<Sequence> = toks
+                .iter()
+                .enumerate()
+                .map(|(i, t)| Sequence {
+                    task: prompts[i].task,
+                    tokens: vec![*t],
+                    labels: vec![unimod_tok::IGNORE],
+                    segments: vec![segment],
+                    attn_upto: vec![end.offset],
+                })
+                .collect();
+            let b = Batch::continuing(&step, Some(&end), device)?;
+            end = b.end.clone();
+            next_logits = model
+                .forward_cached(&b, &opts, &mut cache)
+                .logits
+                .squeeze_dim(1);
+        }
+        Ok::<_, GenerateError>(out)
+    })
+}
+
+/// Mask of the text vocabulary (answers): `[V]`.
+pub fn text_only(layout: &VocabLayout) -> Tensor {
+    let v = layout.size() as i64;
+    Tensor::arange(v, (Kind::Int64, Device::Cpu)).lt(layout.n_text as i64)
+}
+
+/// Emu3 constrained decoding: image codes inside a row, `<|eol|>` at each row end.
+pub fn image_grammar(layout: &VocabLayout, side: usize) -> impl Fn(usize) -> Tensor {
+    let v = layout.size() as i64;
+    let codes = Tensor::arange(v, (Kind::Int64, Device::Cpu)).ge(layout.image_offset());
+    let eol = Tensor::arange(v, (Kind::Int64, Device::Cpu)).eq(Special::Eol.id());
+    move |k| {
+        if k % (side + 1) == side {
+            eol.shallow_clone()
+        } else {
+            codes.shallow_clone()
+        }
+    }
+}
+
+/// The task's generation-time routing mode: top-k for Show-o's parallel T2I decoding,
+/// otherwise the causal mode of the config.
+pub fn mode_for(model: &UnifiedTransformer, task: Task) -> RoutingMode {
+    match (model.cfg.flavour, task) {
+        (unimod_tok::Flavour::Showo, Task::T2i) => RoutingMode::TopK,
+        _ => model.cfg.routing.causal_mode,
+    }
+}

@@ -1,0 +1,270 @@
+//! Evaluation of a trained model: validation loss per task; T2I generation scored by the judge
+//! (per category and overall); MMU exact-match accuracy per question type; and the agreement of
+//! the causal routing decision with top-k. Generation uses the routing mode each task needs:
+//! top-k for Show-o's parallel MaskGIT decoding, the causal decision for autoregressive decoding.
+
+use crate::RunConfig;
+use crate::data;
+use crate::train::RunContext;
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tch::{Kind, Tensor};
+use unimod_model::generate::{self, SamplingConfig};
+use unimod_model::{ForwardOptions, UnifiedTransformer};
+use unimod_tok::dataset::{Image, Split};
+use unimod_tok::judge::JudgeReport;
+use unimod_tok::{Flavour, Segment, Special, Task};
+
+/// `[eval]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalConfig {
+    pub val_batches: usize,
+    pub t2i_samples: usize,
+    pub mmu_samples: usize,
+    pub max_answer_tokens: usize,
+    pub sampling: SamplingConfig,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            val_batches: 4,
+            t2i_samples: 64,
+            mmu_samples: 128,
+            max_answer_tokens: 6,
+            sampling: SamplingConfig::default(),
+        }
+    }
+}
+
+/// Precision and recall of a causal decision against top-k membership, over routable tokens.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Agreement {
+    pub precision: f64,
+    pub recall: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub val_loss: BTreeMap<String, f64>,
+    /// Share of generated images whose caption's facts all hold.
+    pub t2i_overall: f64,
+    pub t2i_per_category: BTreeMap<String, f64>,
+    pub mmu_accuracy: f64,
+    pub mmu_per_kind: BTreeMap<String, f64>,
+    /// Causal router decision (sigmoid ≥ 0.5) and auxiliary predictor vs top-k.
+    pub router_agreement: Option<Agreement>,
+    pub predictor_agreement: Option<Agreement>,
+}
+
+pub fn evaluate(
+    ctx: &RunContext,
+    cfg: &RunConfig,
+    model: &UnifiedTransformer,
+    out: &Path,
+) -> Result<EvalReport> {
+    let (val_loss, router_agreement, predictor_agreement) =
+        tch::no_grad(|| validation(ctx, cfg, model))?;
+    let (t2i_overall, t2i_per_category) = text_to_image(ctx, cfg, model, out)?;
+    let (mmu_accuracy, mmu_per_kind) = understanding(ctx, cfg, model)?;
+    Ok(EvalReport {
+        val_loss,
+        t2i_overall,
+        t2i_per_category,
+        mmu_accuracy,
+        mmu_per_kind,
+        router_agreement,
+        predictor_agreement,
+    })
+}
+
+type Validation = (BTreeMap<String, f64>, Option<Agreement>, Option<Agreement>);
+
+fn validation(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) -> Result<Validation> {
+    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+    // [router tp, router predicted, predictor tp, predictor predicted, actual]
+    let mut counts = [0f64; 5];
+    let mut routed = false;
+    for k in 0..cfg.eval.val_batches {
+        // Masking and caption choice are seeded by the batch index: the same for every model.
+        let b = ctx.batch(cfg, Split::Val, 1_000_000 + k as u64, true)?;
+        let o = model.forward(&b, &ForwardOptions::default());
+        let l = model.losses(&b, &o);
+        for t in Task::ALL {
+            if let Some(v) = &l.per_task[t.index()] {
+                *sums.entry(t.name().to_string()).or_default() +=
+                    v.double_value(&[]) / cfg.eval.val_batches as f64;
+            }
+        }
+        for s in &o.routing {
+            routed = true;
+            let actual = s.processed_mask.logical_and(&s.routable);
+            let count = |t: &Tensor| t.sum(Kind::Float).double_value(&[]);
+            let router = s.scores.gt(0.0).logical_and(&s.routable);
+            counts[0] += count(&router.logical_and(&actual));
+            counts[1] += count(&router);
+            if let Some(p) = &s.predictor_logits {
+                let pred = p.gt(0.0).logical_and(&s.routable);
+                counts[2] += count(&pred.logical_and(&actual));
+                counts[3] += count(&pred);
+            }
+            counts[4] += count(&actual);
+        }
+    }
+    let agree = |tp: f64, predicted: f64| Agreement {
+        precision: tp / predicted.max(1.0),
+        recall: tp / counts[4].max(1.0),
+    };
+    let router = routed.then(|| agree(counts[0], counts[1]));
+    let predictor = (routed && counts[3] + counts[2] > 0.0).then(|| agree(counts[2], counts[3]));
+    Ok((sums, router, predictor))
+}
+
+fn text_to_image(
+    ctx: &RunContext,
+    cfg: &RunConfig,
+    model: &UnifiedTransformer,
+    out: &Path,
+) -> Result<(f64, BTreeMap<String, f64>)> {
+    let world = data::dataset(&cfg.data)?;
+    let layout = ctx.tokenizers.layout();
+    let n = cfg.eval.t2i_samples.min(ctx.val.codes.len());
+    // Each validation example with its first caption that fits the text segment.
+    let mut examples = Vec::new();
+    for i in 0..n as u64 {
+        let e = world.example(Split::Val, i);
+        if let Some((c, ids)) = data::fitting_captions(&ctx.tokenizers.text, &cfg.format, &e)?
+            .into_iter()
+            .next()
+        {
+            examples.push((e.captions[c].clone(), ids));
+        }
+    }
+    let mut report = JudgeReport::default();
+    let mut images = Vec::new();
+    for chunk in examples.chunks(32) {
+        let prompts: Vec<Vec<i64>> = chunk.iter().map(|(_, ids)| ids.clone()).collect();
+        let codes = match cfg.format.flavour {
+            Flavour::Showo => {
+                let cond: Vec<_> = prompts
+                    .iter()
+                    .map(|p| cfg.format.t2i(&layout, p, None, None))
+                    .collect::<Result<_, _>>()?;
+                let uncond: Vec<_> = (0..chunk.len())
+                    .map(|_| cfg.format.t2i(&layout, &[], None, None))
+                    .collect::<Result<_, _>>()?;
+                let guidance = (cfg.eval.sampling.guidance > 0.0).then_some(uncond.as_slice());
+                generate::maskgit(
+                    model,
+                    &cond,
+                    guidance,
+                    &layout,
+                    &cfg.eval.sampling,
+                    ctx.device,
+                )?
+            }
+            Flavour::Emu3 => {
+                let side = cfg.format.image_side;
+                let prefix: Vec<_> = prompts
+                    .iter()
+                    .map(|p| cfg.format.t2i_prefix(&layout, p))
+                    .collect::<Result<_, _>>()?;
+                let grammar = generate::image_grammar(&layout, side);
+                let rows = generate::autoregressive(
+                    model,
+                    &prefix,
+                    side * (side + 1),
+                    Segment::Image,
+                    &grammar,
+                    None,
+                    cfg.eval.sampling.temperature,
+                    generate::mode_for(model, Task::T2i),
+                    ctx.device,
+                )?;
+                let codes: Vec<i64> = rows
+                    .iter()
+                    .flat_map(|r| {
+                        r.iter()
+                            .filter(|t| **t != Special::Eol.id())
+                            .map(|t| t - layout.image_offset())
+                    })
+                    .collect();
+                Tensor::from_slice(&codes)
+                    .view([chunk.len() as i64, -1])
+                    .to_device(ctx.device)
+            }
+        };
+        let decoded = Image::batch_from_tensor(&ctx.tokenizers.vq.decode(&codes));
+        for ((caption, _), img) in chunk.iter().zip(&decoded) {
+            report.add(caption, img);
+        }
+        images.extend(decoded);
+    }
+    let shown = &images[..images.len().min(16)];
+    if !shown.is_empty() {
+        let path = out.join("t2i-samples.png");
+        Image::save_grid(shown, 8, 3, &path)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let per: BTreeMap<String, f64> = report
+        .per_category
+        .keys()
+        .map(|k| (k.clone(), report.category(k).unwrap_or(0.0)))
+        .collect();
+    Ok((report.overall(), per))
+}
+
+fn understanding(
+    ctx: &RunContext,
+    cfg: &RunConfig,
+    model: &UnifiedTransformer,
+) -> Result<(f64, BTreeMap<String, f64>)> {
+    let world = data::dataset(&cfg.data)?;
+    let layout = ctx.tokenizers.layout();
+    let n = cfg.eval.mmu_samples.min(ctx.val.codes.len());
+    let mut per: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let items: Vec<(usize, unimod_tok::dataset::Qa)> = (0..n)
+        .map(|i| {
+            let e = world.example(Split::Val, i as u64);
+            (i, e.qa[i % e.qa.len()].clone())
+        })
+        .collect();
+    let allowed = generate::text_only(&layout);
+    for chunk in items.chunks(32) {
+        let prompts: Vec<_> = chunk
+            .iter()
+            .map(|(i, qa)| -> Result<_> {
+                let q = ctx.tokenizers.text.encode(&qa.question)?;
+                Ok(cfg.format.mmu(&layout, &ctx.val.codes[*i], &q, None)?)
+            })
+            .collect::<Result<_>>()?;
+        let answers = generate::autoregressive(
+            model,
+            &prompts,
+            cfg.eval.max_answer_tokens,
+            Segment::Answer,
+            &|_| allowed.shallow_clone(),
+            Some(Special::Eos.id()),
+            0.0,
+            generate::mode_for(model, Task::Mmu),
+            ctx.device,
+        )?;
+        for ((_, qa), ids) in chunk.iter().zip(&answers) {
+            let text = ctx.tokenizers.text.decode(ids)?;
+            let e = per
+                .entry(format!("{:?}", qa.kind).to_lowercase())
+                .or_default();
+            e.0 += (text == qa.answer) as usize;
+            e.1 += 1;
+        }
+    }
+    let (ok, total) = per.values().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let per_kind = per
+        .into_iter()
+        .map(|(k, (o, t))| (k, o as f64 / t.max(1) as f64))
+        .collect();
+    Ok((ok as f64 / total.max(1) as f64, per_kind))
+}

@@ -1,0 +1,491 @@
+//! The mixed-task trainer. Every run directory holds the resolved config (`config.toml`), the
+//! per-step metrics (`metrics.jsonl`), the checkpoints and, after evaluation, the report.
+//!
+//! Checkpoints (`checkpoints/step-N/`: model, optimizer moments, `state.json`) are written to
+//! a temporary folder and renamed into place, then `checkpoints/latest` is replaced atomically,
+//! so a crash mid-write leaves the previous checkpoint valid. Batch `s` is a pure function of
+//! (seed, s), so `--resume` continues bit-identically on CPU.
+
+use crate::data::{self, Pool, TaskMix, Tokenizers};
+use crate::optim::{AdamW, learning_rate};
+use crate::{RunConfig, progress};
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use tch::{Device, Kind, nn::VarStore};
+use unimod_model::{ForwardOptions, UnifiedTransformer, checkpoint, flops};
+use unimod_tok::dataset::Split;
+use unimod_tok::{Batch, Task};
+
+/// `[train]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub steps: usize,
+    pub mix: TaskMix,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup: usize,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    /// Micro-batches per optimizer step.
+    pub accumulation: usize,
+    pub seed: u64,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    pub log_every: usize,
+    /// Checkpoint every N steps (0: only at the end and on Ctrl-C).
+    pub checkpoint_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 600,
+            mix: TaskMix::default(),
+            lr: 2e-3,
+            min_lr: 2e-4,
+            warmup: 50,
+            weight_decay: 0.01,
+            grad_clip: 1.0,
+            accumulation: 1,
+            seed: 0,
+            device: "auto".into(),
+            log_every: 10,
+            checkpoint_every: 0,
+        }
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub loss: f64,
+    pub t2i: Option<f64>,
+    pub mmu: Option<f64>,
+    pub lm: Option<f64>,
+    pub aux: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+    pub step_s: f64,
+    /// Training FLOPs of this step, from the tokens each layer processed (3 × forward).
+    pub flops: f64,
+    pub flops_total: f64,
+    pub wall_s: f64,
+    /// Achieved FLOP/s over the measured matmul rate of the device.
+    pub mfu: f64,
+    /// Per routed layer: share of each task's valid tokens processed (t2i, mmu, lm).
+    pub kept: Vec<(usize, [Option<f64>; 3])>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+struct State {
+    step: usize,
+    flops_total: f64,
+    wall_s: f64,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub train_flops: f64,
+    pub wall_s: f64,
+    pub interrupted: bool,
+}
+
+/// Everything a run needs besides its config: tokenizers and pools, shared by the runs of an
+/// experiment.
+pub struct RunContext {
+    pub tokenizers: Tokenizers,
+    pub train: Pool,
+    pub val: Pool,
+    pub device: Device,
+}
+
+impl RunContext {
+    pub fn new(cfg: &RunConfig, device: Device) -> Result<RunContext> {
+        let tokenizers = data::tokenizers(&cfg.data, &cfg.tokenizer, device)?;
+        let world = data::dataset(&cfg.data)?;
+        let train = data::pool(
+            &tokenizers,
+            &world,
+            Split::Train,
+            cfg.data.train_pool,
+            device,
+        )?;
+        let val = data::pool(&tokenizers, &world, Split::Val, cfg.data.val_pool, device)?;
+        Ok(RunContext {
+            tokenizers,
+            train,
+            val,
+            device,
+        })
+    }
+
+    /// The config with the vocabulary layout of the trained tokenizers.
+    pub fn resolve(&self, cfg: &RunConfig) -> Result<RunConfig> {
+        let mut c = cfg.clone();
+        c.model.vocab = self.tokenizers.layout();
+        c.model.flavour = c.format.flavour;
+        c.model.max_seq_len = c.model.max_seq_len.max(c.format.seq_len() as i64);
+        if c.train.mix.get(Task::T2i) + c.train.mix.get(Task::Mmu) + c.train.mix.get(Task::Lm) == 0
+        {
+            bail!("train.mix: every task has ratio 0");
+        }
+        for (layer, plan) in c
+            .model
+            .routing
+            .schedule
+            .resolve(c.model.n_layers)?
+            .iter()
+            .enumerate()
+        {
+            if let unimod_router::LayerPlan::Routed { capacity, .. } = plan {
+                for t in capacity.routed_tasks() {
+                    if c.train.mix.get(t) == 0 && t != Task::Lm {
+                        bail!(
+                            "train.mix.{t} = 0, but the schedule routes {t} tokens in layer {layer}"
+                        );
+                    }
+                }
+            }
+        }
+        c.model.validate()?;
+        Ok(c)
+    }
+
+    pub fn batch(&self, cfg: &RunConfig, split: Split, step: u64, training: bool) -> Result<Batch> {
+        let pool = if split == Split::Train {
+            &self.train
+        } else {
+            &self.val
+        };
+        let world = data::dataset(&cfg.data)?;
+        let seqs = data::batch_sequences(
+            &self.tokenizers.text,
+            &self.tokenizers.layout(),
+            &cfg.format,
+            &world,
+            pool,
+            &cfg.train.mix,
+            cfg.train.seed,
+            step,
+            training,
+        )?;
+        Ok(Batch::from_sequences(&seqs, self.device)?)
+    }
+}
+
+/// A model of the run's config, on the context's device, seeded.
+pub fn build_model(cfg: &RunConfig, device: Device) -> Result<(VarStore, UnifiedTransformer)> {
+    tch::manual_seed(cfg.train.seed as i64);
+    let vs = VarStore::new(device);
+    let model = UnifiedTransformer::new(&vs.root(), &cfg.model)?;
+    Ok((vs, model))
+}
+
+/// Measured f32 matmul rate, FLOP/s (the denominator of MFU).
+pub fn matmul_rate(device: Device) -> f64 {
+    let a = tch::Tensor::randn([512, 512], (Kind::Float, device));
+    let _ = a.matmul(&a);
+    let start = Instant::now();
+    let n = 20;
+    for _ in 0..n {
+        let _ = a.matmul(&a);
+    }
+    let _ = a.sum(Kind::Float).double_value(&[]);
+    n as f64 * 2.0 * 512f64.powi(3) / start.elapsed().as_secs_f64()
+}
+
+/// Trains `cfg` (already resolved) into `dir`, resuming from its latest checkpoint if asked.
+/// The run stops early, checkpointed and resumable, when `stop` is raised (Ctrl-C) or at step
+/// `until`.
+pub fn train(
+    ctx: &RunContext,
+    cfg: &RunConfig,
+    dir: &Path,
+    resume: bool,
+    stop: Arc<AtomicBool>,
+    until: Option<usize>,
+) -> Result<TrainSummary> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating run directory {}", dir.display()))?;
+    std::fs::write(dir.join("config.toml"), cfg.to_toml())?;
+    let (mut vs, model) = build_model(cfg, ctx.device)?;
+    let mut opt = AdamW::new(&vs, cfg.train.weight_decay);
+    let mut state = State::default();
+    if resume {
+        state = load_checkpoint(dir, cfg, &mut vs, &mut opt)?;
+    }
+    truncate_metrics(&dir.join("metrics.jsonl"), state.step)?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("metrics.jsonl"))?;
+    let peak = matmul_rate(ctx.device);
+    let bar = progress::bar(
+        cfg.train.steps as u64,
+        &dir.file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default(),
+    );
+    bar.set_position(state.step as u64);
+    let mut interrupted = false;
+    while state.step < cfg.train.steps {
+        if stop.load(Ordering::SeqCst) || until.is_some_and(|u| state.step >= u) {
+            interrupted = true;
+            break;
+        }
+        let t0 = Instant::now();
+        let step = state.step;
+        let lr = learning_rate(
+            step,
+            cfg.train.steps,
+            cfg.train.warmup,
+            cfg.train.lr,
+            cfg.train.min_lr,
+        );
+        opt.zero_grad();
+        let mut m = StepMetrics {
+            step,
+            loss: 0.0,
+            t2i: None,
+            mmu: None,
+            lm: None,
+            aux: 0.0,
+            lr,
+            grad_norm: 0.0,
+            tokens_per_s: 0.0,
+            step_s: 0.0,
+            flops: 0.0,
+            flops_total: 0.0,
+            wall_s: 0.0,
+            mfu: 0.0,
+            kept: Vec::new(),
+        };
+        let acc = cfg.train.accumulation.max(1);
+        let mut tokens = 0.0;
+        for micro in 0..acc {
+            let b = ctx.batch(cfg, Split::Train, (step * acc + micro) as u64, true)?;
+            let out = model.forward(&b, &ForwardOptions::default());
+            let losses = model.losses(&b, &out);
+            (&losses.total / acc as f64).backward();
+            let n = (b.size() as i64 * b.seq_len()) as f64;
+            tokens += n;
+            m.flops += flops::forward(&cfg.model, &out.work, n).total() * flops::TRAIN_MULTIPLIER;
+            let total = losses.total.double_value(&[]);
+            if !total.is_finite() {
+                let per_task: Vec<String> = Task::ALL
+                    .iter()
+                    .filter_map(|t| {
+                        losses.per_task[t.index()]
+                            .as_ref()
+                            .map(|l| format!("{t} {:.4}", l.double_value(&[])))
+                    })
+                    .collect();
+                let scores: Vec<String> = out
+                    .routing
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "layer {} router |score| max {:.3e}",
+                            s.layer,
+                            s.scores.abs().max().double_value(&[])
+                        )
+                    })
+                    .collect();
+                bail!(
+                    "non-finite loss at step {step} (losses: {}; {}); the last good checkpoint in {} is kept",
+                    per_task.join(", "),
+                    scores.join("; "),
+                    dir.join("checkpoints").display()
+                );
+            }
+            m.loss += total / acc as f64;
+            m.aux += losses.aux.double_value(&[]) / acc as f64;
+            for t in Task::ALL {
+                if let Some(l) = &losses.per_task[t.index()] {
+                    let v = l.double_value(&[]) / acc as f64;
+                    let slot = match t {
+                        Task::T2i => &mut m.t2i,
+                        Task::Mmu => &mut m.mmu,
+                        Task::Lm => &mut m.lm,
+                    };
+                    *slot = Some(slot.unwrap_or(0.0) + v);
+                }
+            }
+            if micro == 0 {
+                m.kept = out
+                    .routing
+                    .iter()
+                    .map(|s| {
+                        (
+                            s.layer,
+                            std::array::from_fn(|i| {
+                                s.processed[i].map(|p| p as f64 / s.total[i].max(1) as f64)
+                            }),
+                        )
+                    })
+                    .collect();
+            }
+        }
+        m.grad_norm = opt.clip_grad_norm(cfg.train.grad_clip);
+        opt.step(lr);
+        m.step_s = t0.elapsed().as_secs_f64();
+        state.step += 1;
+        state.flops_total += m.flops;
+        state.wall_s += m.step_s;
+        m.tokens_per_s = tokens / m.step_s;
+        m.flops_total = state.flops_total;
+        m.wall_s = state.wall_s;
+        m.mfu = m.flops / m.step_s / peak;
+        writeln!(metrics, "{}", serde_json::to_string(&m)?)?;
+        bar.set_position(state.step as u64);
+        if step % cfg.train.log_every.max(1) == 0 {
+            bar.set_message(format!(
+                "loss {:.3} t2i {:.3} mmu {:.3}",
+                m.loss,
+                m.t2i.unwrap_or(f64::NAN),
+                m.mmu.unwrap_or(f64::NAN)
+            ));
+        }
+        if cfg.train.checkpoint_every > 0 && state.step % cfg.train.checkpoint_every == 0 {
+            save_checkpoint(dir, cfg, &vs, &opt, &state)?;
+        }
+    }
+    bar.finish_and_clear();
+    save_checkpoint(dir, cfg, &vs, &opt, &state)?;
+    Ok(TrainSummary {
+        steps: state.step,
+        train_flops: state.flops_total,
+        wall_s: state.wall_s,
+        interrupted,
+    })
+}
+
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<StepMetrics>(l)
+                .map(|m| m.step < step)
+                .unwrap_or(false)
+        })
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    std::fs::write(path, out)?;
+    Ok(())
+}
+
+fn save_checkpoint(
+    dir: &Path,
+    cfg: &RunConfig,
+    vs: &VarStore,
+    opt: &AdamW,
+    state: &State,
+) -> Result<()> {
+    let root = dir.join("checkpoints");
+    let name = format!("step-{}", state.step);
+    let tmp = root.join(format!("{name}.partial"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    checkpoint::save_model(
+        &tmp.join("model.safetensors"),
+        vs,
+        &toml::to_string(&cfg.model)?,
+        Default::default(),
+    )?;
+    checkpoint::save_tensors(
+        &tmp.join("optimizer.safetensors"),
+        &opt.state(),
+        Default::default(),
+    )?;
+    std::fs::write(tmp.join("state.json"), serde_json::to_string(state)?)?;
+    std::fs::write(tmp.join("run.toml"), cfg.to_toml())?;
+    let final_dir = root.join(&name);
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir)?;
+    }
+    std::fs::rename(&tmp, &final_dir)?;
+    let latest_tmp = root.join("latest.partial");
+    std::fs::write(&latest_tmp, &name)?;
+    std::fs::rename(&latest_tmp, root.join("latest"))?;
+    // Older checkpoints go once the new one is in place.
+    for e in std::fs::read_dir(&root)?.flatten() {
+        let n = e.file_name().to_string_lossy().to_string();
+        if n.starts_with("step-") && n != name && e.path().is_dir() {
+            std::fs::remove_dir_all(e.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// The latest checkpoint folder of a run (or the folder itself if it is one).
+pub fn latest_checkpoint(path: &Path) -> Result<PathBuf> {
+    if path.join("model.safetensors").exists() {
+        return Ok(path.to_path_buf());
+    }
+    let root = if path.join("checkpoints").exists() {
+        path.join("checkpoints")
+    } else {
+        path.to_path_buf()
+    };
+    let name = std::fs::read_to_string(root.join("latest")).with_context(|| {
+        format!(
+            "no checkpoint in {} (expected checkpoints/latest)",
+            path.display()
+        )
+    })?;
+    Ok(root.join(name.trim()))
+}
+
+fn load_checkpoint(
+    dir: &Path,
+    cfg: &RunConfig,
+    vs: &mut VarStore,
+    opt: &mut AdamW,
+) -> Result<State> {
+    let ck = latest_checkpoint(dir)?;
+    let model_path = ck.join("model.safetensors");
+    let loaded = checkpoint::load_tensors(&model_path)?;
+    let saved = checkpoint::read_config(&loaded, &model_path)?;
+    let expected = toml::to_string(&cfg.model)?;
+    if saved != expected {
+        bail!(
+            "cannot resume from {}: {}",
+            model_path.display(),
+            checkpoint::describe_difference(&expected, &saved)
+        );
+    }
+    checkpoint::load_into(vs, &loaded, &model_path)?;
+    let state: State = serde_json::from_str(&std::fs::read_to_string(ck.join("state.json"))?)
+        .with_context(|| format!("{} is corrupt", ck.join("state.json").display()))?;
+    let opt_path = ck.join("optimizer.safetensors");
+    let o = checkpoint::load_tensors(&opt_path)?;
+    opt.load_state(&o.tensors, state.step as i64)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", opt_path.display()))?;
+    Ok(state)
+}
+
+/// A stop flag set by Ctrl-C (the loop checkpoints and returns).
+pub fn ctrl_c_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let _ = ctrlc::set_handler(move || f.store(true, Ordering::SeqCst));
+    flag
+}

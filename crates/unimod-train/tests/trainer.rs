@@ -1,0 +1,114 @@
+//! The trainer end to end on a miniature world: tokenizers, training, exact resume, bad
+//! configs, evaluation. One test binary, so the cache it points at stays its own.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use unimod_train::RunConfig;
+use unimod_train::train::{self, RunContext};
+
+fn config(dir: &std::path::Path, extra: &[&str]) -> RunConfig {
+    let mut set: Vec<String> = [
+        "model.d_model=32",
+        "model.n_layers=2",
+        "model.n_heads=2",
+        "model.n_kv_heads=2",
+        "model.d_ffn=64",
+        "format.text_len=32",
+        "format.image_side=8",
+        "data.train_pool=64",
+        "data.val_pool=32",
+        "tokenizer.text_vocab=512",
+        "tokenizer.text_examples=1000",
+        "tokenizer.image={ steps = 20, channels = 8, codebook_size = 32, batch_size = 8, restart_every = 10 }",
+        "train.steps=6",
+        "train.warmup=2",
+        "train.mix={ t2i = 2, mmu = 2, lm = 1 }",
+        "train.device=\"cpu\"",
+        "eval={ val_batches = 1, t2i_samples = 4, mmu_samples = 4, sampling = { steps = 2 } }",
+        "model.routing.schedule={ kind = 'unimod', layers = [1], t2i = 0.5, mmu = 0.5 }",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    set.extend(extra.iter().map(|s| s.to_string()));
+    let _ = dir;
+    RunConfig::load(None, &set).unwrap()
+}
+
+fn losses(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            format!("{} {} {}", v["step"], v["loss"], v["grad_norm"])
+        })
+        .collect()
+}
+
+#[test]
+fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
+    let root = std::env::temp_dir().join(format!("unimod-trainer-{}", std::process::id()));
+    // SAFETY: set before any thread of this test binary reads the environment.
+    unsafe { std::env::set_var("UNIMOD_CACHE", root.join("cache")) };
+    let cfg = config(&root, &[]);
+    let ctx = RunContext::new(&cfg, tch::Device::Cpu).unwrap();
+    let cfg = ctx.resolve(&cfg).unwrap();
+    let no_stop = || Arc::new(AtomicBool::new(false));
+
+    let straight: PathBuf = root.join("straight");
+    let s = train::train(&ctx, &cfg, &straight, false, no_stop(), None).unwrap();
+    assert_eq!(s.steps, 6);
+    assert!(s.train_flops > 0.0);
+
+    let resumed = root.join("resumed");
+    let first = train::train(&ctx, &cfg, &resumed, false, no_stop(), Some(3)).unwrap();
+    assert!(first.interrupted && first.steps == 3);
+    let second = train::train(&ctx, &cfg, &resumed, true, no_stop(), None).unwrap();
+    assert_eq!(second.steps, 6);
+    assert_eq!(
+        losses(&straight),
+        losses(&resumed),
+        "resumed run diverges from the uninterrupted one"
+    );
+    assert!(resumed.join("config.toml").exists());
+
+    // A checkpoint of another config is refused, naming the difference.
+    let mut other = cfg.clone();
+    other.model.d_ffn = 128;
+    let e = train::train(&ctx, &other, &resumed, true, no_stop(), None).unwrap_err();
+    assert!(format!("{e:#}").contains("d_ffn"), "{e:#}");
+
+    // A truncated checkpoint is refused.
+    let ck = train::latest_checkpoint(&straight)
+        .unwrap()
+        .join("model.safetensors");
+    let bytes = std::fs::read(&ck).unwrap();
+    let broken = root.join("broken");
+    std::fs::create_dir_all(broken.join("checkpoints/step-6")).unwrap();
+    std::fs::write(broken.join("checkpoints/latest"), "step-6").unwrap();
+    std::fs::write(
+        broken.join("checkpoints/step-6/model.safetensors"),
+        &bytes[..bytes.len() / 3],
+    )
+    .unwrap();
+    let e = train::train(&ctx, &cfg, &broken, true, no_stop(), None).unwrap_err();
+    assert!(format!("{e:#}").contains("truncated or corrupt"), "{e:#}");
+
+    // Bad configs name the field.
+    let e = RunConfig::load(None, &["train.stepz=3".into()]).unwrap_err();
+    assert!(format!("{e:#}").contains("stepz"), "{e:#}");
+    let zero_mmu = config(&root, &["train.mix={ t2i = 2, mmu = 0, lm = 0 }"]);
+    let e = ctx.resolve(&zero_mmu).unwrap_err();
+    assert!(format!("{e:#}").contains("train.mix.mmu = 0"), "{e:#}");
+
+    // Evaluation runs every metric and writes samples.
+    let (_vs, model) = unimod_train::load::model_from_run(&straight, tch::Device::Cpu).unwrap();
+    let r = unimod_train::eval::evaluate(&ctx, &cfg, &model, &straight).unwrap();
+    assert!(r.val_loss.contains_key("t2i") && r.val_loss.contains_key("mmu"));
+    assert!((0.0..=1.0).contains(&r.t2i_overall) && (0.0..=1.0).contains(&r.mmu_accuracy));
+    assert!(r.predictor_agreement.is_some());
+    assert!(straight.join("t2i-samples.png").exists());
+    std::fs::remove_dir_all(root).unwrap();
+}
