@@ -361,3 +361,47 @@ fn checkpoint_round_trip_and_refusal() {
     assert!(e.contains("not a valid safetensors checkpoint"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn causal_decisions_learn_to_agree_with_top_k() {
+    use tch::nn::OptimizerConfig;
+    let cap = Capacities {
+        t2i: Some(0.5),
+        mmu: Some(0.5),
+        lm: None,
+    };
+    let mut cfg = config(Flavour::Emu3, routed_everywhere(cap, 3));
+    cfg.routing.aux_loss = 0.1;
+    let (vs, model) = build(&cfg, 0);
+    let mut opt = tch::nn::Adam::default().build(&vs, 3e-3).unwrap();
+    let b = batch(&sequences(Flavour::Emu3, true));
+    let agreement = |decision: &dyn Fn(&unimod_model::layer::RoutingStats) -> Tensor| {
+        let out = tch::no_grad(|| model.forward(&b, &ForwardOptions::default()));
+        let (mut hit, mut total) = (0i64, 0i64);
+        for s in &out.routing {
+            let agree = decision(s)
+                .eq_tensor(&s.processed_mask)
+                .logical_and(&s.routable);
+            hit += agree.sum(Kind::Int64).int64_value(&[]);
+            total += s.routable.sum(Kind::Int64).int64_value(&[]);
+        }
+        hit as f64 / total as f64
+    };
+    let predictor =
+        |s: &unimod_model::layer::RoutingStats| s.predictor_logits.as_ref().unwrap().gt(0.0);
+    let router = |s: &unimod_model::layer::RoutingStats| s.scores.gt(0.0);
+    let before = agreement(&predictor);
+    for _ in 0..150 {
+        let out = model.forward(&b, &ForwardOptions::default());
+        opt.backward_step(&model.losses(&b, &out).total);
+    }
+    let (after_predictor, after_router) = (agreement(&predictor), agreement(&router));
+    assert!(
+        after_predictor >= 0.9,
+        "predictor agreement {before:.2} -> {after_predictor:.2}"
+    );
+    assert!(
+        after_router >= 0.9,
+        "router threshold agreement {after_router:.2}"
+    );
+}

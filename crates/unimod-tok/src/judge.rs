@@ -130,6 +130,18 @@ fn classify(pixels: &[(usize, usize)]) -> Shape {
     }
 }
 
+/// What a perfect detector finds in a scene.
+pub fn truth(objects: &[crate::shapes::Object]) -> Vec<Detection> {
+    objects
+        .iter()
+        .map(|o| Detection {
+            cell: o.cell,
+            color: o.color,
+            shape: o.shape,
+        })
+        .collect()
+}
+
 /// Whether one fact holds among the detections.
 pub fn holds(fact: &Fact, found: &[Detection]) -> bool {
     let at = |s: Shape, c: Color| found.iter().filter(move |d| d.shape == s && d.color == c);
@@ -202,17 +214,6 @@ mod tests {
     use super::*;
     use crate::dataset::Split;
     use crate::shapes::ShapesConfig;
-
-    pub(crate) fn truth(objects: &[crate::shapes::Object]) -> Vec<Detection> {
-        objects
-            .iter()
-            .map(|o| Detection {
-                cell: o.cell,
-                color: o.color,
-                shape: o.shape,
-            })
-            .collect()
-    }
 
     #[test]
     fn agrees_with_clean_renders() {

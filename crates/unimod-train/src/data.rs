@@ -220,19 +220,7 @@ fn measure(
     let recon = vq.decode(&codes);
     let (perplexity, dead_codes) = vq::codebook_usage(&codes, vq.cfg.codebook_size);
     let back = Image::batch_from_tensor(&recon);
-    let truth: Vec<Vec<Detection>> = examples
-        .iter()
-        .map(|e| {
-            e.objects
-                .iter()
-                .map(|o| Detection {
-                    cell: o.cell,
-                    color: o.color,
-                    shape: o.shape,
-                })
-                .collect()
-        })
-        .collect();
+    let truth: Vec<Vec<Detection>> = examples.iter().map(|e| judge::truth(&e.objects)).collect();
     let clean: Vec<_> = truth
         .iter()
         .cloned()
