@@ -123,6 +123,102 @@ fn validation(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) -> 
     Ok((sums, router, predictor))
 }
 
+/// Images generated from tokenised prompts: MaskGIT with guidance (Show-o, top-k routing) or
+/// autoregressive decoding under the row grammar (Emu3, causal routing).
+pub fn images(
+    ctx: &RunContext,
+    cfg: &RunConfig,
+    model: &UnifiedTransformer,
+    prompts: &[Vec<i64>],
+) -> Result<Vec<Image>> {
+    let layout = ctx.tokenizers.layout();
+    let codes = match cfg.format.flavour {
+        Flavour::Showo => {
+            let cond: Vec<_> = prompts
+                .iter()
+                .map(|p| cfg.format.t2i(&layout, p, None, None))
+                .collect::<Result<_, _>>()?;
+            let uncond: Vec<_> = prompts
+                .iter()
+                .map(|_| cfg.format.t2i(&layout, &[], None, None))
+                .collect::<Result<_, _>>()?;
+            let guidance = (cfg.eval.sampling.guidance > 0.0).then_some(uncond.as_slice());
+            generate::maskgit(
+                model,
+                &cond,
+                guidance,
+                &layout,
+                &cfg.eval.sampling,
+                ctx.device,
+            )?
+        }
+        Flavour::Emu3 => {
+            let side = cfg.format.image_side;
+            let prefix: Vec<_> = prompts
+                .iter()
+                .map(|p| cfg.format.t2i_prefix(&layout, p))
+                .collect::<Result<_, _>>()?;
+            let grammar = generate::image_grammar(&layout, side);
+            let rows = generate::autoregressive(
+                model,
+                &prefix,
+                side * (side + 1),
+                Segment::Image,
+                &grammar,
+                None,
+                cfg.eval.sampling.temperature,
+                generate::mode_for(model, Task::T2i),
+                ctx.device,
+            )?;
+            let codes: Vec<i64> = rows
+                .iter()
+                .flat_map(|r| {
+                    r.iter()
+                        .filter(|t| **t != Special::Eol.id())
+                        .map(|t| t - layout.image_offset())
+                })
+                .collect();
+            Tensor::from_slice(&codes)
+                .view([prompts.len() as i64, -1])
+                .to_device(ctx.device)
+        }
+    };
+    Ok(Image::batch_from_tensor(&ctx.tokenizers.vq.decode(&codes)))
+}
+
+/// Greedy answers (causal routing) to questions about tokenised images.
+pub fn answers(
+    ctx: &RunContext,
+    cfg: &RunConfig,
+    model: &UnifiedTransformer,
+    items: &[(&[u32], String)],
+) -> Result<Vec<String>> {
+    let layout = ctx.tokenizers.layout();
+    let allowed = generate::text_only(&layout);
+    let prompts: Vec<_> = items
+        .iter()
+        .map(|(codes, q)| -> Result<_> {
+            Ok(cfg
+                .format
+                .mmu(&layout, codes, &ctx.tokenizers.text.encode(q)?, None)?)
+        })
+        .collect::<Result<_>>()?;
+    let ids = generate::autoregressive(
+        model,
+        &prompts,
+        cfg.eval.max_answer_tokens,
+        Segment::Answer,
+        &|_| allowed.shallow_clone(),
+        Some(Special::Eos.id()),
+        0.0,
+        generate::mode_for(model, Task::Mmu),
+        ctx.device,
+    )?;
+    ids.iter()
+        .map(|a| Ok(ctx.tokenizers.text.decode(a)?))
+        .collect()
+}
+
 fn text_to_image(
     ctx: &RunContext,
     cfg: &RunConfig,
@@ -130,7 +226,6 @@ fn text_to_image(
     out: &Path,
 ) -> Result<(f64, BTreeMap<String, f64>)> {
     let world = data::dataset(&cfg.data)?;
-    let layout = ctx.tokenizers.layout();
     let n = cfg.eval.t2i_samples.min(ctx.val.codes.len());
     // Each validation example with its first caption that fits the text segment.
     let mut examples = Vec::new();
@@ -144,66 +239,16 @@ fn text_to_image(
         }
     }
     let mut report = JudgeReport::default();
-    let mut images = Vec::new();
+    let mut generated = Vec::new();
     for chunk in examples.chunks(32) {
         let prompts: Vec<Vec<i64>> = chunk.iter().map(|(_, ids)| ids.clone()).collect();
-        let codes = match cfg.format.flavour {
-            Flavour::Showo => {
-                let cond: Vec<_> = prompts
-                    .iter()
-                    .map(|p| cfg.format.t2i(&layout, p, None, None))
-                    .collect::<Result<_, _>>()?;
-                let uncond: Vec<_> = (0..chunk.len())
-                    .map(|_| cfg.format.t2i(&layout, &[], None, None))
-                    .collect::<Result<_, _>>()?;
-                let guidance = (cfg.eval.sampling.guidance > 0.0).then_some(uncond.as_slice());
-                generate::maskgit(
-                    model,
-                    &cond,
-                    guidance,
-                    &layout,
-                    &cfg.eval.sampling,
-                    ctx.device,
-                )?
-            }
-            Flavour::Emu3 => {
-                let side = cfg.format.image_side;
-                let prefix: Vec<_> = prompts
-                    .iter()
-                    .map(|p| cfg.format.t2i_prefix(&layout, p))
-                    .collect::<Result<_, _>>()?;
-                let grammar = generate::image_grammar(&layout, side);
-                let rows = generate::autoregressive(
-                    model,
-                    &prefix,
-                    side * (side + 1),
-                    Segment::Image,
-                    &grammar,
-                    None,
-                    cfg.eval.sampling.temperature,
-                    generate::mode_for(model, Task::T2i),
-                    ctx.device,
-                )?;
-                let codes: Vec<i64> = rows
-                    .iter()
-                    .flat_map(|r| {
-                        r.iter()
-                            .filter(|t| **t != Special::Eol.id())
-                            .map(|t| t - layout.image_offset())
-                    })
-                    .collect();
-                Tensor::from_slice(&codes)
-                    .view([chunk.len() as i64, -1])
-                    .to_device(ctx.device)
-            }
-        };
-        let decoded = Image::batch_from_tensor(&ctx.tokenizers.vq.decode(&codes));
+        let decoded = images(ctx, cfg, model, &prompts)?;
         for ((caption, _), img) in chunk.iter().zip(&decoded) {
             report.add(caption, img);
         }
-        images.extend(decoded);
+        generated.extend(decoded);
     }
-    let shown = &images[..images.len().min(16)];
+    let shown = &generated[..generated.len().min(16)];
     if !shown.is_empty() {
         let path = out.join("t2i-samples.png");
         Image::save_grid(shown, 8, 3, &path)
@@ -223,7 +268,6 @@ fn understanding(
     model: &UnifiedTransformer,
 ) -> Result<(f64, BTreeMap<String, f64>)> {
     let world = data::dataset(&cfg.data)?;
-    let layout = ctx.tokenizers.layout();
     let n = cfg.eval.mmu_samples.min(ctx.val.codes.len());
     let mut per: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let items: Vec<(usize, unimod_tok::dataset::Qa)> = (0..n)
@@ -232,28 +276,12 @@ fn understanding(
             (i, e.qa[i % e.qa.len()].clone())
         })
         .collect();
-    let allowed = generate::text_only(&layout);
     for chunk in items.chunks(32) {
-        let prompts: Vec<_> = chunk
+        let questions: Vec<(&[u32], String)> = chunk
             .iter()
-            .map(|(i, qa)| -> Result<_> {
-                let q = ctx.tokenizers.text.encode(&qa.question)?;
-                Ok(cfg.format.mmu(&layout, &ctx.val.codes[*i], &q, None)?)
-            })
-            .collect::<Result<_>>()?;
-        let answers = generate::autoregressive(
-            model,
-            &prompts,
-            cfg.eval.max_answer_tokens,
-            Segment::Answer,
-            &|_| allowed.shallow_clone(),
-            Some(Special::Eos.id()),
-            0.0,
-            generate::mode_for(model, Task::Mmu),
-            ctx.device,
-        )?;
-        for ((_, qa), ids) in chunk.iter().zip(&answers) {
-            let text = ctx.tokenizers.text.decode(ids)?;
+            .map(|(i, qa)| (ctx.val.codes[*i].as_slice(), qa.question.clone()))
+            .collect();
+        for ((_, qa), text) in chunk.iter().zip(answers(ctx, cfg, model, &questions)?) {
             let e = per
                 .entry(format!("{:?}", qa.kind).to_lowercase())
                 .or_default();

@@ -81,6 +81,26 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// Generate images from captions (PNG grid) and answers to questions about validation images.
+    Generate {
+        /// A run directory or checkpoint folder.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// A caption to draw (repeatable).
+        #[arg(long = "prompt")]
+        prompts: Vec<String>,
+        /// A question about validation image `--image` (repeatable).
+        #[arg(long = "question")]
+        questions: Vec<String>,
+        /// Index of the validation image the questions are about.
+        #[arg(long, default_value_t = 0)]
+        image: usize,
+        /// Overrides of the run's config (e.g. `eval.sampling.guidance=3.0`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        #[arg(long, default_value = "runs/generate")]
+        out: PathBuf,
+    },
     /// Train and evaluate every variant of `[experiment]`, compare them in one report.
     Experiment {
         #[command(flatten)]
@@ -150,16 +170,7 @@ fn main() -> Result<()> {
             checkpoint,
             overrides,
         } => {
-            let (saved, _vs, _) =
-                unimod_train::load::run_from_checkpoint(&checkpoint, tch::Device::Cpu)?;
-            let mut cfg = saved.clone();
-            if !overrides.is_empty() {
-                let path =
-                    std::env::temp_dir().join(format!("unimod-eval-{}.toml", std::process::id()));
-                std::fs::write(&path, saved.to_toml())?;
-                cfg = RunConfig::load(Some(&path), &overrides)?;
-                let _ = std::fs::remove_file(path);
-            }
+            let cfg = run_config(&checkpoint, &overrides)?;
             let device = unimod_train::device::parse(&cfg.train.device)?;
             let ctx = train::RunContext::new(&cfg, device)?;
             let (_vs, model) = unimod_train::load::model_from_run(&checkpoint, device)?;
@@ -172,6 +183,56 @@ fn main() -> Result<()> {
             let json = serde_json::to_string_pretty(&r)?;
             std::fs::write(out.join("eval.json"), &json)?;
             println!("{json}");
+        }
+        Command::Generate {
+            checkpoint,
+            prompts,
+            questions,
+            image,
+            overrides,
+            out,
+        } => {
+            let cfg = run_config(&checkpoint, &overrides)?;
+            let device = unimod_train::device::parse(&cfg.train.device)?;
+            let ctx = train::RunContext::new(&cfg, device)?;
+            let (_vs, model) = unimod_train::load::model_from_run(&checkpoint, device)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            if !prompts.is_empty() {
+                let ids: Vec<Vec<i64>> = prompts
+                    .iter()
+                    .map(|p| ctx.tokenizers.text.encode(p))
+                    .collect::<Result<_, _>>()?;
+                let imgs = eval::images(&ctx, &cfg, &model, &ids)?;
+                let png = out.join("t2i.png");
+                Image::save_grid(&imgs, imgs.len().min(8), 4, &png)
+                    .with_context(|| format!("writing {}", png.display()))?;
+                println!(
+                    "{} images (row-major, in prompt order) -> {}",
+                    imgs.len(),
+                    png.display()
+                );
+            }
+            if !questions.is_empty() {
+                let codes = ctx.val.codes.get(image).with_context(|| {
+                    format!(
+                        "--image {image}: the validation pool has {} images",
+                        ctx.val.codes.len()
+                    )
+                })?;
+                let items: Vec<(&[u32], String)> = questions
+                    .iter()
+                    .map(|q| (codes.as_slice(), q.clone()))
+                    .collect();
+                let world = data::dataset(&cfg.data)?;
+                let img = world.example(Split::Val, image as u64).image;
+                Image::save_grid(&[img], 1, 8, &out.join("mmu-image.png"))?;
+                for (q, a) in questions
+                    .iter()
+                    .zip(eval::answers(&ctx, &cfg, &model, &items)?)
+                {
+                    println!("Q: {q}\nA: {a}");
+                }
+            }
         }
         Command::Experiment { config, seeds } => {
             let cfg = config.load()?;
@@ -247,4 +308,10 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The config a run was trained with, with `--set` overrides applied on top.
+fn run_config(checkpoint: &std::path::Path, overrides: &[String]) -> Result<RunConfig> {
+    let run_toml = train::latest_checkpoint(checkpoint)?.join("run.toml");
+    RunConfig::load(Some(&run_toml), overrides)
 }
