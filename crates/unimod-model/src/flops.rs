@@ -6,7 +6,8 @@
 //! - **attention**: per (query, key) pair the kernel computes, `4·d` (scores and weighted sum).
 //!   Masks do not skip work in dense kernels, so a routed layer over G gathered tokens costs
 //!   G² pairs and a dense layer S²;
-//! - **router**: `2·d` per token and router (and `2·d·d/4` per predictor evaluation);
+//! - **router**: `2·d` per token and router; a causal-predictor evaluation counts as
+//!   `h·(d + 1)/d` router evaluations (h = max(d/4, 8));
 //! - **head**: `2·d·V` per token.
 //!
 //! The UniMoD paper's ratios (Show-o 15.3 %, Emu3 39.9 %) are reproduced by the **linear-only**

@@ -286,8 +286,9 @@ impl RoutedLayer {
                 .collect();
             self.per_task(&p, &b.task)
         });
-        let n_router_evals = (self.routers.len() + self.predictors.len()) as f64
-            * (b.size() as f64 * b.seq_len() as f64);
+        let per_token = self.routers.len() as f64
+            + self.predictors.len() as f64 * CausalPredictor::cost_in_router_evals(x.size()[2]);
+        let n_router_evals = per_token * (b.size() as f64 * b.seq_len() as f64);
         match input.mode {
             RoutingMode::TopK if cache.is_none() => self.top_k(
                 layer,

@@ -79,8 +79,19 @@ pub struct CausalPredictor {
 }
 
 impl CausalPredictor {
+    fn hidden(d_model: i64) -> i64 {
+        (d_model / 4).max(8)
+    }
+
+    /// Multiply-accumulates of one evaluation in units of a `d → 1` router's (`d`), for the
+    /// FLOPs count: `(d·h + h) / d`.
+    pub fn cost_in_router_evals(d_model: i64) -> f64 {
+        let h = Self::hidden(d_model) as f64;
+        h * (d_model as f64 + 1.0) / d_model as f64
+    }
+
     pub fn new(p: nn::Path, d_model: i64) -> CausalPredictor {
-        let h = (d_model / 4).max(8);
+        let h = Self::hidden(d_model);
         CausalPredictor {
             hidden: nn::linear(&p / "hidden", d_model, h, Default::default()),
             out: nn::linear(&p / "out", h, 1, Default::default()),
