@@ -114,8 +114,8 @@ pub fn maskgit(
                 let (_, idx) = confidence.topk(keep_masked, -1, false, false);
                 next = next.scatter_value(1, &idx, mask_id as f64);
             }
-            let rows =
-                Tensor::cat(&[next.shallow_clone(), next], 0).narrow(0, 0, batch.size() as i64);
+            // The unconditional rows (if any) carry the same image as their conditional ones.
+            let rows = next.repeat([batch.size() as i64 / b, 1]);
             let mut tokens = batch.tokens.shallow_clone();
             let _ = tokens.index_copy_(1, &positions, &rows);
             batch.tokens = tokens;

@@ -412,9 +412,9 @@ pub fn batch_sequences(
     let per_batch: usize = Task::ALL.iter().map(|t| mix.get(*t)).sum();
     let jobs: Vec<(Task, usize)> = Task::ALL
         .iter()
-        .flat_map(|t| (0..mix.get(*t)).map(move |j| (*t, j)))
+        .flat_map(|t| std::iter::repeat_n(*t, mix.get(*t)))
         .enumerate()
-        .map(|(slot, (t, _))| (t, slot))
+        .map(|(slot, t)| (t, slot))
         .collect();
     jobs.into_par_iter()
         .map(|(task, slot)| {

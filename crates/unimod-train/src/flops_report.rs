@@ -64,7 +64,6 @@ pub fn parse_mix(arg: &str) -> Result<Vec<(Task, f64)>> {
 /// Forward FLOPs of one sequence of each task, dense and under `schedule`.
 pub struct FlopsReport {
     pub rows: Vec<(Task, Flops, Flops)>,
-    pub mix: Vec<(Task, f64)>,
     pub table: String,
 }
 
@@ -152,11 +151,7 @@ pub fn report(cfg: &RunConfig, schedule: &Schedule, mix: &[(Task, f64)]) -> Resu
         routers and the LM head (docs/flops.md).",
         flops::TRAIN_MULTIPLIER
     )?;
-    Ok(FlopsReport {
-        rows,
-        mix: mix.to_vec(),
-        table,
-    })
+    Ok(FlopsReport { rows, table })
 }
 
 fn saving(dense: f64, routed: f64) -> f64 {
