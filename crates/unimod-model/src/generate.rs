@@ -23,6 +23,10 @@ pub struct SamplingConfig {
     pub temperature: f64,
     /// Classifier-free guidance: logits = (1 + w)·cond − w·uncond.
     pub guidance: f64,
+    /// MaskGIT's randomised unmasking: Gumbel noise of this scale, annealed to 0 over the
+    /// steps, is added to the confidence that picks which tokens stay masked. Without it the
+    /// most confident code (plain background) wins everywhere and images come out empty.
+    pub choice_temperature: f64,
     pub seed: i64,
 }
 
@@ -32,6 +36,7 @@ impl Default for SamplingConfig {
             steps: 8,
             temperature: 1.0,
             guidance: 1.5,
+            choice_temperature: 4.5,
             seed: 0,
         }
     }
@@ -102,10 +107,13 @@ pub fn maskgit(
             let current = batch.tokens.narrow(0, 0, b).index_select(1, &positions);
             let unknown = current.eq(mask_id);
             let drawn = sample(&logits, cfg.temperature);
-            let confidence = logits
+            let progress = (step + 1) as f64 / cfg.steps as f64;
+            let log_p = logits
                 .log_softmax(-1, Kind::Float)
                 .gather(-1, &drawn.unsqueeze(-1), false)
-                .squeeze_dim(-1)
+                .squeeze_dim(-1);
+            let gumbel = -(-log_p.rand_like().clamp(1e-20, 1.0).log()).log();
+            let confidence = (log_p + gumbel * (cfg.choice_temperature * (1.0 - progress)))
                 .masked_fill(&unknown.logical_not(), f64::INFINITY);
             let mut next = (drawn + lo).where_self(&unknown, &current);
             let ratio = (std::f64::consts::FRAC_PI_2 * (step + 1) as f64 / cfg.steps as f64).cos();

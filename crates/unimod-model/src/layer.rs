@@ -93,6 +93,9 @@ pub struct Work {
 #[derive(Debug)]
 pub struct RoutedLayer {
     capacity: Capacities,
+    /// `[tasks]` f64 capacity per task id (0 for unrouted tasks), on the model's device, so that
+    /// k is computed on the device: copying per-step counts from the host would sync the GPU.
+    capacity_by_task: Tensor,
     routers: Vec<(Task, Router)>,
     predictors: Vec<(Task, CausalPredictor)>,
     aux_coef: f64,
@@ -237,8 +240,13 @@ impl RoutedLayer {
                 .collect(),
             false => Vec::new(),
         };
+        let by_task: Vec<f64> = Task::ALL
+            .iter()
+            .map(|t| capacity.get(*t).unwrap_or(0.0))
+            .collect();
         RoutedLayer {
             capacity,
+            capacity_by_task: Tensor::from_slice(&by_task).to_device(p.device()),
             routers,
             predictors,
             aux_coef: cfg.aux_loss,
@@ -356,7 +364,7 @@ impl RoutedLayer {
     ) -> LayerOutput {
         let b = input.batch;
         let mut processed = [None; Task::COUNT];
-        let n_keep: Vec<i64> = (0..b.size())
+        let n_keep: Vec<usize> = (0..b.size())
             .map(|i| {
                 let task = b.tasks[i];
                 let valid = b.seq_len() as usize - b.count(i, &[Segment::Pad]);
@@ -368,11 +376,19 @@ impl RoutedLayer {
                     }
                 };
                 *processed[task.index()].get_or_insert(0) += keep;
-                keep as i64
+                keep
             })
             .collect();
-        let width = n_keep.iter().copied().max().unwrap_or(1).max(1);
-        let n_keep_t = Tensor::from_slice(&n_keep).to_device(x.device());
+        let width = n_keep.iter().copied().max().unwrap_or(1).max(1) as i64;
+        // The same k as the host counts above (same f64 arithmetic as `tokens_kept`), computed
+        // from device tensors; the host counts give only the gather width and the statistics.
+        let n_routable = routable.sum_dim_intlist(1, false, Kind::Double);
+        let kept = (self.capacity_by_task.index_select(0, &b.task) * &n_routable)
+            .ceil()
+            .clamp_min(1.0)
+            .minimum(&n_routable);
+        let n_keep_t = (input.valid.sum_dim_intlist(1, false, Kind::Double) - n_routable + kept)
+            .to_kind(Kind::Int64);
         let sel = select::top_k(score, routable, forced, &n_keep_t, width);
         let gather = |t: &Tensor| t.gather(1, &sel.index, false);
         let (positions, upto) = (gather(&b.positions), gather(&b.attn_upto));

@@ -7,6 +7,7 @@
 //! (logits, per-task losses, attention maps, hidden states, routing statistics), KV-cached
 //! decoding, safetensors checkpoints that carry their config, and the analytic FLOPs model.
 
+pub mod bench;
 pub mod block;
 pub mod checkpoint;
 pub mod config;

@@ -121,6 +121,30 @@ enum Command {
     },
     /// Print libtorch's version, CUDA availability and device count, and the thread count.
     Doctor,
+    /// Training steps of dense and UniMoD models side by side on any device: ms/step, MFU and
+    /// wall-clock saving ÷ FLOPs saving per capacity (a markdown table).
+    Bench {
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Model widths to measure (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "128,512")]
+        d_model: Vec<i64>,
+        #[arg(long, default_value_t = 8)]
+        layers: usize,
+        /// T2I sequences in the batch (as many MMU sequences join them).
+        #[arg(long, default_value_t = 4)]
+        per_task: usize,
+        /// Image side in tokens (8: 64 codes; 32: 1024 codes as Show-o at 512 px).
+        #[arg(long, default_value_t = 8)]
+        image_side: usize,
+        /// UniMoD capacities (both tasks, every layer but the first).
+        #[arg(long, value_delimiter = ',', default_value = "0.75,0.5,0.25,0.125")]
+        capacities: Vec<f64>,
+        /// Timed rounds (one step of every variant per round; medians reported).
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+    },
     /// Analytic forward FLOPs per sequence, dense vs the config's (or another) schedule.
     Flops {
         #[command(flatten)]
@@ -292,6 +316,41 @@ fn main() -> Result<()> {
                 png.display(),
                 out.join("examples.md").display()
             );
+        }
+        Command::Bench {
+            device,
+            d_model,
+            layers,
+            per_task,
+            image_side,
+            capacities,
+            rounds,
+        } => {
+            use unimod_model::bench::{self, Shape};
+            if let Some(c) = capacities.iter().find(|c| !(**c > 0.0 && **c <= 1.0)) {
+                anyhow::bail!("--capacities: {c} is outside (0, 1]");
+            }
+            let device = unimod_train::device::parse(&device)?;
+            let peak = bench::matmul_rate(device);
+            println!(
+                "device {device:?}, measured f32 matmul rate {:.1} GFLOP/s\n\n{}",
+                peak / 1e9,
+                bench::TABLE_HEADER
+            );
+            for d in d_model {
+                let shape = Shape {
+                    d_model: d,
+                    n_layers: layers,
+                    per_task,
+                    image_side,
+                };
+                let (b, vs) = bench::variants(shape, &capacities, device)
+                    .with_context(|| format!("--d-model {d}"))?;
+                let secs = bench::time_steps(&vs, &b, device, 2, rounds);
+                for row in bench::table_rows(&format!("d{d}×{layers}"), &b, &vs, &secs, peak) {
+                    println!("{row}");
+                }
+            }
         }
         Command::Flops {
             config,

@@ -1,0 +1,239 @@
+//! The training-step benchmark: dense and UniMoD steps (forward + backward) of one config side by
+//! side, on any device, and the table that turns their times into wall-clock saving ÷ FLOPs
+//! saving. The criterion bench (`benches/step.rs`, CPU) and `unimod bench` (any device, GPU
+//! included) both measure through this module, so their figures are comparable.
+
+use crate::{ConfigError, ForwardOptions, ModelConfig, UnifiedTransformer, flops};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor, nn::VarStore};
+use unimod_router::Schedule;
+use unimod_router::schedule::{LayerSet, Ramp, Routers};
+use unimod_tok::{Batch, FormatConfig, Sequence};
+
+/// The shape of one benchmarked model: width, depth and the mixed batch it steps on.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub d_model: i64,
+    pub n_layers: usize,
+    /// Sequences per task: the batch holds this many T2I and as many MMU sequences.
+    pub per_task: usize,
+    /// Image side in tokens (8 → 64 image codes, 32 → 1024 as Show-o at 512 px).
+    pub image_side: usize,
+}
+
+pub struct Variant {
+    pub name: String,
+    pub model: UnifiedTransformer,
+    pub vs: VarStore,
+    /// Analytic training FLOPs of one step, from the work each layer really did.
+    pub train_flops: f64,
+}
+
+/// Dense config of a shape: heads of 32 (or 64 from d 1024 on) dims, FFN 4×d.
+pub fn config(shape: Shape, schedule: Schedule) -> ModelConfig {
+    let head_dim = if shape.d_model >= 1024 { 64 } else { 32 };
+    let mut c = ModelConfig {
+        d_model: shape.d_model,
+        n_layers: shape.n_layers,
+        n_heads: shape.d_model / head_dim,
+        n_kv_heads: shape.d_model / head_dim,
+        d_ffn: 4 * shape.d_model,
+        max_seq_len: 64 + (shape.image_side * shape.image_side) as i64,
+        ..Default::default()
+    };
+    c.routing.schedule = schedule;
+    c
+}
+
+/// UniMoD with per-task routers on every layer but the first, at one capacity for both tasks.
+pub fn unimod_schedule(n_layers: usize, capacity: f64) -> Schedule {
+    Schedule::Unimod {
+        layers: LayerSet::List((1..n_layers).collect()),
+        t2i: Some(Ramp::Constant(capacity)),
+        mmu: Some(Ramp::Constant(capacity)),
+        lm: None,
+        routers: Routers::PerTask,
+    }
+}
+
+/// A mixed Show-o batch: `per_task` T2I sequences (24 text tokens) and as many MMU sequences.
+pub fn batch(cfg: &ModelConfig, shape: Shape, device: Device) -> Batch {
+    let f = FormatConfig {
+        image_side: shape.image_side,
+        ..FormatConfig::default()
+    };
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+    let codes: Vec<u32> = (0..f.image_tokens() as u32)
+        .map(|i| (i * 7) % cfg.vocab.n_codes as u32)
+        .collect();
+    let text: Vec<i64> = (0..12).map(|i| 20 + i).collect();
+    let seqs: Vec<Sequence> = (0..shape.per_task)
+        .flat_map(|_| {
+            [
+                f.t2i(&cfg.vocab, &text, Some(&codes), Some(&mut rng))
+                    .expect("benchmark T2I sequence fits its format"),
+                f.mmu(&cfg.vocab, &codes, &text[..8], Some(&text[8..]))
+                    .expect("benchmark MMU sequence fits its format"),
+            ]
+        })
+        .collect();
+    Batch::from_sequences(&seqs, device).expect("benchmark batch is well formed")
+}
+
+pub fn variant(
+    name: String,
+    cfg: &ModelConfig,
+    b: &Batch,
+    device: Device,
+) -> Result<Variant, ConfigError> {
+    tch::manual_seed(0);
+    let vs = VarStore::new(device);
+    let model = UnifiedTransformer::new(&vs.root(), cfg)?;
+    let out = model.forward(b, &ForwardOptions::default());
+    let tokens = (b.size() as i64 * b.seq_len()) as f64;
+    let train_flops = flops::forward(cfg, &out.work, tokens).total() * flops::TRAIN_MULTIPLIER;
+    Ok(Variant {
+        name,
+        model,
+        vs,
+        train_flops,
+    })
+}
+
+/// Dense first, then UniMoD at each capacity, all stepping on the same batch.
+pub fn variants(
+    shape: Shape,
+    capacities: &[f64],
+    device: Device,
+) -> Result<(Batch, Vec<Variant>), ConfigError> {
+    let dense_cfg = config(shape, Schedule::Dense);
+    dense_cfg.validate()?;
+    let b = batch(&dense_cfg, shape, device);
+    let mut vs = vec![variant("dense".into(), &dense_cfg, &b, device)?];
+    for &c in capacities {
+        let cfg = config(shape, unimod_schedule(shape.n_layers, c));
+        vs.push(variant(format!("unimod-c{c}"), &cfg, &b, device)?);
+    }
+    Ok((b, vs))
+}
+
+/// One training step's work: forward, losses, backward, gradients cleared.
+pub fn step(v: &Variant, b: &Batch) {
+    let out = v.model.forward(b, &ForwardOptions::default());
+    v.model.losses(b, &out).total.backward();
+    for mut t in v.vs.trainable_variables() {
+        t.zero_grad();
+    }
+}
+
+/// Waits for queued GPU work, so that a host timer measures it.
+pub fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Median seconds per step of every variant, measured in interleaved rounds (one step of each
+/// variant per round) so that drifts of a shared machine hit all variants alike.
+pub fn time_steps(
+    vs: &[Variant],
+    b: &Batch,
+    device: Device,
+    warmup: usize,
+    rounds: usize,
+) -> Vec<f64> {
+    for v in vs {
+        for _ in 0..warmup {
+            step(v, b);
+        }
+    }
+    sync(device);
+    let mut times = vec![Vec::with_capacity(rounds); vs.len()];
+    for _ in 0..rounds {
+        for (v, t) in vs.iter().zip(&mut times) {
+            let start = Instant::now();
+            step(v, b);
+            sync(device);
+            t.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect()
+}
+
+/// Measured f32 matmul rate of the device, FLOP/s (the denominator of MFU).
+pub fn matmul_rate(device: Device) -> f64 {
+    let n = if device.is_cuda() { 4096 } else { 512 };
+    let a = Tensor::randn([n, n], (Kind::Float, device));
+    let _ = a.matmul(&a);
+    sync(device);
+    let reps = 20;
+    let start = Instant::now();
+    for _ in 0..reps {
+        let _ = a.matmul(&a);
+    }
+    sync(device);
+    reps as f64 * 2.0 * (n as f64).powi(3) / start.elapsed().as_secs_f64()
+}
+
+/// The markdown table rows of one shape: GFLOPs, ms, tokens/s, MFU, savings and their ratio.
+/// `seconds[i]` belongs to `vs[i]`; the first variant is the dense reference.
+pub fn table_rows(
+    label: &str,
+    b: &Batch,
+    vs: &[Variant],
+    seconds: &[f64],
+    peak: f64,
+) -> Vec<String> {
+    let (dense_s, dense_f) = (seconds[0], vs[0].train_flops);
+    let tokens = (b.size() as i64 * b.seq_len()) as f64;
+    vs.iter()
+        .zip(seconds)
+        .map(|(v, &s)| {
+            let (fs, ts) = (1.0 - v.train_flops / dense_f, 1.0 - s / dense_s);
+            let ratio = if fs > 0.0 {
+                format!("{:.2}", ts / fs)
+            } else {
+                "-".into()
+            };
+            format!(
+                "| {label} | {} | {:.2} | {:.2} | {:.0} | {:.1} % | {:.1} % | {:.1} % | {ratio} |",
+                v.name,
+                v.train_flops / 1e9,
+                s * 1e3,
+                tokens / s,
+                100.0 * v.train_flops / s / peak,
+                100.0 * fs,
+                100.0 * ts
+            )
+        })
+        .collect()
+}
+
+pub const TABLE_HEADER: &str = "| config | variant | train GFLOPs/step | ms/step | tokens/s | MFU | FLOPs saved | time saved | time/FLOPs ratio |\n|---|---|---|---|---|---|---|---|---|";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routed_variants_do_less_work_and_step() {
+        let shape = Shape {
+            d_model: 64,
+            n_layers: 3,
+            per_task: 1,
+            image_side: 4,
+        };
+        let (b, vs) = variants(shape, &[0.5], Device::Cpu).unwrap();
+        assert_eq!(vs.len(), 2);
+        assert!(vs[1].train_flops < vs[0].train_flops);
+        let secs = time_steps(&vs, &b, Device::Cpu, 0, 1);
+        let rows = table_rows("t", &b, &vs, &secs, matmul_rate(Device::Cpu));
+        assert!(rows[0].contains("| dense |") && rows[1].contains("unimod-c0.5"));
+    }
+}
