@@ -184,6 +184,71 @@ impl Layer {
     }
 }
 
+/// The block's update computed among the `processed` tokens only (`[B, S]` bool): the others are
+/// invisible as keys, and the caller zeroes or weights their update.
+fn delta_among(
+    block: &Block,
+    x: &Tensor,
+    tokens: &Tokens,
+    processed: &Tensor,
+    rope: &Rope,
+    cache: Option<&mut LayerCache>,
+    capture: bool,
+) -> crate::block::BlockDelta {
+    let valid = processed.logical_and(tokens.valid);
+    let t = Tokens {
+        positions: tokens.positions,
+        index: tokens.index,
+        upto: tokens.upto,
+        valid: &valid,
+    };
+    block.delta(x, &t, rope, cache, capture)
+}
+
+impl Layer {
+    /// The block applied to the tokens where `keep: [B, S]` is true, whatever the layer's kind
+    /// (routers are not consulted); the other tokens pass through unchanged.
+    pub fn forward_keeping(
+        &self,
+        x: &Tensor,
+        input: &LayerInput,
+        rope: &Rope,
+        keep: &Tensor,
+    ) -> LayerOutput {
+        let b = input.batch;
+        let tokens = Tokens {
+            positions: &b.positions,
+            index: &input.index,
+            upto: &b.attn_upto,
+            valid: &input.valid,
+        };
+        let d = delta_among(
+            &self.block,
+            x,
+            &tokens,
+            keep,
+            rope,
+            None,
+            input.capture_attention,
+        );
+        let kept = keep
+            .logical_and(&input.valid)
+            .sum(Kind::Float)
+            .double_value(&[]);
+        LayerOutput {
+            hidden: x + d.delta * keep.to_kind(x.kind()).unsqueeze(-1),
+            attention: d.attention,
+            routing: None,
+            aux_loss: None,
+            work: Work {
+                tokens: kept,
+                attention_pairs: kept * d.keys as f64,
+                router_tokens: 0.0,
+            },
+        }
+    }
+}
+
 impl Work {
     /// Work of a block over `x: [B, T, D]` attending to `keys` keys per query.
     fn of_block(x: &Tensor, keys: i64, router_tokens: f64) -> Work {
@@ -316,14 +381,15 @@ impl RoutedLayer {
                     _ => score.shallow_clone(),
                 };
                 let processed = select::threshold(&decision, &routable, &forced);
-                let valid = processed.logical_and(&input.valid);
-                let t = Tokens {
-                    positions: tokens.positions,
-                    index: tokens.index,
-                    upto: tokens.upto,
-                    valid: &valid,
-                };
-                let d = block.delta(x, &t, rope, cache, input.capture_attention);
+                let d = delta_among(
+                    block,
+                    x,
+                    tokens,
+                    &processed,
+                    rope,
+                    cache,
+                    input.capture_attention,
+                );
                 let weight = score
                     .sigmoid()
                     .where_self(&routable, &Tensor::ones([], (score.kind(), score.device())))

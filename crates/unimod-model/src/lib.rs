@@ -17,4 +17,4 @@ pub mod layer;
 pub mod model;
 
 pub use config::{BlockStyle, ConfigError, FfnKind, Flavour, LossWeights, ModelConfig, NormKind};
-pub use model::{ForwardOptions, KvCache, Losses, ModelOutput, UnifiedTransformer};
+pub use model::{ForwardOptions, KeepTokens, KvCache, Losses, ModelOutput, UnifiedTransformer};

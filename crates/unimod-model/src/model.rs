@@ -18,6 +18,25 @@ pub struct ForwardOptions {
     pub attention: bool,
     /// Layers to bypass entirely (layer-importance analysis).
     pub skip_layers: Vec<usize>,
+    /// In one dense layer, process only the chosen tokens (token-redundancy analysis).
+    pub keep_tokens: Option<KeepTokens>,
+}
+
+/// Layer `layer` processes only the tokens where `mask: [B, S]` is true: they attend among
+/// themselves and the others pass through unchanged, as in a routed layer without router weight.
+#[derive(Debug)]
+pub struct KeepTokens {
+    pub layer: usize,
+    pub mask: Tensor,
+}
+
+impl Clone for KeepTokens {
+    fn clone(&self) -> Self {
+        KeepTokens {
+            layer: self.layer,
+            mask: self.mask.shallow_clone(),
+        }
+    }
 }
 
 /// Per-task losses of one batch.
@@ -196,7 +215,10 @@ impl UnifiedTransformer {
                 }
                 continue;
             }
-            let o = layer.forward(&x, &input, &self.rope, layer_cache);
+            let o = match &opts.keep_tokens {
+                Some(k) if k.layer == i => layer.forward_keeping(&x, &input, &self.rope, &k.mask),
+                _ => layer.forward(&x, &input, &self.rope, layer_cache),
+            };
             x = o.hidden;
             out.attentions.push(o.attention);
             out.work.push(o.work);

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-use tch::{Device, Kind, nn::VarStore};
+use tch::{Device, nn::VarStore};
 use unimod_model::{ForwardOptions, UnifiedTransformer, checkpoint, flops};
 use unimod_tok::dataset::Split;
 use unimod_tok::{Batch, Task};
@@ -191,19 +191,6 @@ pub fn build_model(cfg: &RunConfig, device: Device) -> Result<(VarStore, Unified
     Ok((vs, model))
 }
 
-/// Measured f32 matmul rate, FLOP/s (the denominator of MFU).
-pub fn matmul_rate(device: Device) -> f64 {
-    let a = tch::Tensor::randn([512, 512], (Kind::Float, device));
-    let _ = a.matmul(&a);
-    let start = Instant::now();
-    let n = 20;
-    for _ in 0..n {
-        let _ = a.matmul(&a);
-    }
-    let _ = a.sum(Kind::Float).double_value(&[]);
-    n as f64 * 2.0 * 512f64.powi(3) / start.elapsed().as_secs_f64()
-}
-
 /// Trains `cfg` (already resolved) into `dir`, resuming from its latest checkpoint if asked.
 /// The run stops early, checkpointed and resumable, when `stop` is raised (Ctrl-C) or at step
 /// `until`.
@@ -229,7 +216,7 @@ pub fn train(
         .create(true)
         .append(true)
         .open(dir.join("metrics.jsonl"))?;
-    let peak = matmul_rate(ctx.device);
+    let peak = unimod_model::bench::matmul_rate(ctx.device);
     let bar = progress::bar(
         cfg.train.steps as u64,
         &dir.file_name()

@@ -1,0 +1,131 @@
+//! Token redundancy: how a task's loss changes when one layer processes only a fraction of the
+//! tokens, the others passing through unchanged. Tokens are ranked by the attention they
+//! receive in that layer (the paper's signal of importance) or at random (the control); special
+//! tokens are always processed.
+
+use crate::AnalysisError;
+use crate::probe::{self, full_maps};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+use unimod_model::{ForwardOptions, KeepTokens, UnifiedTransformer};
+use unimod_router::{select, tokens_kept};
+use unimod_tok::{Batch, Segment, Task};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ranking {
+    /// Attention received, summed over valid queries and averaged over heads.
+    Attention,
+    /// Uniformly random (seeded): what any ranking must beat.
+    Random,
+}
+
+/// `losses[layer][i]`: the task's loss when `layer` keeps `fractions[i]` of its tokens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Redundancy {
+    pub task: Task,
+    pub ranking: Ranking,
+    pub fractions: Vec<f64>,
+    pub dense_loss: f64,
+    pub losses: Vec<Vec<f64>>,
+}
+
+pub fn redundancy(
+    model: &UnifiedTransformer,
+    batch: &Batch,
+    task: Task,
+    fractions: &[f64],
+    ranking: Ranking,
+) -> Result<Redundancy, AnalysisError> {
+    if let Some(&f) = fractions.iter().find(|f| !(**f > 0.0 && **f <= 1.0)) {
+        return Err(AnalysisError::OutOfRange {
+            what: "token fraction",
+            value: f,
+            range: "(0, 1]",
+        });
+    }
+    let out = probe::full_forward(model, batch);
+    let dense_loss = probe::loss_of(model, batch, &out, task)?;
+    let maps = full_maps(&out, batch)?;
+    let valid = batch.valid();
+    let forced = batch
+        .segment
+        .eq(Segment::Special as i64)
+        .logical_and(&valid);
+    let candidates = valid.logical_and(&forced.logical_not());
+    let n_candidates: Vec<usize> = (0..batch.size())
+        .map(|i| batch.seq_len() as usize - batch.count(i, &[Segment::Pad, Segment::Special]))
+        .collect();
+    let n_valid: Vec<usize> = (0..batch.size())
+        .map(|i| batch.seq_len() as usize - batch.count(i, &[Segment::Pad]))
+        .collect();
+    tch::manual_seed(0);
+    let losses = maps
+        .iter()
+        .enumerate()
+        .map(|(layer, m)| {
+            let score = match (ranking, m) {
+                (Ranking::Attention, Some(m)) => {
+                    let q = valid.to_kind(Kind::Float).unsqueeze(1).unsqueeze(-1);
+                    (m.probs.to_kind(Kind::Float) * q)
+                        .sum_dim_intlist(2, false, Kind::Float)
+                        .mean_dim(1, false, Kind::Float)
+                }
+                _ => Tensor::rand(
+                    [batch.size() as i64, batch.seq_len()],
+                    (Kind::Float, valid.device()),
+                ),
+            };
+            fractions
+                .iter()
+                .map(|&f| {
+                    let n_keep: Vec<i64> = n_valid
+                        .iter()
+                        .zip(&n_candidates)
+                        .map(|(v, c)| (v - c + tokens_kept(f, *c)) as i64)
+                        .collect();
+                    let width = n_keep.iter().copied().max().unwrap_or(1).max(1);
+                    let n_keep = Tensor::from_slice(&n_keep).to_device(valid.device());
+                    let sel = select::top_k(&score, &candidates, &forced, &n_keep, width);
+                    probe::task_loss(
+                        model,
+                        batch,
+                        task,
+                        &ForwardOptions {
+                            keep_tokens: Some(KeepTokens {
+                                layer,
+                                mask: sel.processed,
+                            }),
+                            ..Default::default()
+                        },
+                    )
+                })
+                .collect::<Result<Vec<f64>, _>>()
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Redundancy {
+        task,
+        ranking,
+        fractions: fractions.to_vec(),
+        dense_loss,
+        losses,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{batch_of, tiny_model};
+
+    #[test]
+    fn keeping_every_token_is_the_dense_loss_and_fewer_change_it() {
+        let (_vs, model) = tiny_model(unimod_router::Schedule::Dense);
+        let b = batch_of(&model, Task::T2i, 3);
+        let r = redundancy(&model, &b, Task::T2i, &[1.0, 0.3], Ranking::Attention).unwrap();
+        for per_layer in &r.losses {
+            assert!((per_layer[0] - r.dense_loss).abs() < 1e-5);
+            assert_ne!(per_layer[1], r.dense_loss);
+        }
+        assert!(redundancy(&model, &b, Task::T2i, &[0.0], Ranking::Random).is_err());
+    }
+}
