@@ -2,6 +2,7 @@
 //! field defaulted (`serde(default)`) and unknown fields refused, so a typo is an error that
 //! names the field. Every run writes the fully resolved config next to its outputs.
 
+use crate::analyze::AnalysisConfig;
 use crate::data::{DataConfig, TokenizerConfig};
 use crate::eval::EvalConfig;
 use crate::experiment::ExperimentConfig;
@@ -22,6 +23,7 @@ pub struct RunConfig {
     pub train: TrainConfig,
     pub eval: EvalConfig,
     pub experiment: ExperimentConfig,
+    pub analysis: AnalysisConfig,
 }
 
 impl RunConfig {

@@ -4,6 +4,7 @@
 //! evaluation with the judges, and the `unimod` CLI (`src/main.rs`) whose subcommands
 //! (`flops`, `doctor`, …) drive the library crates.
 
+pub mod analyze;
 pub mod config;
 pub mod data;
 pub mod device;

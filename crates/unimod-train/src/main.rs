@@ -59,6 +59,22 @@ enum DataCommand {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Analysis {
+    /// Attention mass on text / image / special keys, entropy, heat maps.
+    Attention,
+    /// Skip-one-layer loss, ARank, input/output cosine per layer.
+    Importance,
+    /// Loss when one layer keeps only a fraction of the tokens.
+    Redundancy,
+    /// Gradient cosine of the two tasks; the competition probe with `--probe`.
+    Interaction,
+    /// ARank-derived UniMoD schedule file.
+    Schedule,
+    /// Everything, into report.md with the paper's findings checked.
+    All,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train one model (tokenizers are trained or reused first).
@@ -100,6 +116,22 @@ enum Command {
         overrides: Vec<String>,
         #[arg(long, default_value = "runs/generate")]
         out: PathBuf,
+    },
+    /// Analyses of a trained checkpoint (JSON, PNG plots and markdown into `--out`).
+    Analyze {
+        what: Analysis,
+        /// A run directory or checkpoint folder (a dense model for the attention analyses).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// A checkpoint whose router is shared by T2I and MMU, for the competition probe.
+        #[arg(long)]
+        probe: Option<PathBuf>,
+        /// Output folder (default: `<checkpoint>/analysis`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Overrides of the run's config (e.g. `analysis.samples=32`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
     },
     /// Train and evaluate every variant of `[experiment]`, compare them in one report.
     Experiment {
@@ -257,6 +289,54 @@ fn main() -> Result<()> {
                     println!("Q: {q}\nA: {a}");
                 }
             }
+        }
+        Command::Analyze {
+            what,
+            checkpoint,
+            probe,
+            out,
+            overrides,
+        } => {
+            use unimod_train::analyze::{self, Analyzer};
+            let cfg = run_config(&checkpoint, &overrides)?;
+            let device = unimod_train::device::parse(&cfg.train.device)?;
+            let ctx = train::RunContext::new(&cfg, device)?;
+            let (vs, model) = unimod_train::load::model_from_run(&checkpoint, device)?;
+            let out = out.unwrap_or_else(|| checkpoint.join("analysis"));
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            std::fs::write(out.join("config.toml"), cfg.to_toml())?;
+            let probe = match &probe {
+                None => None,
+                Some(p) => {
+                    let pcfg = run_config(p, &[])?;
+                    let pctx = train::RunContext::new(&pcfg, device)?;
+                    let (_pvs, pmodel) = unimod_train::load::model_from_run(p, device)?;
+                    Some((pcfg, pctx, pmodel, _pvs))
+                }
+            };
+            let probe_ref = probe.as_ref().map(|(c, x, m, _)| (m, x, c));
+            let a = Analyzer {
+                ctx: &ctx,
+                cfg: &cfg,
+                model: &model,
+                vs: &vs,
+                out: out.clone(),
+            };
+            let md = match what {
+                Analysis::Attention => a.attention()?,
+                Analysis::Importance => a.importance()?.0,
+                Analysis::Redundancy => a.redundancy()?,
+                Analysis::Interaction => a.interaction(probe_ref)?.0,
+                Analysis::Schedule => a.schedule(&a.importance()?.1)?,
+                Analysis::All => {
+                    let path = analyze::all(&a, probe_ref, &checkpoint)?;
+                    println!("report: {}", path.display());
+                    return Ok(());
+                }
+            };
+            let path = out.join("section.md");
+            std::fs::write(&path, &md)?;
+            println!("{md}\n(written to {})", path.display());
         }
         Command::Experiment { config, seeds } => {
             let cfg = config.load()?;

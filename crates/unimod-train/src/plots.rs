@@ -11,7 +11,7 @@ use std::sync::Once;
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 const COLORS: [RGBColor; 6] = [BLACK, RED, BLUE, GREEN, MAGENTA, CYAN];
 
-fn register_font() -> Result<()> {
+pub(crate) fn register_font() -> Result<()> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());
     ONCE.call_once(|| {
@@ -49,7 +49,8 @@ fn smooth(v: &[(f64, f64)]) -> Vec<(f64, f64)> {
         .collect()
 }
 
-fn line_chart(
+/// A line per series; registers the font first.
+pub(crate) fn line_chart(
     path: &Path,
     title: &str,
     x_label: &str,
@@ -64,6 +65,7 @@ fn line_chart(
     if xs.is_empty() {
         return Ok(());
     }
+    register_font()?;
     let (x0, x1) = (
         xs.iter().cloned().fold(f64::INFINITY, f64::min),
         xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
@@ -169,4 +171,19 @@ pub fn experiment(dir: &Path, outcomes: &[Outcome]) -> Result<Vec<(String, PathB
         figures.push((title, path));
     }
     Ok(figures)
+}
+
+/// A heat map of `rows` (values in [0, max]), `cell` pixels per entry, dark = 0, bright = max.
+pub(crate) fn heatmap(path: &Path, rows: &[Vec<f32>], cell: u32) -> Result<()> {
+    let n = rows.len() as u32;
+    let m = rows.first().map_or(0, |r| r.len()) as u32;
+    let max = rows.iter().flatten().cloned().fold(1e-12f32, f32::max);
+    let img = image::RgbImage::from_fn(m * cell, n * cell, |x, y| {
+        let v = (rows[(y / cell) as usize][(x / cell) as usize] / max).clamp(0.0, 1.0);
+        // black → red → yellow → white, so that small weights stay visible
+        let c = |lo: f32| ((v * 3.0 - lo).clamp(0.0, 1.0) * 255.0) as u8;
+        image::Rgb([c(0.0), c(1.0), c(2.0)])
+    });
+    img.save(path)
+        .with_context(|| format!("writing {}", path.display()))
 }

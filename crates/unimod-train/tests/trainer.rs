@@ -110,5 +110,72 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
     assert!((0.0..=1.0).contains(&r.t2i_overall) && (0.0..=1.0).contains(&r.mmu_accuracy));
     assert!(r.predictor_agreement.is_some());
     assert!(straight.join("t2i-samples.png").exists());
+
+    // Every analysis runs on a dense checkpoint, the competition probe on a shared router, and
+    // the ARank schedule file drives a model.
+    let trained = |schedule: &str, name: &str| {
+        let c = config(
+            &root,
+            &[
+                &format!("model.routing.schedule={schedule}"),
+                "train.steps=2",
+                "analysis={ samples = 4, fractions = [1.0, 0.5] }",
+            ],
+        );
+        let c = ctx.resolve(&c).unwrap();
+        let dir = root.join(name);
+        train::train(&ctx, &c, &dir, false, no_stop(), None).unwrap();
+        let (vs, model) = unimod_train::load::model_from_run(&dir, tch::Device::Cpu).unwrap();
+        (c, dir, vs, model)
+    };
+    let (dense_cfg, dense_dir, dense_vs, dense) = trained("{ kind = 'dense' }", "dense");
+    let (probe_cfg, _, _probe_vs, probe) = trained("{ kind = 'mod', capacity = 0.5 }", "mod");
+    let out = dense_dir.join("analysis");
+    std::fs::create_dir_all(&out).unwrap();
+    let a = unimod_train::analyze::Analyzer {
+        ctx: &ctx,
+        cfg: &dense_cfg,
+        model: &dense,
+        vs: &dense_vs,
+        out: out.clone(),
+    };
+    let report =
+        unimod_train::analyze::all(&a, Some((&probe, &ctx, &probe_cfg)), &dense_dir).unwrap();
+    let text = std::fs::read_to_string(report).unwrap();
+    for needle in [
+        "## Findings",
+        "Later layers more redundant",
+        "it keeps",
+        "## ARank schedule",
+    ] {
+        assert!(text.contains(needle), "report lacks {needle}");
+    }
+    for f in [
+        "attention.json",
+        "importance.json",
+        "redundancy.json",
+        "competition.json",
+        "arank.png",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let schedule = format!(
+        "{{ kind = 'file', path = '{}' }}",
+        out.join("schedule.json").display()
+    );
+    let (_, _, _, from_file) = trained(&schedule, "arank");
+    assert!(
+        from_file
+            .plans
+            .iter()
+            .any(|p| matches!(p, unimod_router::LayerPlan::Routed { .. }))
+    );
+    // The attention analyses refuse a routed checkpoint.
+    let routed = unimod_train::analyze::Analyzer {
+        model: &probe,
+        cfg: &probe_cfg,
+        ..a
+    };
+    assert!(format!("{:#}", routed.attention().unwrap_err()).contains("is routed"));
     std::fs::remove_dir_all(root).unwrap();
 }
