@@ -19,6 +19,14 @@ pub struct LayerAttention {
     pub per_token: [f64; 3],
     /// Mean attention entropy per query and head, in nats.
     pub entropy: f64,
+    /// The same per head (`share` and `entropy` are their means).
+    pub heads: Vec<HeadAttention>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeadAttention {
+    pub share: [f64; 3],
+    pub entropy: f64,
 }
 
 /// Attention statistics of every non-skipped layer over the valid queries of `batch`.
@@ -35,21 +43,32 @@ pub fn patterns(
         .enumerate()
         .filter_map(|(layer, m)| m.map(|m| (layer, m)))
         .map(|(layer, m)| {
-            let mean_probs = m.probs.to_kind(Kind::Float).mean_dim(1, false, Kind::Float);
-            let share = mean_probs.matmul(&modality);
+            let p = m.probs.to_kind(Kind::Float);
+            let share = p.matmul(&modality.unsqueeze(1));
+            let entropy = -(&p * p.clamp_min(1e-30).log()).sum_dim_intlist(-1, false, Kind::Float);
+            let heads: Vec<HeadAttention> = (0..p.size()[1])
+                .map(|h| HeadAttention {
+                    share: std::array::from_fn(|i| {
+                        masked_mean(&share.select(1, h).select(-1, i as i64), &queries)
+                    }),
+                    entropy: masked_mean(&entropy.select(1, h), &queries),
+                })
+                .collect();
+            let over_heads = |f: &dyn Fn(&HeadAttention) -> f64| {
+                heads.iter().map(f).sum::<f64>() / heads.len() as f64
+            };
+            let s: [f64; 3] = std::array::from_fn(|i| over_heads(&|h| h.share[i]));
             let visible = m.scores.select(1, 0).isfinite().to_kind(Kind::Float);
             let visible_share =
                 visible.matmul(&modality) / visible.sum_dim_intlist(-1, true, Kind::Float);
-            let per_modality = |t: &Tensor, i: i64| masked_mean(&t.select(-1, i), &queries);
-            let s: [f64; 3] = std::array::from_fn(|i| per_modality(&share, i as i64));
-            let v: [f64; 3] = std::array::from_fn(|i| per_modality(&visible_share, i as i64));
-            let p = m.probs.to_kind(Kind::Float);
-            let entropy = -(&p * p.clamp_min(1e-30).log()).sum_dim_intlist(-1, false, Kind::Float);
+            let v: [f64; 3] =
+                std::array::from_fn(|i| masked_mean(&visible_share.select(-1, i as i64), &queries));
             LayerAttention {
                 layer,
                 share: s,
                 per_token: std::array::from_fn(|i| if v[i] > 0.0 { s[i] / v[i] } else { 0.0 }),
-                entropy: masked_mean(&entropy.mean_dim(1, false, Kind::Float), &queries),
+                entropy: over_heads(&|h| h.entropy),
+                heads,
             }
         })
         .collect())
@@ -91,6 +110,19 @@ mod tests {
             let total: f64 = l.share.iter().sum();
             assert!((total - 1.0).abs() < 1e-4, "layer {}: {total}", l.layer);
             assert!(l.entropy >= 0.0 && l.entropy <= (b.seq_len() as f64).ln() + 1e-6);
+            assert_eq!(l.heads.len(), model.cfg.n_heads as usize);
+            for h in &l.heads {
+                assert!((h.share.iter().sum::<f64>() - 1.0).abs() < 1e-4);
+            }
+            let heads_differ = l
+                .heads
+                .iter()
+                .any(|h| (h.entropy - l.heads[0].entropy).abs() > 1e-6);
+            assert!(
+                heads_differ,
+                "layer {}: every head reports the same entropy",
+                l.layer
+            );
         }
         let m = map(&model, &b, 0, 1).unwrap();
         let rows = m.sum_dim_intlist(-1, false, Kind::Float);

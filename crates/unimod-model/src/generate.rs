@@ -132,27 +132,43 @@ pub fn maskgit(
     })
 }
 
-/// Greedy or sampled autoregressive continuation of `prompts` (unpadded, possibly of
-/// different lengths) for up to `max_new` tokens of `segment`, restricted by `allowed`
-/// (`[V]` bool) and stopping at `stop`. Decisions of routed layers are causal (`mode`).
-#[allow(clippy::too_many_arguments)]
+/// How [`autoregressive`] continues its prompts.
+pub struct Decoding<'a> {
+    pub max_new: usize,
+    /// Segment of the generated tokens (their attention rule).
+    pub segment: Segment,
+    /// Tokens allowed at the `k`-th generated position: `[V]` bool.
+    pub allowed: &'a dyn Fn(usize) -> Tensor,
+    pub stop: Option<i64>,
+    /// 0: greedy.
+    pub temperature: f64,
+    /// Decisions of routed layers (a causal mode: the rest of the sequence is unknown).
+    pub mode: RoutingMode,
+    /// Classifier-free guidance: the prompts without their condition (row `i` pairs with
+    /// prompt `i`) and `w`; logits = (1 + w)·cond − w·uncond, and both rows continue with
+    /// the token drawn from the guided logits.
+    pub guidance: Option<(&'a [Sequence], f64)>,
+}
+
+/// Autoregressive continuation of `prompts` (unpadded, possibly of different lengths) with a
+/// KV cache. Returns each prompt's generated tokens (up to and including `stop`).
 pub fn autoregressive(
     model: &UnifiedTransformer,
     prompts: &[Sequence],
-    max_new: usize,
-    segment: Segment,
-    allowed: &dyn Fn(usize) -> Tensor,
-    stop: Option<i64>,
-    temperature: f64,
-    mode: RoutingMode,
+    d: &Decoding,
     device: Device,
 ) -> Result<Vec<Vec<i64>>, GenerateError> {
-    let longest = prompts.iter().map(Sequence::len).max().unwrap_or(0);
+    let n = prompts.len();
+    let rows: Vec<&Sequence> = prompts
+        .iter()
+        .chain(d.guidance.map_or(&[][..], |(u, _)| u))
+        .collect();
+    let longest = rows.iter().map(|p| p.len()).max().unwrap_or(0);
     // Pad prompts at the end: pads are invisible keys and do not advance RoPE positions.
-    let padded: Vec<Sequence> = prompts
+    let padded: Vec<Sequence> = rows
         .iter()
         .map(|p| {
-            let mut p = p.clone();
+            let mut p = (*p).clone();
             for _ in p.len()..longest {
                 let i = p.len() as i64;
                 p.tokens.push(Special::Pad.id());
@@ -163,10 +179,16 @@ pub fn autoregressive(
             p
         })
         .collect();
-    let last: Vec<i64> = prompts.iter().map(|p| p.len() as i64 - 1).collect();
+    let last: Vec<i64> = rows.iter().map(|p| p.len() as i64 - 1).collect();
     let opts = ForwardOptions {
-        mode,
+        mode: d.mode,
         ..Default::default()
+    };
+    let guided = |logits: Tensor| match d.guidance {
+        Some((_, w)) => {
+            logits.narrow(0, 0, n as i64) * (1.0 + w) - logits.narrow(0, n as i64, n as i64) * w
+        }
+        None => logits,
     };
     let mut cache = KvCache::default();
     let batch = Batch::from_sequences(&padded, device)?;
@@ -177,42 +199,43 @@ pub fn autoregressive(
             .to_device(device)
             .view([-1, 1, 1])
             .expand([-1, 1, logits.size()[2]], false);
-        let mut next_logits = logits.gather(1, &idx, false).squeeze_dim(1);
-        let mut out = vec![Vec::new(); prompts.len()];
-        let mut done = vec![false; prompts.len()];
-        for k in 0..max_new {
+        let mut next_logits = guided(logits.gather(1, &idx, false).squeeze_dim(1));
+        let mut out = vec![Vec::new(); n];
+        let mut done = vec![false; n];
+        for k in 0..d.max_new {
             let masked = next_logits.masked_fill(
-                &allowed(k).logical_not().to_device(device),
+                &(d.allowed)(k).logical_not().to_device(device),
                 f64::NEG_INFINITY,
             );
-            let tok = sample(&masked, temperature);
-            let toks = Vec::<i64>::try_from(&tok)?;
+            let toks = Vec::<i64>::try_from(&sample(&masked, d.temperature))?;
             for (i, t) in toks.iter().enumerate() {
                 if !done[i] {
                     out[i].push(*t);
-                    done[i] = Some(*t) == stop;
+                    done[i] = Some(*t) == d.stop;
                 }
             }
-            if done.iter().all(|d| *d) || k + 1 == max_new {
+            if done.iter().all(|d| *d) || k + 1 == d.max_new {
                 break;
             }
-            let step: Vec<Sequence> = toks
+            let step: Vec<Sequence> = rows
                 .iter()
                 .enumerate()
-                .map(|(i, t)| Sequence {
-                    task: prompts[i].task,
-                    tokens: vec![*t],
+                .map(|(r, p)| Sequence {
+                    task: p.task,
+                    tokens: vec![toks[r % n]],
                     labels: vec![unimod_tok::IGNORE],
-                    segments: vec![segment],
+                    segments: vec![d.segment],
                     attn_upto: vec![end.offset],
                 })
                 .collect();
             let b = Batch::continuing(&step, Some(&end), device)?;
             end = b.end.clone();
-            next_logits = model
-                .forward_cached(&b, &opts, &mut cache)
-                .logits
-                .squeeze_dim(1);
+            next_logits = guided(
+                model
+                    .forward_cached(&b, &opts, &mut cache)
+                    .logits
+                    .squeeze_dim(1),
+            );
         }
         Ok::<_, GenerateError>(out)
     })

@@ -469,7 +469,7 @@ impl RoutedLayer {
         let hidden = scatter_add_tokens(x, &sel.index, &(d.delta * sel.weight.unsqueeze(-1)));
         let mut aux = select::membership_bce(score, &sel.in_topk, routable) * self.aux_coef;
         if let Some(p) = &predictor_logits {
-            aux = aux + select::membership_bce(p, &sel.in_topk, routable);
+            aux += select::membership_bce(p, &sel.in_topk, routable);
         }
         let stats = self.stats(
             layer,

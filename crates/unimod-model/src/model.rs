@@ -262,7 +262,7 @@ impl UnifiedTransformer {
             }
             let w = batch.task.eq(task as i64).to_kind(Kind::Float).unsqueeze(1) * &labelled;
             let loss = (&per_token * &w).sum(Kind::Float) / w.sum(Kind::Float).clamp_min(1.0);
-            total = total + &loss * self.cfg.loss.get(task);
+            total += &loss * self.cfg.loss.get(task);
             per_task[task.index()] = Some(loss);
         }
         let aux = out.aux_loss.as_ref().map_or_else(

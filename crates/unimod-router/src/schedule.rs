@@ -137,10 +137,11 @@ impl LayerSet {
 }
 
 /// A schedule as written in a config file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Schedule {
     /// Every layer dense.
+    #[default]
     Dense,
     /// Layers `exit_after..` are skipped entirely.
     EarlyExit { exit_after: usize },
@@ -189,12 +190,6 @@ fn interleaved() -> LayerSet {
 }
 fn last_half() -> LayerSet {
     LayerSet::Named(NamedLayers::LastHalf)
-}
-
-impl Default for Schedule {
-    fn default() -> Self {
-        Schedule::Dense
-    }
 }
 
 /// A schedule that cannot be applied to the model.

@@ -31,6 +31,8 @@ pub struct AnalysisConfig {
     pub fractions: Vec<f64>,
     /// Capacity of the shared router in the competition probe (the paper: 0.5).
     pub competition_capacity: f64,
+    /// Add a per-head table to the attention section (the JSON always has the heads).
+    pub per_head: bool,
     pub schedule: ArankRule,
 }
 
@@ -40,6 +42,7 @@ impl Default for AnalysisConfig {
             samples: 48,
             fractions: vec![1.0, 0.8, 0.6, 0.4, 0.2, 0.1],
             competition_capacity: 0.5,
+            per_head: false,
             schedule: ArankRule::default(),
         }
     }
@@ -119,6 +122,20 @@ impl Analyzer<'_> {
                 );
             }
             all.push((task, p));
+        }
+        if self.cfg.analysis.per_head {
+            md.push_str("\nPer head: share of attention on text / image / special keys, entropy (nats).\n\n| task | layer | head | text | image | special | entropy |\n|---|---|---|---|---|---|---|\n");
+            for (task, p) in &all {
+                for l in p {
+                    for (h, a) in l.heads.iter().enumerate() {
+                        let _ = writeln!(
+                            md,
+                            "| {task} | {} | {h} | {:.3} | {:.3} | {:.3} | {:.2} |",
+                            l.layer, a.share[0], a.share[1], a.share[2], a.entropy
+                        );
+                    }
+                }
+            }
         }
         let series: Vec<(String, Vec<(f64, f64)>)> = all
             .iter()
@@ -205,7 +222,7 @@ impl Analyzer<'_> {
         Ok((md, all))
     }
 
-    pub fn redundancy(&self) -> Result<String> {
+    pub fn redundancy(&self) -> Result<(String, Vec<Redundancy>)> {
         let mut md = String::from(
             "## Token redundancy\n\nLoss when one layer processes only a fraction of the tokens (ranked by attention received in that layer; random ranking as the control; special tokens always processed), the others passing unchanged.\n\n",
         );
@@ -268,7 +285,7 @@ impl Analyzer<'_> {
             }
         }
         self.write_json("redundancy.json", &all)?;
-        Ok(md)
+        Ok((md, all))
     }
 
     /// Gradient cosine on this checkpoint; the competition probe on `probe` (a checkpoint with
@@ -398,8 +415,36 @@ impl Analyzer<'_> {
     }
 }
 
-/// One line per finding of the paper: does this model show it?
-pub fn findings(importance: &[Importance], competition: Option<&[Competition]>) -> String {
+/// Mean loss increase, relative to the dense loss, over `layers` and every fraction below 1 of
+/// the attention-ranked redundancy curve of `task`: how much the task's loss depends on those
+/// layers processing all tokens (scale-free, so T2I and MMU compare).
+fn sensitivity(redundancy: &[Redundancy], task: Task, layers: std::ops::Range<usize>) -> f64 {
+    let Some(r) = redundancy
+        .iter()
+        .find(|r| r.task == task && r.ranking == Ranking::Attention)
+    else {
+        return f64::NAN;
+    };
+    let v: Vec<f64> = r.losses[layers.start.min(r.losses.len())..layers.end.min(r.losses.len())]
+        .iter()
+        .flat_map(|l| {
+            l.iter()
+                .zip(&r.fractions)
+                .filter(|(_, f)| **f < 1.0)
+                .map(|(loss, _)| (loss - r.dense_loss) / r.dense_loss.abs().max(1e-12))
+        })
+        .collect();
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// One line per finding of the paper: does this model show it? Layers before `first_routable`
+/// (never routed by the schedule rule) are left out of the redundancy-curve findings.
+pub fn findings(
+    importance: &[Importance],
+    redundancy: &[Redundancy],
+    competition: Option<&[Competition]>,
+    first_routable: usize,
+) -> String {
     let norm = |i: &Importance, layers: &[importance::LayerImportance]| {
         let v: Vec<f64> = layers
             .iter()
@@ -418,6 +463,42 @@ pub fn findings(importance: &[Importance], competition: Option<&[Competition]>) 
             100.0 * rel,
             if rel > 0.10 { "shown" } else { "not shown" }
         );
+    }
+    if !redundancy.is_empty() {
+        let n = redundancy[0].losses.len();
+        let routable = first_routable.min(n)..n;
+        let (t, m) = (
+            sensitivity(redundancy, Task::T2i, routable.clone()),
+            sensitivity(redundancy, Task::Mmu, routable.clone()),
+        );
+        let ratio = t.max(m) / t.min(m).max(1e-12);
+        let _ = writeln!(
+            md,
+            "- Task-dependent redundancy, by loss (layers {}–{}): dropping tokens raises the T2I loss by {:.1} % and the MMU loss by {:.1} % on average (relative), ratio {ratio:.1} → **{}** (threshold 1.5×).",
+            routable.start,
+            n.saturating_sub(1),
+            100.0 * t,
+            100.0 * m,
+            if ratio > 1.5 { "shown" } else { "not shown" }
+        );
+        for task in TASKS.into_iter().filter(|_| routable.len() >= 2) {
+            let mid = routable.start + routable.len() / 2;
+            let (early, late) = (
+                sensitivity(redundancy, task, routable.start..mid),
+                sensitivity(redundancy, task, mid..n),
+            );
+            let _ = writeln!(
+                md,
+                "- Later layers more redundant, {task}, by loss: relative loss increase when layers {}–{} drop tokens {:.1} %, layers {}–{} {:.1} % → **{}**.",
+                routable.start,
+                mid.saturating_sub(1),
+                100.0 * early,
+                mid,
+                n.saturating_sub(1),
+                100.0 * late,
+                if late < early { "shown" } else { "not shown" }
+            );
+        }
     }
     for i in importance {
         let half = i.layers.len() / 2;
@@ -458,11 +539,12 @@ pub fn all(
     source: &Path,
 ) -> Result<PathBuf> {
     let (imp_section, imp) = a.importance()?;
+    let (redundancy_section, redundancy) = a.redundancy()?;
     let (interaction, competition) = a.interaction(probe)?;
     let sections = [
         a.attention()?,
         imp_section,
-        a.redundancy()?,
+        redundancy_section,
         interaction,
         a.schedule(&imp)?,
     ];
@@ -471,7 +553,12 @@ pub fn all(
         source.display(),
         a.cfg.analysis.samples
     );
-    md.push_str(&findings(&imp, competition.as_deref()));
+    md.push_str(&findings(
+        &imp,
+        &redundancy,
+        competition.as_deref(),
+        a.cfg.analysis.schedule.protect_first,
+    ));
     for s in sections {
         md.push('\n');
         md.push_str(&s);

@@ -1,6 +1,8 @@
 //! Run configuration: one TOML file (`--config`), dotted `--set key=value` overrides on top, every
 //! field defaulted (`serde(default)`) and unknown fields refused, so a typo is an error that
-//! names the field. Every run writes the fully resolved config next to its outputs.
+//! names the field. A file may start from another with `extends = "base.toml"` (a path relative
+//! to the file): its tables are merged key by key over the base's, any other value (arrays
+//! included) replaces the base's. Every run writes the fully resolved config next to its outputs.
 
 use crate::analyze::AnalysisConfig;
 use crate::data::{DataConfig, TokenizerConfig};
@@ -30,12 +32,7 @@ impl RunConfig {
     /// Reads `path` (or the defaults when `None`), applies `overrides`, validates.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<RunConfig> {
         let mut value = match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("cannot read config {}", p.display()))?;
-                text.parse::<toml::Table>()
-                    .with_context(|| format!("{} is not valid TOML", p.display()))?
-            }
+            Some(p) => read_table(p, &mut Vec::new())?,
             None => toml::Table::new(),
         };
         for o in overrides {
@@ -53,6 +50,46 @@ impl RunConfig {
 
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("a config always serialises")
+    }
+}
+
+/// The TOML table of `path` with its `extends` chain resolved; `seen` guards against cycles.
+fn read_table(path: &Path, seen: &mut Vec<std::path::PathBuf>) -> Result<toml::Table> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config {}", path.display()))?;
+    let mut table = text
+        .parse::<toml::Table>()
+        .with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let Some(base) = table.remove("extends") else {
+        return Ok(table);
+    };
+    let Some(base) = base.as_str() else {
+        bail!("{}: `extends` must be a file name", path.display());
+    };
+    let base = path.parent().unwrap_or(Path::new(".")).join(base);
+    let canonical = base.canonicalize().unwrap_or_else(|_| base.clone());
+    if seen.contains(&canonical) {
+        bail!(
+            "{}: `extends` chain loops back to {}",
+            path.display(),
+            base.display()
+        );
+    }
+    seen.push(canonical);
+    let mut merged = read_table(&base, seen)
+        .with_context(|| format!("{} extends {}", path.display(), base.display()))?;
+    merge(&mut merged, table);
+    Ok(merged)
+}
+
+fn merge(into: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
     }
 }
 
@@ -104,6 +141,33 @@ mod tests {
         )
         .unwrap_err();
         assert!(format!("{e:#}").contains("capacity 1.5"), "{e:#}");
+    }
+
+    #[test]
+    fn extends_merges_tables_and_refuses_loops() {
+        let dir = std::env::temp_dir().join(format!("unimod-extends-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
+        write(
+            "base.toml",
+            "[model]\nd_model = 64\nn_layers = 3\n[train]\nsteps = 7\n",
+        );
+        write(
+            "child.toml",
+            "extends = \"base.toml\"\n[model]\nn_layers = 5\n",
+        );
+        let c = RunConfig::load(Some(&dir.join("child.toml")), &[]).unwrap();
+        assert_eq!(
+            (c.model.d_model, c.model.n_layers, c.train.steps),
+            (64, 5, 7)
+        );
+        write("loop.toml", "extends = \"loop.toml\"\n");
+        let e = RunConfig::load(Some(&dir.join("loop.toml")), &[]).unwrap_err();
+        assert!(format!("{e:#}").contains("loops back"), "{e:#}");
+        write("missing.toml", "extends = \"nowhere.toml\"\n");
+        let e = RunConfig::load(Some(&dir.join("missing.toml")), &[]).unwrap_err();
+        assert!(format!("{e:#}").contains("nowhere.toml"), "{e:#}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -158,16 +158,25 @@ pub fn images(
                 .iter()
                 .map(|p| cfg.format.t2i_prefix(&layout, p))
                 .collect::<Result<_, _>>()?;
+            let uncond: Vec<_> = prompts
+                .iter()
+                .map(|_| cfg.format.t2i_prefix(&layout, &[]))
+                .collect::<Result<_, _>>()?;
+            let guidance = cfg.eval.sampling.guidance;
+            tch::manual_seed(cfg.eval.sampling.seed);
             let grammar = generate::image_grammar(&layout, side);
             let rows = generate::autoregressive(
                 model,
                 &prefix,
-                side * (side + 1),
-                Segment::Image,
-                &grammar,
-                None,
-                cfg.eval.sampling.temperature,
-                generate::mode_for(model, Task::T2i),
+                &generate::Decoding {
+                    max_new: side * (side + 1),
+                    segment: Segment::Image,
+                    allowed: &grammar,
+                    stop: None,
+                    temperature: cfg.eval.sampling.temperature,
+                    mode: generate::mode_for(model, Task::T2i),
+                    guidance: (guidance > 0.0).then_some((uncond.as_slice(), guidance)),
+                },
                 ctx.device,
             )?;
             let codes: Vec<i64> = rows
@@ -206,12 +215,15 @@ pub fn answers(
     let ids = generate::autoregressive(
         model,
         &prompts,
-        cfg.eval.max_answer_tokens,
-        Segment::Answer,
-        &|_| allowed.shallow_clone(),
-        Some(Special::Eos.id()),
-        0.0,
-        generate::mode_for(model, Task::Mmu),
+        &generate::Decoding {
+            max_new: cfg.eval.max_answer_tokens,
+            segment: Segment::Answer,
+            allowed: &|_| allowed.shallow_clone(),
+            stop: Some(Special::Eos.id()),
+            temperature: 0.0,
+            mode: generate::mode_for(model, Task::Mmu),
+            guidance: None,
+        },
         ctx.device,
     )?;
     ids.iter()

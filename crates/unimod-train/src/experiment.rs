@@ -3,6 +3,8 @@
 //! wall-clock (and both as savings vs the first variant), T2I judge score, MMU accuracy,
 //! validation losses — written with plots to `runs/<experiment>/report.md`.
 
+use crate::analyze::Analyzer;
+use crate::data::TaskMix;
 use crate::eval::{self, EvalReport};
 use crate::train::{self, RunContext, TrainSummary};
 use crate::{RunConfig, plots};
@@ -12,12 +14,71 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use unimod_router::Schedule;
 
-/// One compared variant: a name and the schedule that replaces the config's.
+/// One compared variant: a name, and what replaces the config's routing schedule and task mix.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Variant {
     pub name: String,
-    pub schedule: Schedule,
+    /// The routing schedule; exactly one of `schedule` and `arank_of` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+    /// Derive the schedule from the checkpoint of this earlier (dense) variant, same seed, by
+    /// `[analysis.schedule]`'s ARank rule — the paper's analysis-then-prune recipe in one run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arank_of: Option<String>,
+    /// Samples per task in a batch (default `train.mix`): the paper's Table 2 trains T2I-only,
+    /// MMU-only and joint models on one budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mix: Option<TaskMix>,
+}
+
+/// Every variant names a schedule or an earlier variant to derive one from, and names are unique.
+fn check_variants(variants: &[Variant]) -> Result<()> {
+    if variants.is_empty() {
+        bail!("experiment.variants is empty: name at least one variant (a name and a schedule)");
+    }
+    for (i, v) in variants.iter().enumerate() {
+        let earlier = &variants[..i];
+        if earlier.iter().any(|e| e.name == v.name) {
+            bail!("experiment.variants: the name {:?} is used twice", v.name);
+        }
+        match (&v.schedule, &v.arank_of) {
+            (Some(_), None) => {}
+            (None, Some(base)) if earlier.iter().any(|e| &e.name == base) => {}
+            (None, Some(base)) => bail!(
+                "experiment.variants.{}: arank_of = {base:?} names no earlier variant",
+                v.name
+            ),
+            _ => bail!(
+                "experiment.variants.{}: give exactly one of `schedule` and `arank_of`",
+                v.name
+            ),
+        }
+    }
+    Ok(())
+}
+
+fn run_dir(dir: &Path, variant: &str, seed: u64) -> PathBuf {
+    dir.join(format!("{variant}-seed{seed}"))
+}
+
+/// The ARank schedule of `base_dir`'s checkpoint (trained in this experiment's context),
+/// written with its analysis into `out`.
+fn arank_schedule(ctx: &RunContext, base_dir: &Path, out: &Path) -> Result<Schedule> {
+    let (base_cfg, vs, model) = crate::load::run_from_checkpoint(base_dir, ctx.device)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let a = Analyzer {
+        ctx,
+        cfg: &base_cfg,
+        model: &model,
+        vs: &vs,
+        out: out.to_path_buf(),
+    };
+    let section = a.importance()?.1;
+    std::fs::write(out.join("schedule.md"), a.schedule(&section)?)?;
+    Ok(Schedule::File {
+        path: out.join("schedule.json"),
+    })
 }
 
 /// `[experiment]`.
@@ -51,9 +112,7 @@ pub struct Outcome {
 
 pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device) -> Result<Vec<Outcome>> {
     let exp = &cfg.experiment;
-    if exp.variants.is_empty() {
-        bail!("experiment.variants is empty: name at least one variant (a name and a schedule)");
-    }
+    check_variants(&exp.variants)?;
     let dir = exp.out_dir.join(&exp.name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::write(dir.join("config.toml"), cfg.to_toml())?;
@@ -63,12 +122,21 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device) -> Result<Vec<Outco
     for s in 0..seeds as u64 {
         for v in &exp.variants {
             let mut c = cfg.clone();
-            c.model.routing.schedule = v.schedule.clone();
             c.train.seed = cfg.train.seed + s;
+            let run_dir = run_dir(&dir, &v.name, c.train.seed);
+            c.model.routing.schedule = match &v.arank_of {
+                Some(base) => arank_schedule(
+                    &ctx,
+                    &self::run_dir(&dir, base, c.train.seed),
+                    &run_dir.join("arank"),
+                )
+                .with_context(|| format!("variant {}: ARank schedule of {base}", v.name))?,
+                None => v.schedule.clone().unwrap_or_default(),
+            };
+            c.train.mix = v.mix.unwrap_or(cfg.train.mix);
             let c = ctx
                 .resolve(&c)
                 .with_context(|| format!("variant {}", v.name))?;
-            let run_dir = dir.join(format!("{}-seed{}", v.name, c.train.seed));
             eprintln!(
                 "== {} (seed {}): {}",
                 v.name,
@@ -199,6 +267,23 @@ fn write_report(
         cfg.format.image_tokens()
     )?;
     writeln!(r, "{table}")?;
+    for v in &cfg.experiment.variants {
+        if let Some(m) = v.mix {
+            writeln!(
+                r,
+                "- {}: batch t2i {} : mmu {} : lm {}",
+                v.name, m.t2i, m.mmu, m.lm
+            )?;
+        }
+        if let Some(base) = &v.arank_of {
+            writeln!(
+                r,
+                "- {}: schedule from the ARank of {base}'s checkpoint (`{}-seed{}/arank/schedule.md`)",
+                v.name, v.name, cfg.train.seed
+            )?;
+        }
+    }
+    writeln!(r)?;
     writeln!(
         r,
         "**How to read it.** FLOPs are the analytic training FLOPs of the tokens each layer really processed \

@@ -325,7 +325,7 @@ fn main() -> Result<()> {
             let md = match what {
                 Analysis::Attention => a.attention()?,
                 Analysis::Importance => a.importance()?.0,
-                Analysis::Redundancy => a.redundancy()?,
+                Analysis::Redundancy => a.redundancy()?.0,
                 Analysis::Interaction => a.interaction(probe_ref)?.0,
                 Analysis::Schedule => a.schedule(&a.importance()?.1)?,
                 Analysis::All => {

@@ -119,7 +119,8 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
             &[
                 &format!("model.routing.schedule={schedule}"),
                 "train.steps=2",
-                "analysis={ samples = 4, fractions = [1.0, 0.5] }",
+                "model.n_layers=3",
+                "analysis={ samples = 4, fractions = [1.0, 0.5], per_head = true }",
             ],
         );
         let c = ctx.resolve(&c).unwrap();
@@ -145,6 +146,9 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
     for needle in [
         "## Findings",
         "Later layers more redundant",
+        "Task-dependent redundancy, by loss",
+        "Later layers more redundant, mmu, by loss",
+        "| head |",
         "it keeps",
         "## ARank schedule",
     ] {
@@ -177,5 +181,50 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
         ..a
     };
     assert!(format!("{:#}", routed.attention().unwrap_err()).contains("is routed"));
+
+    // An experiment with a task-only variant (Table 2) and a schedule derived from the dense
+    // variant's ARank; variants that name no schedule or a later base are refused up front.
+    let variants = |v: &str| {
+        config(
+            &root,
+            &[
+                "train.steps=2",
+                "analysis={ samples = 4, fractions = [1.0, 0.5] }",
+                &format!(
+                    "experiment={{ name = 'exp', out_dir = '{}', variants = [{v}] }}",
+                    root.display()
+                ),
+            ],
+        )
+    };
+    let exp = variants(
+        "{ name = 'dense', schedule = { kind = 'dense' } }, \
+         { name = 't2i-only', schedule = { kind = 'dense' }, mix = { t2i = 4, mmu = 0, lm = 0 } }, \
+         { name = 'arank', arank_of = 'dense' }",
+    );
+    let outcomes = unimod_train::experiment::run(&exp, 1, tch::Device::Cpu).unwrap();
+    assert_eq!(outcomes.len(), 3);
+    let exp_dir = root.join("exp");
+    let t2i_only = std::fs::read_to_string(exp_dir.join("t2i-only-seed0/config.toml")).unwrap();
+    assert!(t2i_only.contains("mmu = 0"), "{t2i_only}");
+    assert!(exp_dir.join("arank-seed0/arank/schedule.json").exists());
+    let arank_cfg = std::fs::read_to_string(exp_dir.join("arank-seed0/config.toml")).unwrap();
+    assert!(arank_cfg.contains("kind = \"file\""), "{arank_cfg}");
+    let report = std::fs::read_to_string(exp_dir.join("report.md")).unwrap();
+    assert!(report.contains("t2i-only: batch t2i 4 : mmu 0"), "{report}");
+    for (bad, needle) in [
+        (
+            "{ name = 'a', arank_of = 'b' }, { name = 'b', schedule = { kind = 'dense' } }",
+            "names no earlier variant",
+        ),
+        ("{ name = 'a' }", "exactly one of"),
+        (
+            "{ name = 'a', schedule = { kind = 'dense' } }, { name = 'a', schedule = { kind = 'dense' } }",
+            "used twice",
+        ),
+    ] {
+        let e = unimod_train::experiment::run(&variants(bad), 1, tch::Device::Cpu).unwrap_err();
+        assert!(format!("{e:#}").contains(needle), "{e:#}");
+    }
     std::fs::remove_dir_all(root).unwrap();
 }
