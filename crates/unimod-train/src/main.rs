@@ -57,6 +57,15 @@ enum DataCommand {
         #[arg(long, default_value = "runs/data-show")]
         out: PathBuf,
     },
+    /// Batches built per second against dense training steps per second of the config.
+    Throughput {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[arg(long, default_value_t = 50)]
+        batches: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -395,6 +404,24 @@ fn main() -> Result<()> {
                 "wrote {} and {}",
                 png.display(),
                 out.join("examples.md").display()
+            );
+        }
+        Command::Data {
+            command:
+                DataCommand::Throughput {
+                    config,
+                    batches,
+                    steps,
+                },
+        } => {
+            let cfg = config.load()?;
+            let device = unimod_train::device::parse(&cfg.train.device)?;
+            let ctx = train::RunContext::new(&cfg, device)?;
+            let cfg = ctx.resolve(&cfg)?;
+            let t = train::data_throughput(&ctx, &cfg, batches, steps)?;
+            println!(
+                "{:.1} batches/s ({:.0} sequences/s) vs {:.2} dense training steps/s on {device:?}: headroom {:.1}×",
+                t.batches_per_s, t.sequences_per_s, t.steps_per_s, t.headroom
             );
         }
         Command::Bench {

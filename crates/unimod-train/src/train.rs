@@ -183,6 +183,43 @@ impl RunContext {
     }
 }
 
+/// Batch-building rate vs training-step rate of a run config: the data path must never be what
+/// a step waits for.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct DataThroughput {
+    pub batches_per_s: f64,
+    pub sequences_per_s: f64,
+    /// Dense training steps (forward, backward) of the config's model, per second.
+    pub steps_per_s: f64,
+    /// `batches_per_s / steps_per_s`.
+    pub headroom: f64,
+}
+
+/// Times `batches` training batches (after one warm-up) and `steps` dense training steps.
+pub fn data_throughput(
+    ctx: &RunContext,
+    cfg: &RunConfig,
+    batches: usize,
+    steps: usize,
+) -> Result<DataThroughput> {
+    let first = ctx.batch(cfg, Split::Train, 0, true)?;
+    let start = Instant::now();
+    for step in 1..=batches.max(1) {
+        ctx.batch(cfg, Split::Train, step as u64, true)?;
+    }
+    let batches_per_s = batches.max(1) as f64 / start.elapsed().as_secs_f64();
+    let mut dense = cfg.model.clone();
+    dense.routing.schedule = unimod_router::Schedule::Dense;
+    let v = unimod_model::bench::variant("dense".into(), &dense, &first, ctx.device)?;
+    let step_s = unimod_model::bench::time_steps(&[v], &first, ctx.device, 1, steps.max(1))[0];
+    Ok(DataThroughput {
+        batches_per_s,
+        sequences_per_s: batches_per_s * first.size() as f64,
+        steps_per_s: 1.0 / step_s,
+        headroom: batches_per_s * step_s,
+    })
+}
+
 /// A model of the run's config, on the context's device, seeded.
 pub fn build_model(cfg: &RunConfig, device: Device) -> Result<(VarStore, UnifiedTransformer)> {
     tch::manual_seed(cfg.train.seed as i64);

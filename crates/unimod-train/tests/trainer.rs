@@ -111,6 +111,10 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
     assert!(r.predictor_agreement.is_some());
     assert!(straight.join("t2i-samples.png").exists());
 
+    let t = train::data_throughput(&ctx, &cfg, 3, 1).unwrap();
+    assert!(t.batches_per_s > 0.0 && t.steps_per_s > 0.0);
+    assert!((t.headroom - t.batches_per_s / t.steps_per_s).abs() < 1e-9 * t.headroom.max(1.0));
+
     // Every analysis runs on a dense checkpoint, the competition probe on a shared router, and
     // the ARank schedule file drives a model.
     let trained = |schedule: &str, name: &str| {
