@@ -142,6 +142,8 @@ pub trait Dataset: Send + Sync {
     fn example(&self, split: Split, index: u64) -> Example;
     /// Canvas side in pixels.
     fn image_size(&self) -> usize;
+    /// The dataset's identity and configuration: what cached tokenizers and pools are keyed by.
+    fn fingerprint(&self) -> serde_json::Value;
 }
 
 impl Dataset for ShapesConfig {
@@ -156,6 +158,9 @@ impl Dataset for ShapesConfig {
     }
     fn image_size(&self) -> usize {
         self.image_size
+    }
+    fn fingerprint(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("a config serialises")
     }
 }
 

@@ -6,7 +6,7 @@
 //! outputs. Its agreement with the ground truth is measured by `unimod tokenizer train` on clean
 //! renders and on renders passed through the image tokenizer (crate docs list the numbers).
 
-use crate::dataset::Image;
+use crate::dataset::{Example, Image};
 use crate::shapes::{Caption, Cell, Color, Fact, Shape};
 use std::collections::BTreeMap;
 
@@ -207,6 +207,46 @@ pub fn holds(fact: &Fact, found: &[Detection]) -> bool {
         Fact::LeftOf { a, b } => {
             at(a.0, a.1).any(|da| at(b.0, b.1).any(|db| da.cell % 3 < db.cell % 3))
         }
+        Fact::Digit { .. } => false,
+    }
+}
+
+/// What scores generated images against their captions: a judge of the dataset's own world,
+/// never trained on model outputs.
+pub trait T2iJudge {
+    /// For each (caption, image) pair, whether each of the caption's facts holds.
+    fn facts(&self, captions: &[&Caption], images: &[Image]) -> Vec<Vec<bool>>;
+    /// Share of images the judge reads exactly as their example's ground truth (validation on
+    /// clean and on reconstructed images).
+    fn agreement(&self, examples: &[Example], images: &[Image]) -> f64;
+    /// Fréchet distance between the judge's features of two image sets, where it has features.
+    fn frechet(&self, _a: &[Image], _b: &[Image]) -> Option<f64> {
+        None
+    }
+}
+
+/// The rule-based judge of the `shapes` world.
+pub struct ShapesJudge;
+
+impl T2iJudge for ShapesJudge {
+    fn facts(&self, captions: &[&Caption], images: &[Image]) -> Vec<Vec<bool>> {
+        captions
+            .iter()
+            .zip(images)
+            .map(|(c, img)| {
+                let found = detect(img);
+                c.facts.iter().map(|f| holds(f, &found)).collect()
+            })
+            .collect()
+    }
+
+    fn agreement(&self, examples: &[Example], images: &[Image]) -> f64 {
+        let pairs: Vec<_> = examples
+            .iter()
+            .zip(images)
+            .map(|(e, img)| (truth(&e.objects), detect(img)))
+            .collect();
+        scene_agreement(&pairs)
     }
 }
 
@@ -220,11 +260,16 @@ pub struct JudgeReport {
 }
 
 impl JudgeReport {
-    pub fn add(&mut self, caption: &Caption, img: &Image) {
-        let found = detect(img);
+    /// Scores every (caption, image) pair with `judge`.
+    pub fn add(&mut self, judge: &dyn T2iJudge, captions: &[&Caption], images: &[Image]) {
+        for (caption, holds) in captions.iter().zip(judge.facts(captions, images)) {
+            self.add_one(caption, &holds);
+        }
+    }
+
+    fn add_one(&mut self, caption: &Caption, holds: &[bool]) {
         let mut all = true;
-        for f in &caption.facts {
-            let ok = holds(f, &found);
+        for (f, &ok) in caption.facts.iter().zip(holds) {
             let e = self
                 .per_category
                 .entry(f.category().to_string())
@@ -337,8 +382,9 @@ mod tests {
         let (mut own, mut swapped) = (JudgeReport::default(), JudgeReport::default());
         for i in 0..200 {
             let (e, f) = (c.example(Split::Val, i), c.example(Split::Val, i + 1000));
-            own.add(&e.captions[0], &e.image);
-            swapped.add(&f.captions[0], &e.image);
+            let image = std::slice::from_ref(&e.image);
+            own.add(&ShapesJudge, &[&e.captions[0]], image);
+            swapped.add(&ShapesJudge, &[&f.captions[0]], image);
         }
         assert!(own.overall() >= 0.99, "{own:?}");
         assert!(swapped.overall() <= 0.05, "{swapped:?}");

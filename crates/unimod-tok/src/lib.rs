@@ -11,6 +11,7 @@ pub mod cache;
 pub mod dataset;
 pub mod format;
 pub mod judge;
+pub mod mnist;
 pub mod shapes;
 pub mod task;
 pub mod tensorfile;

@@ -131,6 +131,8 @@ pub enum Fact {
         a: (Shape, Color),
         b: (Shape, Color),
     },
+    /// The image shows this handwritten digit (MNIST).
+    Digit { digit: u8 },
 }
 
 impl Fact {
@@ -142,6 +144,7 @@ impl Fact {
             Fact::Count { .. } => "counting",
             Fact::Position { .. } => "position",
             Fact::LeftOf { .. } => "relation",
+            Fact::Digit { .. } => "digit",
         }
     }
 }

@@ -11,9 +11,12 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor, nn};
+use unimod_tok::dataset::Dataset;
 use unimod_tok::dataset::{Example, Image, Split};
-use unimod_tok::judge::{self, Detection};
+use unimod_tok::judge::{ShapesJudge, T2iJudge};
+use unimod_tok::mnist::{Mnist, MnistConfig, MnistJudge};
 use unimod_tok::shapes::ShapesConfig;
 use unimod_tok::text::TextTokenizer;
 use unimod_tok::vq::{self, VqConfig, VqVae};
@@ -23,9 +26,11 @@ use unimod_tok::{FormatConfig, Sequence, Task, VocabLayout, cache, tensorfile};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
-    /// `shapes` (the embedded procedural world).
+    /// `shapes` (the embedded procedural world) or `mnist` (real digits; `cargo xtask setup`
+    /// installs them).
     pub dataset: String,
     pub shapes: ShapesConfig,
+    pub mnist: MnistConfig,
     /// Distinct training images (encoded once and cycled).
     pub train_pool: usize,
     /// Validation images for losses and generation metrics.
@@ -37,6 +42,7 @@ impl Default for DataConfig {
         DataConfig {
             dataset: "shapes".into(),
             shapes: ShapesConfig::default(),
+            mnist: MnistConfig::default(),
             train_pool: 4096,
             val_pool: 256,
         }
@@ -96,11 +102,21 @@ impl Tokenizers {
     }
 }
 
-pub fn dataset(cfg: &DataConfig) -> Result<ShapesConfig> {
-    match cfg.dataset.as_str() {
-        "shapes" => Ok(cfg.shapes),
-        other => bail!("data.dataset = {other:?}: only \"shapes\" is implemented"),
-    }
+/// The dataset `[data]` names.
+pub fn dataset(cfg: &DataConfig) -> Result<Arc<dyn Dataset>> {
+    Ok(match cfg.dataset.as_str() {
+        "shapes" => Arc::new(cfg.shapes),
+        "mnist" => Arc::new(Mnist::load(&cache::mnist_pickle(), cfg.mnist)?),
+        other => bail!("data.dataset = {other:?}: expected \"shapes\" or \"mnist\""),
+    })
+}
+
+/// The T2I judge of the dataset `[data]` names.
+pub fn judge(cfg: &DataConfig, device: Device) -> Result<Box<dyn T2iJudge>> {
+    Ok(match cfg.dataset.as_str() {
+        "mnist" => Box::new(MnistJudge::load(&cache::mnist_judge_weights(), device)?),
+        _ => Box::new(ShapesJudge),
+    })
 }
 
 /// Bumped whenever tokenizer training changes, so cached artifacts of older code are not reused.
@@ -114,11 +130,15 @@ fn key(parts: &impl Serialize) -> String {
 
 /// The tokenizers for `data` + `tok`: loaded from the cache when trained before with the same
 /// configuration, trained (and cached) otherwise.
-pub fn tokenizers(data: &DataConfig, tok: &TokenizerConfig, device: Device) -> Result<Tokenizers> {
-    let world = dataset(data)?;
+pub fn tokenizers(
+    world: &dyn Dataset,
+    judge: &dyn T2iJudge,
+    tok: &TokenizerConfig,
+    device: Device,
+) -> Result<Tokenizers> {
     let dir = cache::artifacts_dir()
         .join("tokenizers")
-        .join(key(&(&world, tok)));
+        .join(key(&(world.fingerprint(), tok)));
     let (text_path, vq_path, report_path) = (
         dir.join("tokenizer.json"),
         dir.join("vq.safetensors"),
@@ -136,7 +156,14 @@ pub fn tokenizers(data: &DataConfig, tok: &TokenizerConfig, device: Device) -> R
         // Measured again (a second or two) so the judge figures are those of this code's judge.
         let report = TokenizerReport {
             train_seconds: cached.train_seconds,
-            ..measure(&world, &text, &vq, device, &dir.join("reconstructions.png"))?
+            ..measure(
+                world,
+                judge,
+                &text,
+                &vq,
+                device,
+                &dir.join("reconstructions.png"),
+            )?
         };
         return Ok(Tokenizers {
             dir,
@@ -160,7 +187,7 @@ pub fn tokenizers(data: &DataConfig, tok: &TokenizerConfig, device: Device) -> R
     let bs = tok.image.batch_size as u64;
     vq.train(
         &vq_vs,
-        |step| images_tensor(&world, Split::Train, step as u64 * bs, bs, device),
+        |step| images_tensor(world, Split::Train, step as u64 * bs, bs, device),
         |step, s| {
             bar.set_position(step as u64 + 1);
             bar.set_message(format!("mse {:.4}", s.recon));
@@ -169,7 +196,14 @@ pub fn tokenizers(data: &DataConfig, tok: &TokenizerConfig, device: Device) -> R
     bar.finish_and_clear();
     let report = TokenizerReport {
         train_seconds: start.elapsed().as_secs_f64(),
-        ..measure(&world, &text, &vq, device, &dir.join("reconstructions.png"))?
+        ..measure(
+            world,
+            judge,
+            &text,
+            &vq,
+            device,
+            &dir.join("reconstructions.png"),
+        )?
     };
     text.save(&text_path)?;
     vq.save(&vq_vs, &vq_path)?;
@@ -193,7 +227,7 @@ fn texts_of(e: &Example) -> Vec<String> {
     v
 }
 
-fn images_tensor(world: &ShapesConfig, split: Split, from: u64, n: u64, device: Device) -> Tensor {
+fn images_tensor(world: &dyn Dataset, split: Split, from: u64, n: u64, device: Device) -> Tensor {
     let imgs: Vec<Image> = (from..from + n)
         .into_par_iter()
         .map(|i| world.example(split, i).image)
@@ -203,7 +237,8 @@ fn images_tensor(world: &ShapesConfig, split: Split, from: u64, n: u64, device: 
 
 /// Measures the tokenizers on test images and writes 8 of them above their reconstructions.
 fn measure(
-    world: &ShapesConfig,
+    world: &dyn Dataset,
+    judge: &dyn T2iJudge,
     text: &TextTokenizer,
     vq: &VqVae,
     device: Device,
@@ -220,16 +255,6 @@ fn measure(
     let recon = vq.decode(&codes);
     let (perplexity, dead_codes) = vq::codebook_usage(&codes, vq.cfg.codebook_size);
     let back = Image::batch_from_tensor(&recon);
-    let truth: Vec<Vec<Detection>> = examples.iter().map(|e| judge::truth(&e.objects)).collect();
-    let clean: Vec<_> = truth
-        .iter()
-        .cloned()
-        .zip(imgs.iter().map(judge::detect))
-        .collect();
-    let rec: Vec<_> = truth
-        .into_iter()
-        .zip(back.iter().map(judge::detect))
-        .collect();
     let shown: Vec<Image> = imgs[..8].iter().chain(&back[..8]).cloned().collect();
     Image::save_grid(&shown, 8, 4, grid).with_context(|| format!("writing {}", grid.display()))?;
     Ok(TokenizerReport {
@@ -237,8 +262,8 @@ fn measure(
         psnr_db: vq::psnr(&x, &recon),
         perplexity,
         dead_codes,
-        judge_clean: judge::scene_agreement(&clean),
-        judge_reconstructed: judge::scene_agreement(&rec),
+        judge_clean: judge.agreement(&examples, &imgs),
+        judge_reconstructed: judge.agreement(&examples, &back),
         images: n as usize,
         train_seconds: 0.0,
     })
@@ -252,7 +277,7 @@ pub struct Pool {
 
 pub fn pool(
     tk: &Tokenizers,
-    world: &ShapesConfig,
+    world: &dyn Dataset,
     split: Split,
     n: usize,
     device: Device,
@@ -336,7 +361,7 @@ pub fn sequence(
     text: &TextTokenizer,
     layout: &VocabLayout,
     format: &FormatConfig,
-    world: &ShapesConfig,
+    world: &dyn Dataset,
     pool: &Pool,
     task: Task,
     index: usize,
@@ -402,7 +427,7 @@ pub fn batch_sequences(
     text: &TextTokenizer,
     layout: &VocabLayout,
     format: &FormatConfig,
-    world: &ShapesConfig,
+    world: &dyn Dataset,
     pool: &Pool,
     mix: &TaskMix,
     seed: u64,

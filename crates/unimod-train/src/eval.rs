@@ -53,6 +53,11 @@ pub struct EvalReport {
     /// Share of generated images whose caption's facts all hold.
     pub t2i_overall: f64,
     pub t2i_per_category: BTreeMap<String, f64>,
+    /// Fréchet distance of the judge's features, generated vs the validation images of the
+    /// same captions, where the judge has features (MNIST). With fewer samples than feature
+    /// dimensions (128) it is biased upwards: compare runs with the same `t2i_samples`.
+    #[serde(default)]
+    pub t2i_frechet: Option<f64>,
     pub mmu_accuracy: f64,
     pub mmu_per_kind: BTreeMap<String, f64>,
     /// Causal router decision (sigmoid ≥ 0.5) and auxiliary predictor vs top-k.
@@ -68,12 +73,17 @@ pub fn evaluate(
 ) -> Result<EvalReport> {
     let (val_loss, router_agreement, predictor_agreement) =
         tch::no_grad(|| validation(ctx, cfg, model))?;
-    let (t2i_overall, t2i_per_category) = text_to_image(ctx, cfg, model, out)?;
+    let T2i {
+        overall: t2i_overall,
+        per_category: t2i_per_category,
+        frechet: t2i_frechet,
+    } = text_to_image(ctx, cfg, model, out)?;
     let (mmu_accuracy, mmu_per_kind) = understanding(ctx, cfg, model)?;
     Ok(EvalReport {
         val_loss,
         t2i_overall,
         t2i_per_category,
+        t2i_frechet,
         mmu_accuracy,
         mmu_per_kind,
         router_agreement,
@@ -231,13 +241,19 @@ pub fn answers(
         .collect()
 }
 
+struct T2i {
+    overall: f64,
+    per_category: BTreeMap<String, f64>,
+    frechet: Option<f64>,
+}
+
 fn text_to_image(
     ctx: &RunContext,
     cfg: &RunConfig,
     model: &UnifiedTransformer,
     out: &Path,
-) -> Result<(f64, BTreeMap<String, f64>)> {
-    let world = data::dataset(&cfg.data)?;
+) -> Result<T2i> {
+    let world = &ctx.world;
     let n = cfg.eval.t2i_samples.min(ctx.val.codes.len());
     // Each validation example with its first caption that fits the text segment.
     let mut examples = Vec::new();
@@ -247,17 +263,16 @@ fn text_to_image(
             .into_iter()
             .next()
         {
-            examples.push((e.captions[c].clone(), ids));
+            examples.push((e.captions[c].clone(), ids, e.image));
         }
     }
     let mut report = JudgeReport::default();
     let mut generated = Vec::new();
     for chunk in examples.chunks(32) {
-        let prompts: Vec<Vec<i64>> = chunk.iter().map(|(_, ids)| ids.clone()).collect();
+        let prompts: Vec<Vec<i64>> = chunk.iter().map(|(_, ids, _)| ids.clone()).collect();
         let decoded = images(ctx, cfg, model, &prompts)?;
-        for ((caption, _), img) in chunk.iter().zip(&decoded) {
-            report.add(caption, img);
-        }
+        let captions: Vec<_> = chunk.iter().map(|(c, _, _)| c).collect();
+        report.add(ctx.judge.as_ref(), &captions, &decoded);
         generated.extend(decoded);
     }
     let shown = &generated[..generated.len().min(16)];
@@ -271,7 +286,14 @@ fn text_to_image(
         .keys()
         .map(|k| (k.clone(), report.category(k).unwrap_or(0.0)))
         .collect();
-    Ok((report.overall(), per))
+    let real: Vec<Image> = examples.into_iter().map(|(_, _, img)| img).collect();
+    Ok(T2i {
+        overall: report.overall(),
+        per_category: per,
+        frechet: (generated.len() > 1)
+            .then(|| ctx.judge.frechet(&generated, &real))
+            .flatten(),
+    })
 }
 
 fn understanding(
@@ -279,7 +301,7 @@ fn understanding(
     cfg: &RunConfig,
     model: &UnifiedTransformer,
 ) -> Result<(f64, BTreeMap<String, f64>)> {
-    let world = data::dataset(&cfg.data)?;
+    let world = &ctx.world;
     let n = cfg.eval.mmu_samples.min(ctx.val.codes.len());
     let mut per: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let items: Vec<(usize, unimod_tok::dataset::Qa)> = (0..n)

@@ -208,20 +208,34 @@ pub fn table(outcomes: &[Outcome], variants: &[Variant]) -> String {
     let base = of(&variants[0].name);
     let base_flops = mean_spread(&base.iter().map(|o| o.train.train_flops).collect::<Vec<_>>()).0;
     let base_wall = mean_spread(&base.iter().map(|o| o.train.wall_s).collect::<Vec<_>>()).0;
+    let frechet = outcomes.iter().any(|o| o.eval.t2i_frechet.is_some());
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| variant | train TFLOPs | FLOPs saved | wall s | time saved | T2I judge % | MMU acc % | val t2i | val mmu |"
+        "| variant | train TFLOPs | FLOPs saved | wall s | time saved | T2I judge % |{} MMU acc % | val t2i | val mmu |",
+        if frechet { " T2I Fréchet |" } else { "" }
     );
-    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        t,
+        "|---|---|---|---|---|---|{}---|---|---|",
+        if frechet { "---|" } else { "" }
+    );
     for v in variants {
         let o = of(&v.name);
         let get = |f: &dyn Fn(&Outcome) -> f64| o.iter().map(|x| f(x)).collect::<Vec<f64>>();
         let flops = get(&|x| x.train.train_flops);
         let wall = get(&|x| x.train.wall_s);
+        let frechet_cell = if frechet {
+            format!(
+                " {} |",
+                cell(&get(&|x| x.eval.t2i_frechet.unwrap_or(f64::NAN)), 1.0, 1)
+            )
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             t,
-            "| {} | {} | {:.1} % | {} | {:.1} % | {} | {} | {} | {} |",
+            "| {} | {} | {:.1} % | {} | {:.1} % | {} |{frechet_cell} {} | {} | {} |",
             v.name,
             cell(&flops, 1e-12, 2),
             100.0 * (1.0 - mean_spread(&flops).0 / base_flops),

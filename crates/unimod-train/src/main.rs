@@ -357,7 +357,9 @@ fn main() -> Result<()> {
         } => {
             let cfg = config.load()?;
             let device = unimod_train::device::parse(&device)?;
-            let tk = data::tokenizers(&cfg.data, &cfg.tokenizer, device)?;
+            let world = data::dataset(&cfg.data)?;
+            let judge = data::judge(&cfg.data, device)?;
+            let tk = data::tokenizers(world.as_ref(), judge.as_ref(), &cfg.tokenizer, device)?;
             let r = &tk.report;
             println!("tokenizers in {}", tk.dir.display());
             println!(
@@ -387,7 +389,10 @@ fn main() -> Result<()> {
             let png = out.join("examples.png");
             Image::save_grid(&images, 4, 4, &png)
                 .with_context(|| format!("writing {}", png.display()))?;
-            let mut md = String::from("# shapes examples (grid row-major, 4 per row)\n\n");
+            let mut md = format!(
+                "# {} examples (grid row-major, 4 per row)\n\n",
+                world.name()
+            );
             for (i, e) in examples.iter().enumerate() {
                 let caps: Vec<String> = e
                     .captions

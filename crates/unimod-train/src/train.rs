@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tch::{Device, nn::VarStore};
 use unimod_model::{ForwardOptions, UnifiedTransformer, checkpoint, flops};
+use unimod_tok::dataset::Dataset;
 use unimod_tok::dataset::Split;
+use unimod_tok::judge::T2iJudge;
 use unimod_tok::{Batch, Task};
 
 /// `[train]`.
@@ -103,6 +105,8 @@ pub struct TrainSummary {
 /// Everything a run needs besides its config: tokenizers and pools, shared by the runs of an
 /// experiment.
 pub struct RunContext {
+    pub world: Arc<dyn Dataset>,
+    pub judge: Box<dyn T2iJudge>,
     pub tokenizers: Tokenizers,
     pub train: Pool,
     pub val: Pool,
@@ -111,17 +115,26 @@ pub struct RunContext {
 
 impl RunContext {
     pub fn new(cfg: &RunConfig, device: Device) -> Result<RunContext> {
-        let tokenizers = data::tokenizers(&cfg.data, &cfg.tokenizer, device)?;
         let world = data::dataset(&cfg.data)?;
+        let judge = data::judge(&cfg.data, device)?;
+        let tokenizers = data::tokenizers(world.as_ref(), judge.as_ref(), &cfg.tokenizer, device)?;
         let train = data::pool(
             &tokenizers,
-            &world,
+            world.as_ref(),
             Split::Train,
             cfg.data.train_pool,
             device,
         )?;
-        let val = data::pool(&tokenizers, &world, Split::Val, cfg.data.val_pool, device)?;
+        let val = data::pool(
+            &tokenizers,
+            world.as_ref(),
+            Split::Val,
+            cfg.data.val_pool,
+            device,
+        )?;
         Ok(RunContext {
+            world,
+            judge,
             tokenizers,
             train,
             val,
@@ -167,12 +180,11 @@ impl RunContext {
         } else {
             &self.val
         };
-        let world = data::dataset(&cfg.data)?;
         let seqs = data::batch_sequences(
             &self.tokenizers.text,
             &self.tokenizers.layout(),
             &cfg.format,
-            &world,
+            self.world.as_ref(),
             pool,
             &cfg.train.mix,
             cfg.train.seed,

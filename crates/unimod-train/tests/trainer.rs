@@ -50,6 +50,11 @@ fn losses(dir: &std::path::Path) -> Vec<String> {
 #[test]
 fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
     let root = std::env::temp_dir().join(format!("unimod-trainer-{}", std::process::id()));
+    // MNIST and its judge come from the user's cache (`cargo xtask setup`), everything this
+    // test trains goes into its own.
+    let installed = unimod_tok::cache::data_dir();
+    std::fs::create_dir_all(root.join("cache")).unwrap();
+    std::os::unix::fs::symlink(&installed, root.join("cache/data")).unwrap();
     // SAFETY: set before any thread of this test binary reads the environment.
     unsafe { std::env::set_var("UNIMOD_CACHE", root.join("cache")) };
     let cfg = config(&root, &[]);
@@ -230,5 +235,22 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
         let e = unimod_train::experiment::run(&variants(bad), 1, tch::Device::Cpu).unwrap_err();
         assert!(format!("{e:#}").contains(needle), "{e:#}");
     }
+
+    // MNIST end to end: its own tokenizers, judged by the ccexam CNN, Fréchet distance reported.
+    let mnist = config(&root, &["data.dataset=\"mnist\"", "train.steps=2"]);
+    let mnist_ctx = RunContext::new(&mnist, tch::Device::Cpu).unwrap();
+    assert!(
+        mnist_ctx.tokenizers.report.judge_clean >= 0.98,
+        "{:?}",
+        mnist_ctx.tokenizers.report
+    );
+    let mnist = mnist_ctx.resolve(&mnist).unwrap();
+    let mnist_dir = root.join("mnist");
+    train::train(&mnist_ctx, &mnist, &mnist_dir, false, no_stop(), None).unwrap();
+    let (_vs, model) = unimod_train::load::model_from_run(&mnist_dir, tch::Device::Cpu).unwrap();
+    let r = unimod_train::eval::evaluate(&mnist_ctx, &mnist, &model, &mnist_dir).unwrap();
+    assert!(r.t2i_frechet.is_some_and(f64::is_finite), "{r:?}");
+    assert!(r.t2i_per_category.contains_key("digit"), "{r:?}");
+    assert!(r.mmu_per_kind.contains_key("digit"), "{r:?}");
     std::fs::remove_dir_all(root).unwrap();
 }
