@@ -47,6 +47,19 @@ impl Default for MnistConfig {
     }
 }
 
+fn open_installed(path: &Path) -> Result<std::fs::File, MnistError> {
+    std::fs::File::open(path).map_err(|_| MnistError::Missing {
+        path: path.to_path_buf(),
+    })
+}
+
+fn corrupt(path: &Path, reason: String) -> MnistError {
+    MnistError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
 const SIDE: usize = 28;
 const PIXELS: usize = SIDE * SIDE;
 const TRAIN: usize = 60_000;
@@ -78,13 +91,8 @@ impl Mnist {
                 why: "must be in 1..60000",
             });
         }
-        let corrupt = |reason: String| MnistError::Corrupt {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let file = std::fs::File::open(path).map_err(|_| MnistError::Missing {
-            path: path.to_path_buf(),
-        })?;
+        let corrupt = |reason: String| corrupt(path, reason);
+        let file = open_installed(path)?;
         let mut d = Vec::new();
         flate2::read::GzDecoder::new(file)
             .read_to_end(&mut d)
@@ -245,13 +253,8 @@ pub struct MnistJudge {
 
 impl MnistJudge {
     pub fn load(path: &Path, device: Device) -> Result<MnistJudge, MnistError> {
-        let corrupt = |reason: String| MnistError::Corrupt {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let file = std::fs::File::open(path).map_err(|_| MnistError::Missing {
-            path: path.to_path_buf(),
-        })?;
+        let corrupt = |reason: String| corrupt(path, reason);
+        let file = open_installed(path)?;
         let mut zip = zip::ZipArchive::new(file).map_err(|e| corrupt(e.to_string()))?;
         // `torch.save(state_dict)`: storage i holds the i-th tensor of this list.
         let shapes: [&[i64]; 8] = [

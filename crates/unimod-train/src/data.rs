@@ -144,7 +144,7 @@ pub fn tokenizers(
         dir.join("vq.safetensors"),
         dir.join("report.json"),
     );
-    if report_path.exists() {
+    let (text, vq_vs, vq, train_seconds) = if report_path.exists() {
         let text = TextTokenizer::load(&text_path)
             .with_context(|| format!("cached tokenizer in {}", dir.display()))?;
         let (vq_vs, vq) = VqVae::load(&vq_path, device)
@@ -153,49 +153,36 @@ pub fn tokenizers(
             .with_context(|| {
                 format!("{} is corrupt: delete it to retrain", report_path.display())
             })?;
-        // Measured again (a second or two) so the judge figures are those of this code's judge.
-        let report = TokenizerReport {
-            train_seconds: cached.train_seconds,
-            ..measure(
-                world,
-                judge,
-                &text,
-                &vq,
-                device,
-                &dir.join("reconstructions.png"),
-            )?
-        };
-        return Ok(Tokenizers {
-            dir,
-            text,
-            vq_vs,
-            vq,
-            report,
-        });
-    }
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let start = std::time::Instant::now();
-    let texts: Vec<String> = (0..tok.text_examples)
-        .into_par_iter()
-        .flat_map_iter(|i| texts_of(&world.example(Split::Train, i)))
-        .collect();
-    let text = TextTokenizer::train(texts.into_iter(), tok.text_vocab)?;
-    tch::manual_seed(tok.image.seed);
-    let vq_vs = nn::VarStore::new(device);
-    let vq = VqVae::new(&vq_vs.root(), tok.image);
-    let bar = progress::bar(tok.image.steps as u64, "image tokenizer");
-    let bs = tok.image.batch_size as u64;
-    vq.train(
-        &vq_vs,
-        |step| images_tensor(world, Split::Train, step as u64 * bs, bs, device),
-        |step, s| {
-            bar.set_position(step as u64 + 1);
-            bar.set_message(format!("mse {:.4}", s.recon));
-        },
-    )?;
-    bar.finish_and_clear();
+        (text, vq_vs, vq, cached.train_seconds)
+    } else {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let start = std::time::Instant::now();
+        let texts: Vec<String> = (0..tok.text_examples)
+            .into_par_iter()
+            .flat_map_iter(|i| texts_of(&world.example(Split::Train, i)))
+            .collect();
+        let text = TextTokenizer::train(texts.into_iter(), tok.text_vocab)?;
+        tch::manual_seed(tok.image.seed);
+        let vq_vs = nn::VarStore::new(device);
+        let vq = VqVae::new(&vq_vs.root(), tok.image);
+        let bar = progress::bar(tok.image.steps as u64, "image tokenizer");
+        let bs = tok.image.batch_size as u64;
+        vq.train(
+            &vq_vs,
+            |step| images_tensor(world, Split::Train, step as u64 * bs, bs, device),
+            |step, s| {
+                bar.set_position(step as u64 + 1);
+                bar.set_message(format!("mse {:.4}", s.recon));
+            },
+        )?;
+        bar.finish_and_clear();
+        text.save(&text_path)?;
+        vq.save(&vq_vs, &vq_path)?;
+        (text, vq_vs, vq, start.elapsed().as_secs_f64())
+    };
+    // Measured on every load too (a second or two), so the judge figures are this code's.
     let report = TokenizerReport {
-        train_seconds: start.elapsed().as_secs_f64(),
+        train_seconds,
         ..measure(
             world,
             judge,
@@ -205,8 +192,7 @@ pub fn tokenizers(
             &dir.join("reconstructions.png"),
         )?
     };
-    text.save(&text_path)?;
-    vq.save(&vq_vs, &vq_path)?;
+    // Written last: its presence marks a complete cache entry.
     std::fs::write(&report_path, serde_json::to_string_pretty(&report)?)?;
     Ok(Tokenizers {
         dir,
