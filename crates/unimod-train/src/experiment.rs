@@ -258,6 +258,64 @@ pub fn table(outcomes: &[Outcome], variants: &[Variant]) -> String {
     t
 }
 
+/// Per variant: FLOPs saved and, for T2I and MMU, the difference to the baseline against its
+/// tolerance (see the report's "How to read it").
+fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> String {
+    type Score = fn(&Outcome) -> f64;
+    let metrics: [(&str, Score, usize); 2] = [
+        ("T2I judge", |o| o.eval.t2i_overall, cfg.eval.t2i_samples),
+        (
+            "MMU accuracy",
+            |o| o.eval.mmu_accuracy,
+            cfg.eval.mmu_samples,
+        ),
+    ];
+    let of = |name: &str, f: Score| -> Vec<f64> {
+        outcomes
+            .iter()
+            .filter(|o| o.variant == name)
+            .map(f)
+            .collect()
+    };
+    let base = &variants[0].name;
+    let mut md = String::new();
+    for v in &variants[1..] {
+        let flops = |name: &str| mean_spread(&of(name, |o| o.train.train_flops)).0;
+        let mut line = format!(
+            "- {}: {:.1} % of {base}'s training FLOPs saved",
+            v.name,
+            100.0 * (1.0 - flops(&v.name) / flops(base))
+        );
+        for (label, f, n) in metrics {
+            let (b, x) = (of(base, f), of(&v.name, f));
+            let ((mb, sb), (mx, sx)) = (mean_spread(&b), mean_spread(&x));
+            let seeds = b.len().min(x.len()).max(1) as f64;
+            let p = ((mb + mx) / 2.0).clamp(0.0, 1.0);
+            let binomial = (p * (1.0 - p) / n.max(1) as f64).sqrt();
+            let noise = ((sb * sb + sx * sx) / 2.0).sqrt().max(binomial);
+            let tolerance = 2.0 * noise * (2.0 / seeds).sqrt();
+            let delta = mx - mb;
+            let _ = write!(
+                line,
+                "; {label} {:.1} % vs {:.1} % (Δ {:+.1} points, tolerance {:.1}) → **{}**",
+                100.0 * mx,
+                100.0 * mb,
+                100.0 * delta,
+                100.0 * tolerance,
+                if delta >= -tolerance {
+                    "within"
+                } else {
+                    "below"
+                }
+            );
+        }
+        md.push_str(&line);
+        md.push('\n');
+    }
+    md.push('\n');
+    md
+}
+
 fn write_report(
     dir: &Path,
     cfg: &RunConfig,
@@ -303,9 +361,12 @@ fn write_report(
         "**How to read it.** FLOPs are the analytic training FLOPs of the tokens each layer really processed \
          (attention, routers and head included; docs/flops.md). The T2I judge score is the share of generated images \
          whose caption facts all hold (64 validation captions by default), MMU accuracy the exact-match share of greedy \
-         answers decoded with causal routing. The tolerance for \"within dense\" is the seed spread of those \
-         scores: with a single seed, rerun with `cargo xtask experiment --seeds 3` before concluding.\n"
+         answers decoded with causal routing. A variant is **within** the baseline when its mean score is at most \
+         two standard errors of the difference below the baseline's; one seed's noise is taken as the larger of the \
+         spread over seeds and the binomial error of an accuracy over the samples scored (so one seed still gets \
+         an honest, if wide, tolerance).\n"
     )?;
+    r.push_str(&verdicts(outcomes, &cfg.experiment.variants, cfg));
     let t = &ctx.tokenizers.report;
     writeln!(
         r,

@@ -221,6 +221,12 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
     assert!(arank_cfg.contains("kind = \"file\""), "{arank_cfg}");
     let report = std::fs::read_to_string(exp_dir.join("report.md")).unwrap();
     assert!(report.contains("t2i-only: batch t2i 4 : mmu 0"), "{report}");
+    assert!(
+        report.contains("- arank: ")
+            && report.contains("MMU accuracy")
+            && report.contains("tolerance"),
+        "{report}"
+    );
     for (bad, needle) in [
         (
             "{ name = 'a', arank_of = 'b' }, { name = 'b', schedule = { kind = 'dense' } }",
