@@ -188,9 +188,13 @@ fn mean_spread(v: &[f64]) -> (f64, f64) {
     (m, spread)
 }
 
+/// Mean (± spread over seeds); "-" where the metric does not exist (a task the variant never
+/// trained has no validation loss).
 fn cell(v: &[f64], scale: f64, digits: usize) -> String {
     let (m, s) = mean_spread(v);
-    if v.len() > 1 {
+    if m.is_nan() {
+        "-".into()
+    } else if v.len() > 1 {
         format!("{:.*} ± {:.*}", digits, m * scale, digits, s * scale)
     } else {
         format!("{:.*}", digits, m * scale)
@@ -243,32 +247,36 @@ pub fn table(outcomes: &[Outcome], variants: &[Variant]) -> String {
             100.0 * (1.0 - mean_spread(&wall).0 / base_wall),
             cell(&get(&|x| x.eval.t2i_overall), 100.0, 1),
             cell(&get(&|x| x.eval.mmu_accuracy), 100.0, 1),
-            cell(
-                &get(&|x| x.eval.val_loss.get("t2i").copied().unwrap_or(f64::NAN)),
-                1.0,
-                3
-            ),
-            cell(
-                &get(&|x| x.eval.val_loss.get("mmu").copied().unwrap_or(f64::NAN)),
-                1.0,
-                3
-            ),
+            cell(&get(&|x| val_loss(x, "t2i")), 1.0, 3),
+            cell(&get(&|x| val_loss(x, "mmu")), 1.0, 3),
         );
     }
     t
 }
 
-/// Per variant: FLOPs saved and, for T2I and MMU, the difference to the baseline against its
-/// tolerance (see the report's "How to read it").
+/// NaN for a task the variant has no validation loss of (it never trained on it).
+fn val_loss(o: &Outcome, task: &str) -> f64 {
+    o.eval.val_loss.get(task).copied().unwrap_or(f64::NAN)
+}
+
+/// Per variant: FLOPs saved and, for each quality metric, the difference to the baseline
+/// against its tolerance (see the report's "How to read it").
 fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> String {
     type Score = fn(&Outcome) -> f64;
-    let metrics: [(&str, Score, usize); 2] = [
-        ("T2I judge", |o| o.eval.t2i_overall, cfg.eval.t2i_samples),
+    // (label, score, samples behind an accuracy (None: a loss, lower is better)).
+    let metrics: [(&str, Score, Option<usize>); 4] = [
+        (
+            "T2I judge",
+            |o| o.eval.t2i_overall,
+            Some(cfg.eval.t2i_samples),
+        ),
         (
             "MMU accuracy",
             |o| o.eval.mmu_accuracy,
-            cfg.eval.mmu_samples,
+            Some(cfg.eval.mmu_samples),
         ),
+        ("val t2i loss", |o| val_loss(o, "t2i"), None),
+        ("val mmu loss", |o| val_loss(o, "mmu"), None),
     ];
     let of = |name: &str, f: Score| -> Vec<f64> {
         outcomes
@@ -281,36 +289,48 @@ fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> Stri
     let mut md = String::new();
     for v in &variants[1..] {
         let flops = |name: &str| mean_spread(&of(name, |o| o.train.train_flops)).0;
-        let mut line = format!(
-            "- {}: {:.1} % of {base}'s training FLOPs saved",
+        let _ = writeln!(
+            md,
+            "- **{}**: {:.1} % of {base}'s training FLOPs saved",
             v.name,
             100.0 * (1.0 - flops(&v.name) / flops(base))
         );
-        for (label, f, n) in metrics {
+        for (label, f, samples) in metrics {
             let (b, x) = (of(base, f), of(&v.name, f));
             let ((mb, sb), (mx, sx)) = (mean_spread(&b), mean_spread(&x));
+            if mb.is_nan() || mx.is_nan() {
+                continue;
+            }
             let seeds = b.len().min(x.len()).max(1) as f64;
-            let p = ((mb + mx) / 2.0).clamp(0.0, 1.0);
-            let binomial = (p * (1.0 - p) / n.max(1) as f64).sqrt();
+            let binomial = samples.map_or(0.0, |n| {
+                let p = ((mb + mx) / 2.0).clamp(0.0, 1.0);
+                (p * (1.0 - p) / n.max(1) as f64).sqrt()
+            });
             let noise = ((sb * sb + sx * sx) / 2.0).sqrt().max(binomial);
             let tolerance = 2.0 * noise * (2.0 / seeds).sqrt();
-            let delta = mx - mb;
-            let _ = write!(
-                line,
-                "; {label} {:.1} % vs {:.1} % (Δ {:+.1} points, tolerance {:.1}) → **{}**",
-                100.0 * mx,
-                100.0 * mb,
-                100.0 * delta,
-                100.0 * tolerance,
-                if delta >= -tolerance {
-                    "within"
-                } else {
-                    "below"
-                }
+            // Worse is lower for an accuracy, higher for a loss.
+            let worse_by = if samples.is_some() { mb - mx } else { mx - mb };
+            let (scale, unit) = if samples.is_some() {
+                (100.0, " points")
+            } else {
+                (1.0, "")
+            };
+            let verdict = if tolerance == 0.0 {
+                "no tolerance from one seed: run `--seeds 3`"
+            } else if worse_by <= tolerance {
+                "**within**"
+            } else {
+                "**outside**"
+            };
+            let _ = writeln!(
+                md,
+                "  - {label}: {:.3} vs {:.3} (Δ {:+.3}{unit}, tolerance {:.3}) → {verdict}",
+                scale * mx,
+                scale * mb,
+                scale * (mx - mb),
+                scale * tolerance,
             );
         }
-        md.push_str(&line);
-        md.push('\n');
     }
     md.push('\n');
     md
@@ -361,10 +381,10 @@ fn write_report(
         "**How to read it.** FLOPs are the analytic training FLOPs of the tokens each layer really processed \
          (attention, routers and head included; docs/flops.md). The T2I judge score is the share of generated images \
          whose caption facts all hold (64 validation captions by default), MMU accuracy the exact-match share of greedy \
-         answers decoded with causal routing. A variant is **within** the baseline when its mean score is at most \
-         two standard errors of the difference below the baseline's; one seed's noise is taken as the larger of the \
-         spread over seeds and the binomial error of an accuracy over the samples scored (so one seed still gets \
-         an honest, if wide, tolerance).\n"
+         answers decoded with causal routing. A variant is **within** the baseline when its mean is at most two \
+         standard errors of the difference worse than the baseline's; one seed's noise is the spread over seeds, and \
+         for an accuracy at least the binomial error over the samples scored (so one seed still gets an honest, if \
+         wide, tolerance for accuracies; losses need `--seeds`).\n"
     )?;
     r.push_str(&verdicts(outcomes, &cfg.experiment.variants, cfg));
     let t = &ctx.tokenizers.report;

@@ -222,7 +222,7 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
     let report = std::fs::read_to_string(exp_dir.join("report.md")).unwrap();
     assert!(report.contains("t2i-only: batch t2i 4 : mmu 0"), "{report}");
     assert!(
-        report.contains("- arank: ")
+        report.contains("- **arank**: ")
             && report.contains("MMU accuracy")
             && report.contains("tolerance"),
         "{report}"
