@@ -77,7 +77,7 @@ pub struct TokenizerReport {
     pub psnr_db: f64,
     pub perplexity: f64,
     pub dead_codes: i64,
-    /// Judge agreement (detected objects = scene) on clean renders and on reconstructions.
+    /// Share of test images the T2I judge reads as their ground truth (the scene, the digit), clean and through the VQ tokenizer.
     pub judge_clean: f64,
     pub judge_reconstructed: f64,
     pub images: usize,

@@ -390,7 +390,7 @@ fn write_report(
     let t = &ctx.tokenizers.report;
     writeln!(
         r,
-        "Tokenizers: text BPE {} tokens; VQ {} codes, PSNR {:.1} dB, perplexity {:.1}, judge agreement {:.1} % on clean renders, {:.1} % on reconstructions.\n",
+        "Tokenizers: text BPE {} tokens; VQ {} codes, PSNR {:.1} dB, perplexity {:.1}, T2I judge reads {:.1} % of clean test images and {:.1} % of their reconstructions as their ground truth.\n",
         t.text_vocab,
         ctx.tokenizers.vq.cfg.codebook_size,
         t.psnr_db,
