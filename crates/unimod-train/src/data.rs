@@ -87,6 +87,9 @@ pub struct TokenizerReport {
 /// Trained tokenizers and the vocabulary layout they imply.
 pub struct Tokenizers {
     pub dir: PathBuf,
+    /// Hash of the saved tokenizer files: checkpoints record it, so a model is never decoded
+    /// with tokenizers retrained since.
+    pub digest: String,
     pub text: TextTokenizer,
     pub vq_vs: nn::VarStore,
     pub vq: VqVae,
@@ -194,8 +197,19 @@ pub fn tokenizers(
     };
     // Written last: its presence marks a complete cache entry.
     std::fs::write(&report_path, serde_json::to_string_pretty(&report)?)?;
+    let mut hasher = Sha256::new();
+    for path in [&text_path, &vq_path] {
+        hasher.update(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?);
+    }
+    let digest = hasher
+        .finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
     Ok(Tokenizers {
         dir,
+        digest,
         text,
         vq_vs,
         vq,

@@ -65,7 +65,7 @@ fn run_dir(dir: &Path, variant: &str, seed: u64) -> PathBuf {
 /// The ARank schedule of `base_dir`'s checkpoint (trained in this experiment's context),
 /// written with its analysis into `out`.
 fn arank_schedule(ctx: &RunContext, base_dir: &Path, out: &Path) -> Result<Schedule> {
-    let (base_cfg, vs, model) = crate::load::run_from_checkpoint(base_dir, ctx.device)?;
+    let (base_cfg, vs, model) = crate::load::run_from_checkpoint(base_dir, ctx)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let a = Analyzer {
         ctx,
@@ -151,7 +151,7 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device) -> Result<Vec<Outco
                     summary.steps
                 );
             }
-            let (_vs, model) = crate::load::model_from_run(&run_dir, device)?;
+            let (_vs, model) = crate::load::model_from_run(&run_dir, &ctx)?;
             let report = eval::evaluate(&ctx, &c, &model, &run_dir)?;
             std::fs::write(
                 run_dir.join("eval.json"),

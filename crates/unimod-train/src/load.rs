@@ -1,24 +1,27 @@
 //! Loading what a run wrote: its latest checkpoint's full config and model.
 
 use crate::RunConfig;
-use crate::train::latest_checkpoint;
+use crate::train::{RunContext, TOKENIZERS_FILE, latest_checkpoint};
 use anyhow::{Context, Result};
 use std::path::Path;
-use tch::{Device, nn::VarStore};
+use tch::nn::VarStore;
 use unimod_model::{UnifiedTransformer, checkpoint};
 
-/// The run config and model of a run directory or checkpoint folder. The model config in the
-/// weights' metadata must equal the run config's, else the checkpoint is refused.
-pub fn model_from_run(path: &Path, device: Device) -> Result<(VarStore, UnifiedTransformer)> {
-    let (_, vs, model) = run_from_checkpoint(path, device)?;
+/// The model of a run directory or checkpoint folder, on `ctx`'s device. Refused when the model
+/// config in the weights' metadata differs from the run config's, or when `ctx`'s tokenizers are
+/// not those the checkpoint was trained with.
+pub fn model_from_run(path: &Path, ctx: &RunContext) -> Result<(VarStore, UnifiedTransformer)> {
+    let (_, vs, model) = run_from_checkpoint(path, ctx)?;
     Ok((vs, model))
 }
 
 pub fn run_from_checkpoint(
     path: &Path,
-    device: Device,
+    ctx: &RunContext,
 ) -> Result<(RunConfig, VarStore, UnifiedTransformer)> {
+    let device = ctx.device;
     let ck = latest_checkpoint(path)?;
+    check_tokenizers(&ck, ctx)?;
     let run_toml = ck.join("run.toml");
     let cfg = RunConfig::load(Some(&run_toml), &[])
         .with_context(|| format!("checkpoint {}", ck.display()))?;
@@ -37,4 +40,22 @@ pub fn run_from_checkpoint(
     let model = UnifiedTransformer::new(&vs.root(), &cfg.model)?;
     checkpoint::load_into(&mut vs, &loaded, &weights)?;
     Ok((cfg, vs, model))
+}
+
+/// Refuses checkpoint folder `ck` when it records tokenizers other than `ctx`'s.
+pub fn check_tokenizers(ck: &Path, ctx: &RunContext) -> Result<()> {
+    let Ok(trained_with) = std::fs::read_to_string(ck.join(TOKENIZERS_FILE)) else {
+        return Ok(());
+    };
+    if trained_with.trim() != ctx.tokenizers.digest {
+        anyhow::bail!(
+            "{}: trained with tokenizers {}, but those cached for its config ({}) are {}: \
+             they were retrained since; use the cache it was trained with (UNIMOD_CACHE) or retrain",
+            ck.display(),
+            trained_with.trim(),
+            ctx.tokenizers.dir.display(),
+            ctx.tokenizers.digest
+        );
+    }
+    Ok(())
 }

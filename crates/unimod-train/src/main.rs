@@ -238,7 +238,7 @@ fn main() -> Result<()> {
             let cfg = run_config(&checkpoint, &overrides)?;
             let device = unimod_train::device::parse(&cfg.train.device)?;
             let ctx = train::RunContext::new(&cfg, device)?;
-            let (_vs, model) = unimod_train::load::model_from_run(&checkpoint, device)?;
+            let (_vs, model) = unimod_train::load::model_from_run(&checkpoint, &ctx)?;
             let out = if checkpoint.join("checkpoints").exists() {
                 checkpoint.clone()
             } else {
@@ -260,7 +260,7 @@ fn main() -> Result<()> {
             let cfg = run_config(&checkpoint, &overrides)?;
             let device = unimod_train::device::parse(&cfg.train.device)?;
             let ctx = train::RunContext::new(&cfg, device)?;
-            let (_vs, model) = unimod_train::load::model_from_run(&checkpoint, device)?;
+            let (_vs, model) = unimod_train::load::model_from_run(&checkpoint, &ctx)?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             if !prompts.is_empty() {
                 let ids: Vec<Vec<i64>> = prompts
@@ -310,7 +310,7 @@ fn main() -> Result<()> {
             let cfg = run_config(&checkpoint, &overrides)?;
             let device = unimod_train::device::parse(&cfg.train.device)?;
             let ctx = train::RunContext::new(&cfg, device)?;
-            let (vs, model) = unimod_train::load::model_from_run(&checkpoint, device)?;
+            let (vs, model) = unimod_train::load::model_from_run(&checkpoint, &ctx)?;
             let out = out.unwrap_or_else(|| checkpoint.join("analysis"));
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             std::fs::write(out.join("config.toml"), cfg.to_toml())?;
@@ -319,7 +319,7 @@ fn main() -> Result<()> {
                 Some(p) => {
                     let pcfg = run_config(p, &[])?;
                     let pctx = train::RunContext::new(&pcfg, device)?;
-                    let (_pvs, pmodel) = unimod_train::load::model_from_run(p, device)?;
+                    let (_pvs, pmodel) = unimod_train::load::model_from_run(p, &pctx)?;
                     Some((pcfg, pctx, pmodel, _pvs))
                 }
             };

@@ -258,7 +258,7 @@ pub fn train(
     let mut opt = AdamW::new(&vs, cfg.train.weight_decay);
     let mut state = State::default();
     if resume {
-        state = load_checkpoint(dir, cfg, &mut vs, &mut opt)?;
+        state = load_checkpoint(ctx, dir, cfg, &mut vs, &mut opt)?;
     }
     truncate_metrics(&dir.join("metrics.jsonl"), state.step)?;
     let mut metrics = std::fs::OpenOptions::new()
@@ -393,11 +393,11 @@ pub fn train(
             ));
         }
         if cfg.train.checkpoint_every > 0 && state.step % cfg.train.checkpoint_every == 0 {
-            save_checkpoint(dir, cfg, &vs, &opt, &state)?;
+            save_checkpoint(dir, &ctx.tokenizers.digest, cfg, &vs, &opt, &state)?;
         }
     }
     bar.finish_and_clear();
-    save_checkpoint(dir, cfg, &vs, &opt, &state)?;
+    save_checkpoint(dir, &ctx.tokenizers.digest, cfg, &vs, &opt, &state)?;
     Ok(TrainSummary {
         steps: state.step,
         train_flops: state.flops_total,
@@ -426,8 +426,12 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     Ok(())
 }
 
+/// The digest of the tokenizers a checkpoint was trained with.
+pub const TOKENIZERS_FILE: &str = "tokenizers.txt";
+
 fn save_checkpoint(
     dir: &Path,
+    tokenizers: &str,
     cfg: &RunConfig,
     vs: &VarStore,
     opt: &AdamW,
@@ -453,6 +457,7 @@ fn save_checkpoint(
     )?;
     std::fs::write(tmp.join("state.json"), serde_json::to_string(state)?)?;
     std::fs::write(tmp.join("run.toml"), cfg.to_toml())?;
+    std::fs::write(tmp.join(TOKENIZERS_FILE), tokenizers)?;
     let final_dir = root.join(&name);
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;
@@ -491,12 +496,14 @@ pub fn latest_checkpoint(path: &Path) -> Result<PathBuf> {
 }
 
 fn load_checkpoint(
+    ctx: &RunContext,
     dir: &Path,
     cfg: &RunConfig,
     vs: &mut VarStore,
     opt: &mut AdamW,
 ) -> Result<State> {
     let ck = latest_checkpoint(dir)?;
+    crate::load::check_tokenizers(&ck, ctx)?;
     let model_path = ck.join("model.safetensors");
     let loaded = checkpoint::load_tensors(&model_path)?;
     let saved = checkpoint::read_config(&loaded, &model_path)?;

@@ -101,6 +101,21 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
     let e = train::train(&ctx, &cfg, &broken, true, no_stop(), None).unwrap_err();
     assert!(format!("{e:#}").contains("truncated or corrupt"), "{e:#}");
 
+    // A checkpoint trained with other tokenizers is refused, for resuming and for loading.
+    let ck = train::latest_checkpoint(&resumed).unwrap();
+    std::fs::write(ck.join(train::TOKENIZERS_FILE), "0123456789abcdef").unwrap();
+    for e in [
+        train::train(&ctx, &cfg, &resumed, true, no_stop(), None).unwrap_err(),
+        unimod_train::load::model_from_run(&resumed, &ctx)
+            .err()
+            .unwrap(),
+    ] {
+        assert!(
+            format!("{e:#}").contains("trained with tokenizers 0123456789abcdef"),
+            "{e:#}"
+        );
+    }
+
     // Bad configs name the field.
     let e = RunConfig::load(None, &["train.stepz=3".into()]).unwrap_err();
     assert!(format!("{e:#}").contains("stepz"), "{e:#}");
@@ -109,7 +124,7 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
     assert!(format!("{e:#}").contains("train.mix.mmu = 0"), "{e:#}");
 
     // Evaluation runs every metric and writes samples.
-    let (_vs, model) = unimod_train::load::model_from_run(&straight, tch::Device::Cpu).unwrap();
+    let (_vs, model) = unimod_train::load::model_from_run(&straight, &ctx).unwrap();
     let r = unimod_train::eval::evaluate(&ctx, &cfg, &model, &straight).unwrap();
     assert!(r.val_loss.contains_key("t2i") && r.val_loss.contains_key("mmu"));
     assert!((0.0..=1.0).contains(&r.t2i_overall) && (0.0..=1.0).contains(&r.mmu_accuracy));
@@ -135,7 +150,7 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
         let c = ctx.resolve(&c).unwrap();
         let dir = root.join(name);
         train::train(&ctx, &c, &dir, false, no_stop(), None).unwrap();
-        let (vs, model) = unimod_train::load::model_from_run(&dir, tch::Device::Cpu).unwrap();
+        let (vs, model) = unimod_train::load::model_from_run(&dir, &ctx).unwrap();
         (c, dir, vs, model)
     };
     let (dense_cfg, dense_dir, dense_vs, dense) = trained("{ kind = 'dense' }", "dense");
@@ -253,7 +268,7 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
     let mnist = mnist_ctx.resolve(&mnist).unwrap();
     let mnist_dir = root.join("mnist");
     train::train(&mnist_ctx, &mnist, &mnist_dir, false, no_stop(), None).unwrap();
-    let (_vs, model) = unimod_train::load::model_from_run(&mnist_dir, tch::Device::Cpu).unwrap();
+    let (_vs, model) = unimod_train::load::model_from_run(&mnist_dir, &mnist_ctx).unwrap();
     let r = unimod_train::eval::evaluate(&mnist_ctx, &mnist, &model, &mnist_dir).unwrap();
     assert!(r.t2i_frechet.is_some_and(f64::is_finite), "{r:?}");
     assert!(r.t2i_per_category.contains_key("digit"), "{r:?}");
