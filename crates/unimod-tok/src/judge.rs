@@ -287,6 +287,15 @@ impl JudgeReport {
         self.captions_correct as f64 / self.captions.max(1) as f64
     }
 
+    /// Share of all asserted facts that hold: off the floor long before whole captions are.
+    pub fn facts(&self) -> f64 {
+        let (ok, n) = self
+            .per_category
+            .values()
+            .fold((0, 0), |(a, b), (ok, n)| (a + ok, b + n));
+        ok as f64 / n.max(1) as f64
+    }
+
     pub fn category(&self, name: &str) -> Option<f64> {
         self.per_category
             .get(name)
@@ -386,7 +395,10 @@ mod tests {
             own.add(&ShapesJudge, &[&e.captions[0]], image);
             swapped.add(&ShapesJudge, &[&f.captions[0]], image);
         }
-        assert!(own.overall() >= 0.99, "{own:?}");
+        assert!(
+            own.overall() >= 0.99 && own.facts() >= own.overall(),
+            "{own:?}"
+        );
         assert!(swapped.overall() <= 0.05, "{swapped:?}");
     }
 }

@@ -53,6 +53,9 @@ pub struct EvalReport {
     /// Share of generated images whose caption's facts all hold.
     pub t2i_overall: f64,
     pub t2i_per_category: BTreeMap<String, f64>,
+    /// Share of all the captions' facts that hold (whole captions are all-or-nothing).
+    #[serde(default)]
+    pub t2i_facts: f64,
     /// Fréchet distance of the judge's features, generated vs the validation images of the
     /// same captions, where the judge has features (MNIST). With fewer samples than feature
     /// dimensions (128) it is biased upwards: compare runs with the same `t2i_samples`.
@@ -75,6 +78,7 @@ pub fn evaluate(
         tch::no_grad(|| validation(ctx, cfg, model))?;
     let T2i {
         overall: t2i_overall,
+        facts: t2i_facts,
         per_category: t2i_per_category,
         frechet: t2i_frechet,
     } = text_to_image(ctx, cfg, model, out)?;
@@ -83,6 +87,7 @@ pub fn evaluate(
         val_loss,
         t2i_overall,
         t2i_per_category,
+        t2i_facts,
         t2i_frechet,
         mmu_accuracy,
         mmu_per_kind,
@@ -243,6 +248,7 @@ pub fn answers(
 
 struct T2i {
     overall: f64,
+    facts: f64,
     per_category: BTreeMap<String, f64>,
     frechet: Option<f64>,
 }
@@ -289,6 +295,7 @@ fn text_to_image(
     let real: Vec<Image> = examples.into_iter().map(|(_, _, img)| img).collect();
     Ok(T2i {
         overall: report.overall(),
+        facts: report.facts(),
         per_category: per,
         frechet: (generated.len() > 1)
             .then(|| ctx.judge.frechet(&generated, &real))

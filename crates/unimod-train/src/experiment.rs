@@ -264,10 +264,16 @@ fn val_loss(o: &Outcome, task: &str) -> f64 {
 fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> String {
     type Score = fn(&Outcome) -> f64;
     // (label, score, samples behind an accuracy (None: a loss, lower is better)).
-    let metrics: [(&str, Score, Option<usize>); 4] = [
+    let metrics: [(&str, Score, Option<usize>); 5] = [
         (
             "T2I judge",
             |o| o.eval.t2i_overall,
+            Some(cfg.eval.t2i_samples),
+        ),
+        // At least one fact per caption: the caption count makes the binomial error conservative.
+        (
+            "T2I facts",
+            |o| o.eval.t2i_facts,
             Some(cfg.eval.t2i_samples),
         ),
         (
@@ -380,7 +386,8 @@ fn write_report(
         r,
         "**How to read it.** FLOPs are the analytic training FLOPs of the tokens each layer really processed \
          (attention, routers and head included; docs/flops.md). The T2I judge score is the share of generated images \
-         whose caption facts all hold (64 validation captions by default), MMU accuracy the exact-match share of greedy \
+         whose caption facts all hold (64 validation captions by default), T2I facts the share of all asserted facts \
+         that hold (off the floor long before whole captions are), MMU accuracy the exact-match share of greedy \
          answers decoded with causal routing. A variant is **within** the baseline when its mean is at most two \
          standard errors of the difference worse than the baseline's; one seed's noise is the spread over seeds, and \
          for an accuracy at least the binomial error over the samples scored (so one seed still gets an honest, if \
