@@ -195,8 +195,11 @@ pub fn tokenizers(
             &dir.join("reconstructions.png"),
         )?
     };
-    // Written last: its presence marks a complete cache entry.
-    std::fs::write(&report_path, serde_json::to_string_pretty(&report)?)?;
+    // Written last, and atomically (other runs may be reading it): its presence marks a
+    // complete cache entry.
+    let partial = dir.join(format!("report.json.{}.partial", std::process::id()));
+    std::fs::write(&partial, serde_json::to_string_pretty(&report)?)?;
+    std::fs::rename(&partial, &report_path)?;
     let mut hasher = Sha256::new();
     for path in [&text_path, &vq_path] {
         hasher.update(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?);
