@@ -1,9 +1,9 @@
-//! The `shapes` T2I judge: detects the objects in an image (per grid cell: dominant palette
-//! colour, then the shape from the geometry of that colour's pixels) and checks a caption's
-//! facts against them, GenEval-style (accuracy per category and overall).
+//! The `shapes` T2I judge: detects the objects in an image (per grid cell: the palette colour
+//! of the nearest hue, then the shape from blur-robust moments of that colour's pixels) and
+//! checks a caption's facts against them, GenEval-style (accuracy per category and overall).
 //!
-//! It is a fixed rule set, calibrated only on the renderer's geometry: it never sees model
-//! outputs. Its agreement with the ground truth is measured by `unimod tokenizer train` on clean
+//! It is a fixed rule set, its thresholds set from renders and from tokenizer reconstructions
+//! of renders: it never sees model outputs. Its agreement with the ground truth is measured by `unimod tokenizer train` on clean
 //! renders and on renders passed through the image tokenizer (crate docs list the numbers).
 
 use crate::dataset::{Example, Image};
@@ -79,12 +79,11 @@ pub fn detect(img: &Image) -> Vec<Detection> {
         }
         let n = pixels.len() as f64;
         let color = nearest_color([(sum[0] / n) as u8, (sum[1] / n) as u8, (sum[2] / n) as u8]);
-        // The shape is read from the pixels close to that colour: the dark fringe that
-        // reconstructions blur around an object would round a square and square a circle.
+        // An object needs enough pixels close to its colour, not just a dark smudge of ink.
         let target = color.rgb();
-        let body: Vec<(usize, usize)> = pixels
-            .into_iter()
-            .filter(|&(x, y)| {
+        let body = pixels
+            .iter()
+            .filter(|&&(x, y)| {
                 let p = img.get(x, y);
                 (0..3)
                     .map(|i| (p[i] as f64 - target[i] as f64).powi(2))
@@ -92,8 +91,8 @@ pub fn detect(img: &Image) -> Vec<Detection> {
                     .sqrt()
                     < BODY_DISTANCE
             })
-            .collect();
-        if body.len() < MIN_PIXELS {
+            .count();
+        if body < MIN_PIXELS {
             continue;
         }
         let m = shape_moments(img, (x0, x1), (y0, y1), target);
@@ -114,12 +113,12 @@ pub fn detect(img: &Image) -> Vec<Detection> {
 }
 
 /// Below this [`ShapeMoments::skew`] an object is a triangle: clean triangles ≈ −0.57, and
-/// through the default VQ tokenizer −0.64 … −0.43 (5th–95th percentile) against −0.15 … 0.05
-/// for discs and squares.
+/// through the quickstart VQ tokenizer −0.63 … −0.43 (5th–95th percentile) against −0.13 … 0.05
+/// for discs and squares (`cargo run --release -p unimod-train --example judge_errors`).
 const TRIANGLE_SKEW: f64 = -0.25;
 /// Above this [`ShapeMoments::corner_anisotropy`] a symmetric object is a square: clean
-/// squares 1, clean discs 0; through the default VQ tokenizer discs spread over 0.09–0.70 and
-/// squares over 0.50–1.27 (5th–95th percentile): the threshold sits where the tails cross.
+/// squares 1, clean discs 0; through the quickstart VQ tokenizer discs spread over 0.13–0.66 and
+/// squares over 0.56–1.23 (5th–95th percentile): the threshold sits where the tails cross.
 const SQUARE_ANISOTROPY: f64 = 0.6;
 
 /// Blur-robust shape statistics of one cell: the moments of its pixels, each weighted by how

@@ -13,8 +13,7 @@ use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor, nn};
-use unimod_tok::dataset::Dataset;
-use unimod_tok::dataset::{Example, Image, Split};
+use unimod_tok::dataset::{Dataset, Example, Image, Split};
 use unimod_tok::judge::{ShapesJudge, T2iJudge};
 use unimod_tok::mnist::{Mnist, MnistConfig, MnistJudge};
 use unimod_tok::shapes::ShapesConfig;
@@ -77,7 +76,8 @@ pub struct TokenizerReport {
     pub psnr_db: f64,
     pub perplexity: f64,
     pub dead_codes: i64,
-    /// Share of test images the T2I judge reads as their ground truth (the scene, the digit), clean and through the VQ tokenizer.
+    /// Share of test images the T2I judge reads as their ground truth (the scene, the digit),
+    /// clean and through the VQ tokenizer.
     pub judge_clean: f64,
     pub judge_reconstructed: f64,
     pub images: usize,
@@ -117,8 +117,9 @@ pub fn dataset(cfg: &DataConfig) -> Result<Arc<dyn Dataset>> {
 /// The T2I judge of the dataset `[data]` names.
 pub fn judge(cfg: &DataConfig, device: Device) -> Result<Box<dyn T2iJudge>> {
     Ok(match cfg.dataset.as_str() {
+        "shapes" => Box::new(ShapesJudge),
         "mnist" => Box::new(MnistJudge::load(&cache::mnist_judge_weights(), device)?),
-        _ => Box::new(ShapesJudge),
+        other => bail!("data.dataset = {other:?}: expected \"shapes\" or \"mnist\""),
     })
 }
 
@@ -127,8 +128,21 @@ const ARTIFACT_VERSION: u32 = 2;
 
 fn key(parts: &impl Serialize) -> String {
     let json = serde_json::to_string(&(ARTIFACT_VERSION, parts)).expect("configs serialise");
-    let digest = Sha256::digest(json.as_bytes());
-    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    short_hash([json.as_bytes()])
+}
+
+/// The first 8 bytes of the SHA-256 of `parts`, in hex.
+fn short_hash<B: AsRef<[u8]>>(parts: impl IntoIterator<Item = B>) -> String {
+    let mut hasher = Sha256::new();
+    for p in parts {
+        hasher.update(p);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The tokenizers for `data` + `tok`: loaded from the cache when trained before with the same
@@ -200,16 +214,9 @@ pub fn tokenizers(
     let partial = dir.join(format!("report.json.{}.partial", std::process::id()));
     std::fs::write(&partial, serde_json::to_string_pretty(&report)?)?;
     std::fs::rename(&partial, &report_path)?;
-    let mut hasher = Sha256::new();
-    for path in [&text_path, &vq_path] {
-        hasher.update(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?);
-    }
-    let digest = hasher
-        .finalize()
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let files = [&text_path, &vq_path]
+        .map(|path| std::fs::read(path).with_context(|| format!("reading {}", path.display())));
+    let digest = short_hash(files.into_iter().collect::<Result<Vec<_>>>()?);
     Ok(Tokenizers {
         dir,
         digest,

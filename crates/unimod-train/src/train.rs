@@ -18,8 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tch::{Device, nn::VarStore};
 use unimod_model::{ForwardOptions, UnifiedTransformer, checkpoint, flops};
-use unimod_tok::dataset::Dataset;
-use unimod_tok::dataset::Split;
+use unimod_tok::dataset::{Dataset, Split};
 use unimod_tok::judge::T2iJudge;
 use unimod_tok::{Batch, Task};
 
