@@ -86,7 +86,8 @@ pub fn redundancy(
                         .collect();
                     let width = n_keep.iter().copied().max().unwrap_or(1).max(1);
                     let n_keep = Tensor::from_slice(&n_keep).to_device(valid.device());
-                    let sel = select::top_k(&score, &candidates, &forced, &n_keep, width);
+                    let budget = select::Budget::new(&candidates, &forced, &n_keep, width);
+                    let sel = select::top_k(&score, &budget);
                     probe::task_loss(
                         model,
                         batch,

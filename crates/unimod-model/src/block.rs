@@ -178,9 +178,9 @@ pub struct AttentionOutput {
 
 #[derive(Debug)]
 pub struct Attention {
-    q: nn::Linear,
-    k: nn::Linear,
-    v: nn::Linear,
+    /// Queries, keys and values in one projection (`d → (H + 2·H_kv)·hd`): one matmul instead
+    /// of three, forward and backward.
+    qkv: nn::Linear,
     o: nn::Linear,
     n_heads: i64,
     n_kv_heads: i64,
@@ -193,11 +193,9 @@ impl Attention {
             bias: cfg.bias,
             ..Default::default()
         };
-        let kv = cfg.n_kv_heads * cfg.head_dim();
+        let qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim();
         Attention {
-            q: nn::linear(&p / "q", cfg.d_model, cfg.d_model, c),
-            k: nn::linear(&p / "k", cfg.d_model, kv, c),
-            v: nn::linear(&p / "v", cfg.d_model, kv, c),
+            qkv: nn::linear(&p / "qkv", cfg.d_model, qkv, c),
             o: nn::linear(&p / "o", cfg.d_model, cfg.d_model, c),
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
@@ -217,10 +215,17 @@ impl Attention {
         capture: bool,
     ) -> AttentionOutput {
         let (b, t, _) = x.size3().expect("x is [B, T, D]");
-        let heads = |y: Tensor, h: i64| y.view([b, t, h, self.head_dim]).transpose(1, 2);
-        let q = rope.apply(&heads(self.q.forward(x), self.n_heads), tokens.positions);
-        let mut k = rope.apply(&heads(self.k.forward(x), self.n_kv_heads), tokens.positions);
-        let mut v = heads(self.v.forward(x), self.n_kv_heads);
+        let (h, h_kv) = (self.n_heads, self.n_kv_heads);
+        let qkv = self
+            .qkv
+            .forward(x)
+            .view([b, t, h + 2 * h_kv, self.head_dim])
+            .transpose(1, 2);
+        // Queries and keys rotate together: one RoPE instead of two.
+        let qk = rope.apply(&qkv.narrow(1, 0, h + h_kv), tokens.positions);
+        let q = qk.narrow(1, 0, h);
+        let mut k = qk.narrow(1, h, h_kv);
+        let mut v = qkv.narrow(1, h + h_kv, h_kv);
         let (mut k_index, mut k_valid) =
             (tokens.index.shallow_clone(), tokens.valid.shallow_clone());
         if let Some(c) = cache {

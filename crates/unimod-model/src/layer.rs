@@ -9,6 +9,8 @@
 //! sigmoid(score) and add it to the residual; the other tokens pass unchanged.
 
 use crate::block::{AttentionMaps, Block, LayerCache, Rope, Tokens};
+use std::cell::{OnceCell, RefCell};
+use std::rc::Rc;
 use tch::{Kind, Tensor, nn};
 use unimod_router::select::{self, gather_tokens, scatter_add_tokens};
 use unimod_router::{
@@ -31,6 +33,55 @@ pub struct LayerInput<'a> {
     pub routable_segments: Vec<Segment>,
     pub mode: RoutingMode,
     pub capture_attention: bool,
+    /// What layers that route alike share, built by the first of them (see [`Shared`]).
+    pub shared: RefCell<Vec<(Capacities, Rc<Shared>)>>,
+}
+
+/// What one forward pass's routed layers with the same capacities share: their routable and
+/// always-processed tokens and their top-k budget. A few dozen small ops per layer otherwise;
+/// on a CPU at small widths each costs tens of microseconds, which adds up to a visible share
+/// of the time a routed layer saves.
+#[derive(Debug)]
+pub struct Shared {
+    /// `[B, S]` valid tokens of routed tasks in routable segments.
+    routable: Tensor,
+    /// `[B, S]` valid tokens that must be processed.
+    forced: Tensor,
+    /// `[B, S, 1]` i64: each sample's column among per-task routers and predictors (its task's
+    /// place in `routed_tasks()`; 0 for unrouted tasks).
+    column: Tensor,
+    top_k: OnceCell<(select::Budget, [Option<usize>; Task::COUNT])>,
+}
+
+impl LayerInput<'_> {
+    fn shared(&self, capacity: &Capacities) -> Rc<Shared> {
+        if let Some((_, s)) = self.shared.borrow().iter().find(|(c, _)| c == capacity) {
+            return s.clone();
+        }
+        let task = &self.batch.task;
+        let mut task_routed = task.zeros_like().to_kind(Kind::Bool);
+        let mut column = task.zeros_like();
+        for (i, t) in capacity.routed_tasks().into_iter().enumerate() {
+            let is_t = task.eq(t as i64);
+            task_routed = task_routed.logical_or(&is_t);
+            if i > 0 {
+                column += is_t * i as i64;
+            }
+        }
+        let (b, s) = (self.batch.size() as i64, self.batch.seq_len());
+        let routable = self
+            .routable_segment
+            .logical_and(&task_routed.unsqueeze(1))
+            .logical_and(&self.valid);
+        let shared = Rc::new(Shared {
+            forced: self.valid.logical_and(&routable.logical_not()),
+            routable,
+            column: column.view([b, 1, 1]).expand([b, s, 1], false),
+            top_k: OnceCell::new(),
+        });
+        self.shared.borrow_mut().push((*capacity, shared.clone()));
+        shared
+    }
 }
 
 /// Routing statistics of one routed layer, as tensors (read them when logging, not per step).
@@ -74,10 +125,26 @@ pub struct LayerOutput {
     pub hidden: Tensor,
     pub attention: Option<AttentionMaps>,
     pub routing: Option<RoutingStats>,
-    /// Router BCE (weighted) plus causal-predictor BCE; zero-sized when not routed.
-    pub aux_loss: Option<Tensor>,
+    /// What the router's and the causal predictor's auxiliary losses need (top-k mode only).
+    pub aux_targets: Option<AuxTargets>,
     /// Tokens the block processed, summed over the batch (host count; attention pairs too).
     pub work: Work,
+}
+
+/// One routed layer's logits (with their graphs) and top-k membership. The model turns the
+/// targets of all its layers into the auxiliary losses in one batched computation: per layer it
+/// would be a dozen small ops, forward and backward, which on a CPU cost more than the block's
+/// routing itself at small widths.
+#[derive(Debug)]
+pub struct AuxTargets {
+    /// `[B, S]` router logits.
+    pub router: Tensor,
+    /// `[B, S]` causal-predictor logits, if trained.
+    pub predictor: Option<Tensor>,
+    /// `[B, S]` routable tokens in the top-k.
+    pub in_topk: Tensor,
+    /// `[B, S]` routable tokens.
+    pub routable: Tensor,
 }
 
 /// Tokens processed and attention pairs computed, for the FLOPs model.
@@ -89,16 +156,19 @@ pub struct Work {
     pub router_tokens: f64,
 }
 
-/// One routed layer's routers: one per task (UniMoD), or one handle on a shared router.
+/// One routed layer's routers: one per task (UniMoD), or one shared by its tasks, or a handle on
+/// the model's global router (γ-MoD).
 #[derive(Debug)]
 pub struct RoutedLayer {
     capacity: Capacities,
     /// `[tasks]` f64 capacity per task id (0 for unrouted tasks), on the model's device, so that
     /// k is computed on the device: copying per-step counts from the host would sync the GPU.
     capacity_by_task: Tensor,
-    routers: Vec<(Task, Router)>,
-    predictors: Vec<(Task, CausalPredictor)>,
-    aux_coef: f64,
+    /// `[B, S, n]` scores: one column per routed task in the order of
+    /// `capacity.routed_tasks()`, or one shared column.
+    router: Router,
+    /// One predictor per routed task, in the same order.
+    predictor: Option<CausalPredictor>,
 }
 
 #[derive(Debug)]
@@ -161,7 +231,7 @@ impl Layer {
                 hidden: x.shallow_clone(),
                 attention: None,
                 routing: None,
-                aux_loss: None,
+                aux_targets: None,
                 work: Work::default(),
             },
             LayerKind::Dense => {
@@ -173,7 +243,7 @@ impl Layer {
                     hidden: x + d.delta,
                     attention: d.attention,
                     routing: None,
-                    aux_loss: None,
+                    aux_targets: None,
                     work,
                 }
             }
@@ -239,7 +309,7 @@ impl Layer {
             hidden: x + d.delta * keep.to_kind(x.kind()).unsqueeze(-1),
             attention: d.attention,
             routing: None,
-            aux_loss: None,
+            aux_targets: None,
             work: Work {
                 tokens: kept,
                 attention_pairs: kept * d.keys as f64,
@@ -272,39 +342,18 @@ impl RoutedLayer {
         global_router: Option<&Router>,
     ) -> RoutedLayer {
         let tasks = capacity.routed_tasks();
-        let routers: Vec<(Task, Router)> = match sharing {
-            Routers::PerTask => tasks
-                .iter()
-                .map(|t| {
-                    (
-                        *t,
-                        Router::new(p / "router" / t.name(), d_model, cfg.router),
-                    )
-                })
-                .collect(),
-            Routers::Shared => {
-                let r = Router::new(p / "router" / "shared", d_model, cfg.router);
-                tasks.iter().map(|t| (*t, r.share())).collect()
-            }
-            Routers::Global => {
-                let g =
-                    global_router.expect("the model creates the global router for Routers::Global");
-                tasks.iter().map(|t| (*t, g.share())).collect()
-            }
+        let n_tasks = tasks.len() as i64;
+        let router = match sharing {
+            Routers::PerTask => Router::new(p / "router", d_model, cfg.router, n_tasks),
+            Routers::Shared => Router::new(p / "router", d_model, cfg.router, 1),
+            Routers::Global => global_router
+                .expect("the model creates the global router for Routers::Global")
+                .share(),
         };
         // Predictors are per task whatever the router sharing: they only imitate decisions.
-        let predictors = match cfg.causal_predictor {
-            true => tasks
-                .iter()
-                .map(|t| {
-                    (
-                        *t,
-                        CausalPredictor::new(p / "predictor" / t.name(), d_model),
-                    )
-                })
-                .collect(),
-            false => Vec::new(),
-        };
+        let predictor = cfg
+            .causal_predictor
+            .then(|| CausalPredictor::new(p / "predictor", d_model, n_tasks));
         let by_task: Vec<f64> = Task::ALL
             .iter()
             .map(|t| capacity.get(*t).unwrap_or(0.0))
@@ -312,22 +361,17 @@ impl RoutedLayer {
         RoutedLayer {
             capacity,
             capacity_by_task: Tensor::from_slice(&by_task).to_device(p.device()),
-            routers,
-            predictors,
-            aux_coef: cfg.aux_loss,
+            router,
+            predictor,
         }
     }
 
-    /// Per-sample value of a per-task tensor: `[B, S]` where each sample takes its task's entry.
-    fn per_task(&self, items: &[(Task, Tensor)], task: &Tensor) -> Tensor {
-        let (first, rest) = items
-            .split_first()
-            .expect("a routed layer routes at least one task");
-        let mut out = first.1.shallow_clone();
-        for (t, v) in rest {
-            out = v.where_self(&task.eq(*t as i64).unsqueeze(1), &out);
+    /// Each sample's own column of `[B, S, n]` per-task logits: `[B, S]`.
+    fn own_column(logits: &Tensor, shared: &Shared) -> Tensor {
+        match logits.size()[2] {
+            1 => logits.squeeze_dim(-1),
+            _ => logits.gather(2, &shared.column, false).squeeze_dim(-1),
         }
-        out
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -342,26 +386,18 @@ impl RoutedLayer {
         cache: Option<&mut LayerCache>,
     ) -> LayerOutput {
         let b = input.batch;
-        let task_routed = self.routed_mask(&b.task);
-        let routable = input
-            .routable_segment
-            .logical_and(&task_routed.unsqueeze(1))
-            .logical_and(&input.valid);
-        let forced = input.valid.logical_and(&routable.logical_not());
-        let scores: Vec<(Task, Tensor)> =
-            self.routers.iter().map(|(t, r)| (*t, r.score(x))).collect();
-        let score = self.per_task(&scores, &b.task);
-        let predictor_logits = (!self.predictors.is_empty()).then(|| {
-            let p: Vec<(Task, Tensor)> = self
-                .predictors
-                .iter()
-                .map(|(t, p)| (*t, p.logits(x)))
-                .collect();
-            self.per_task(&p, &b.task)
+        let shared = input.shared(&self.capacity);
+        let (routable, forced) = (&shared.routable, &shared.forced);
+        let score = Self::own_column(&self.router.score(x), &shared);
+        let predictor_logits = self
+            .predictor
+            .as_ref()
+            .map(|p| Self::own_column(&p.logits(x), &shared));
+        let predictors = self.predictor.as_ref().map_or(0.0, |p| {
+            p.columns() as f64 * CausalPredictor::cost_in_router_evals(x.size()[2])
         });
-        let per_token = self.routers.len() as f64
-            + self.predictors.len() as f64 * CausalPredictor::cost_in_router_evals(x.size()[2]);
-        let n_router_evals = per_token * (b.size() as f64 * b.seq_len() as f64);
+        let n_router_evals =
+            (self.router.columns() as f64 + predictors) * (b.size() as f64 * b.seq_len() as f64);
         match input.mode {
             RoutingMode::TopK if cache.is_none() => self.top_k(
                 layer,
@@ -369,8 +405,7 @@ impl RoutedLayer {
                 x,
                 input,
                 &score,
-                &routable,
-                &forced,
+                &shared,
                 predictor_logits,
                 rope,
                 n_router_evals,
@@ -380,7 +415,7 @@ impl RoutedLayer {
                     (RoutingMode::ThresholdPredictor, Some(p)) => p.shallow_clone(),
                     _ => score.shallow_clone(),
                 };
-                let processed = select::threshold(&decision, &routable, &forced);
+                let processed = select::threshold(&decision, routable, forced);
                 let d = delta_among(
                     block,
                     x,
@@ -392,14 +427,14 @@ impl RoutedLayer {
                 );
                 let weight = score
                     .sigmoid()
-                    .where_self(&routable, &Tensor::ones([], (score.kind(), score.device())))
+                    .where_self(routable, &Tensor::ones([], (score.kind(), score.device())))
                     * processed.to_kind(score.kind());
                 let stats = self.stats(
                     layer,
                     b,
                     &score,
                     &processed,
-                    &routable,
+                    routable,
                     predictor_logits,
                     None,
                 );
@@ -407,7 +442,7 @@ impl RoutedLayer {
                     hidden: x + d.delta * weight.unsqueeze(-1),
                     attention: d.attention,
                     routing: Some(stats),
-                    aux_loss: None,
+                    aux_targets: None,
                     work: Work::of_block(x, d.keys, n_router_evals),
                 }
             }
@@ -422,12 +457,56 @@ impl RoutedLayer {
         x: &Tensor,
         input: &LayerInput,
         score: &Tensor,
-        routable: &Tensor,
-        forced: &Tensor,
+        shared: &Shared,
         predictor_logits: Option<Tensor>,
         rope: &Rope,
         n_router_evals: f64,
     ) -> LayerOutput {
+        let b = input.batch;
+        let (budget, processed) = shared.top_k.get_or_init(|| self.budget(input, shared));
+        let sel = select::top_k(score, budget);
+        let gather = |t: &Tensor| t.gather(1, &sel.index, false);
+        let (positions, upto) = (gather(&b.positions), gather(&b.attn_upto));
+        let tokens = Tokens {
+            positions: &positions,
+            index: &sel.index,
+            upto: &upto,
+            valid: &sel.active,
+        };
+        let x_sel = gather_tokens(x, &sel.index);
+        let d = block.delta(&x_sel, &tokens, rope, None, input.capture_attention);
+        let hidden = scatter_add_tokens(x, &sel.index, &(d.delta * sel.weight.unsqueeze(-1)));
+        let aux_targets = AuxTargets {
+            router: score.shallow_clone(),
+            predictor: predictor_logits.as_ref().map(Tensor::shallow_clone),
+            in_topk: sel.in_topk,
+            routable: shared.routable.shallow_clone(),
+        };
+        let stats = self.stats(
+            layer,
+            b,
+            score,
+            &sel.processed,
+            &shared.routable,
+            predictor_logits,
+            Some(*processed),
+        );
+        LayerOutput {
+            hidden,
+            attention: d.attention,
+            routing: Some(stats),
+            aux_targets: Some(aux_targets),
+            work: Work::of_block(&x_sel, d.keys, n_router_evals),
+        }
+    }
+
+    /// Each sample keeps its non-routable tokens and k = max(1, ceil(capacity × n_routable)) of
+    /// its routable ones; also the tokens processed per task, counted on the host.
+    fn budget(
+        &self,
+        input: &LayerInput,
+        shared: &Shared,
+    ) -> (select::Budget, [Option<usize>; Task::COUNT]) {
         let b = input.batch;
         let mut processed = [None; Task::COUNT];
         let n_keep: Vec<usize> = (0..b.size())
@@ -448,53 +527,15 @@ impl RoutedLayer {
         let width = n_keep.iter().copied().max().unwrap_or(1).max(1) as i64;
         // The same k as the host counts above (same f64 arithmetic as `tokens_kept`), computed
         // from device tensors; the host counts give only the gather width and the statistics.
-        let n_routable = routable.sum_dim_intlist(1, false, Kind::Double);
+        let n_routable = shared.routable.sum_dim_intlist(1, false, Kind::Double);
         let kept = (self.capacity_by_task.index_select(0, &b.task) * &n_routable)
             .ceil()
             .clamp_min(1.0)
             .minimum(&n_routable);
         let n_keep_t = (input.valid.sum_dim_intlist(1, false, Kind::Double) - n_routable + kept)
             .to_kind(Kind::Int64);
-        let sel = select::top_k(score, routable, forced, &n_keep_t, width);
-        let gather = |t: &Tensor| t.gather(1, &sel.index, false);
-        let (positions, upto) = (gather(&b.positions), gather(&b.attn_upto));
-        let tokens = Tokens {
-            positions: &positions,
-            index: &sel.index,
-            upto: &upto,
-            valid: &sel.active,
-        };
-        let x_sel = gather_tokens(x, &sel.index);
-        let d = block.delta(&x_sel, &tokens, rope, None, input.capture_attention);
-        let hidden = scatter_add_tokens(x, &sel.index, &(d.delta * sel.weight.unsqueeze(-1)));
-        let mut aux = select::membership_bce(score, &sel.in_topk, routable) * self.aux_coef;
-        if let Some(p) = &predictor_logits {
-            aux += select::membership_bce(p, &sel.in_topk, routable);
-        }
-        let stats = self.stats(
-            layer,
-            b,
-            score,
-            &sel.processed,
-            routable,
-            predictor_logits,
-            Some(processed),
-        );
-        LayerOutput {
-            hidden,
-            attention: d.attention,
-            routing: Some(stats),
-            aux_loss: Some(aux),
-            work: Work::of_block(&x_sel, d.keys, n_router_evals),
-        }
-    }
-
-    fn routed_mask(&self, task: &Tensor) -> Tensor {
-        let mut m = task.zeros_like().to_kind(Kind::Bool);
-        for t in self.capacity.routed_tasks() {
-            m = m.logical_or(&task.eq(t as i64));
-        }
-        m
+        let budget = select::Budget::new(&shared.routable, &shared.forced, &n_keep_t, width);
+        (budget, processed)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -3,9 +3,9 @@
 
 use crate::block::{AttentionMaps, LayerCache, Norm, Rope};
 use crate::config::{ConfigError, ModelConfig};
-use crate::layer::{Layer, LayerInput, RoutingStats, Work};
+use crate::layer::{AuxTargets, Layer, LayerInput, RoutingStats, Work};
 use tch::{Kind, Tensor, nn, nn::Module};
-use unimod_router::{LayerPlan, Router, Routers, RoutingMode};
+use unimod_router::{LayerPlan, Router, Routers, RoutingMode, select};
 use unimod_tok::{Batch, IGNORE, Segment, Task};
 
 /// What a forward pass computes besides logits; everything off by default.
@@ -107,8 +107,8 @@ impl UnifiedTransformer {
                 }
             )
         });
-        let global =
-            needs_global.then(|| Router::new(p / "global_router", cfg.d_model, cfg.routing.router));
+        let global = needs_global
+            .then(|| Router::new(p / "global_router", cfg.d_model, cfg.routing.router, 1));
         let layers = plans
             .iter()
             .enumerate()
@@ -156,6 +156,7 @@ impl UnifiedTransformer {
                 .collect(),
             mode: opts.mode,
             capture_attention: opts.attention,
+            shared: Default::default(),
         }
     }
 
@@ -193,6 +194,7 @@ impl UnifiedTransformer {
         mut cache: Option<&mut KvCache>,
     ) -> ModelOutput {
         let input = self.layer_input(batch, opts);
+        let mut aux_targets = Vec::new();
         let mut x = self.embed.forward(&batch.tokens);
         let mut out = ModelOutput {
             logits: Tensor::new(),
@@ -223,18 +225,36 @@ impl UnifiedTransformer {
             out.attentions.push(o.attention);
             out.work.push(o.work);
             out.routing.extend(o.routing);
-            if let Some(a) = o.aux_loss {
-                out.aux_loss = Some(match out.aux_loss.take() {
-                    None => a,
-                    Some(s) => s + a,
-                });
-            }
+            aux_targets.extend(o.aux_targets);
             if opts.hidden_states {
                 out.hidden_states.push(x.shallow_clone());
             }
         }
         out.logits = self.head.forward(&self.norm.forward(&x));
+        out.aux_loss = self.aux_loss(&aux_targets);
         out
+    }
+
+    /// The routers' BCE towards top-k membership (weighted by `routing.aux_loss`) plus the causal
+    /// predictors' BCE, each a mean over a layer's routable tokens, summed over layers; computed
+    /// for all routed layers at once.
+    fn aux_loss(&self, targets: &[AuxTargets]) -> Option<Tensor> {
+        if targets.is_empty() {
+            return None;
+        }
+        let stack = |f: fn(&AuxTargets) -> &Tensor| {
+            Tensor::stack(&targets.iter().map(f).collect::<Vec<_>>(), 0)
+        };
+        let (in_topk, routable) = (stack(|t| &t.in_topk), stack(|t| &t.routable));
+        let bce =
+            |logits: &Tensor| select::membership_bce(logits, &in_topk, &routable).sum(Kind::Float);
+        let mut aux = bce(&stack(|t| &t.router)) * self.cfg.routing.aux_loss;
+        let predictors: Option<Vec<&Tensor>> =
+            targets.iter().map(|t| t.predictor.as_ref()).collect();
+        if let Some(p) = predictors {
+            aux += bce(&Tensor::stack(&p, 0));
+        }
+        Some(aux)
     }
 
     /// Cross-entropy per task over the positions with a label, weighted into the total.

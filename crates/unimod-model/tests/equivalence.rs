@@ -317,10 +317,12 @@ fn each_task_is_routed_by_its_own_router_only() {
     let (vs, model) = build(&cfg, 0);
     let b = batch(&sequences(Flavour::Showo, true));
     let before = model.forward(&b, &ForwardOptions::default());
+    // Per-task routers are the columns of one projection, in task order: row 1 is MMU's.
     tch::no_grad(|| {
-        for (name, mut v) in vs.variables() {
-            if name.contains("router.mmu") {
-                v.copy_(&(Tensor::randn(v.size(), tch::kind::FLOAT_CPU) * 3.0));
+        for (name, v) in vs.variables() {
+            if name.contains("router.proj") {
+                let mut mmu = v.narrow(0, 1, 1);
+                mmu.copy_(&(Tensor::randn(mmu.size(), tch::kind::FLOAT_CPU) * 3.0));
             }
         }
     });
@@ -350,6 +352,60 @@ fn each_task_is_routed_by_its_own_router_only() {
             "layer {}: kept {kept:?}, expected {expected:?}",
             s.layer
         );
+    }
+}
+
+/// Layers share what they can within a forward pass (masks, budgets); layers routing other tasks
+/// or at other capacities must still keep exactly their own k.
+#[test]
+fn each_layer_keeps_its_own_capacity() {
+    let at = |t2i: Option<f64>, mmu: Option<f64>| LayerPlan::Routed {
+        capacity: Capacities { t2i, mmu, lm: None },
+        routers: Routers::PerTask,
+    };
+    let plans = [
+        at(Some(0.5), Some(0.5)),
+        at(None, Some(0.25)),
+        at(Some(0.5), Some(0.5)),
+        at(Some(0.75), None),
+    ];
+    let mut cfg = config(
+        Flavour::Showo,
+        Schedule::Explicit {
+            layers: plans.to_vec(),
+        },
+    );
+    cfg.n_layers = plans.len();
+    let (_, model) = build(&cfg, 0);
+    let b = batch(&sequences(Flavour::Showo, true));
+    let out = model.forward(&b, &ForwardOptions::default());
+    assert_eq!(out.routing.len(), plans.len());
+    for (s, plan) in out.routing.iter().zip(&plans) {
+        let LayerPlan::Routed { capacity, .. } = plan else {
+            unreachable!()
+        };
+        for (i, task) in b.tasks.iter().enumerate() {
+            let routable = s.routable.get(i as i64).sum(Kind::Int64).int64_value(&[]);
+            let kept = s
+                .processed_mask
+                .get(i as i64)
+                .logical_and(&s.routable.get(i as i64))
+                .sum(Kind::Int64)
+                .int64_value(&[]);
+            let expected = match capacity.get(*task) {
+                Some(c) => (c * routable as f64).ceil() as i64,
+                None => 0,
+            };
+            assert_eq!(kept, expected, "layer {} sample {i} ({task:?})", s.layer);
+            if capacity.get(*task).is_none() {
+                let valid = b.valid().get(i as i64);
+                assert!(
+                    s.processed_mask.get(i as i64).equal(&valid),
+                    "layer {}: an unrouted task's tokens are all processed",
+                    s.layer
+                );
+            }
+        }
     }
 }
 

@@ -12,70 +12,118 @@ pub enum RouterArch {
     /// `d → 1` (Raposo et al.).
     #[default]
     Linear,
-    /// `d → d/4 → 1` with GELU.
+    /// `d → d/4 → 1` with ReLU.
     Mlp,
 }
 
-/// Scores tokens: `[.., D] → [..]` logits.
+/// `n` scoring heads over the same input, one per task, evaluated together (`[.., D] → [.., n]`
+/// logits): a `d → n` projection, or with a hidden layer of `h` per head, one `d → n·h` matmul,
+/// ReLU, and each head's own `h → 1` output. One matmul for all heads instead of one per task
+/// matters on a CPU at small widths, where every op costs tens of microseconds; so does ReLU:
+/// GELU's erf, forward and backward, costs as much as these heads' matmuls there.
+#[derive(Debug)]
+struct Heads {
+    hidden: Option<(nn::Linear, i64)>,
+    /// Weight `[n, in]`, bias `[n]`.
+    out: nn::Linear,
+    n: i64,
+}
+
+impl Heads {
+    fn new(
+        p: &nn::Path,
+        d_model: i64,
+        n: i64,
+        hidden: Option<i64>,
+        out: nn::LinearConfig,
+    ) -> Heads {
+        let hidden = hidden.map(|h| {
+            let l = nn::linear(p / "hidden", d_model, n * h, Default::default());
+            (l, h)
+        });
+        let fan_in = hidden.as_ref().map_or(d_model, |(_, h)| *h);
+        Heads {
+            out: nn::linear(p / "proj", fan_in, n, out),
+            hidden,
+            n,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        match &self.hidden {
+            None => self.out.forward(x),
+            Some((l, h)) => {
+                let y = l.forward(x).relu();
+                let mut per_head = y.size();
+                per_head.pop();
+                per_head.extend([self.n, *h]);
+                let bias = self.out.bs.as_ref().expect("heads have a bias");
+                (y.view(per_head.as_slice()) * &self.out.ws).sum_dim_intlist(-1, false, y.kind())
+                    + bias
+            }
+        }
+    }
+
+    fn share(&self) -> Heads {
+        let linear = |l: &nn::Linear| nn::Linear {
+            ws: l.ws.shallow_clone(),
+            bs: l.bs.as_ref().map(Tensor::shallow_clone),
+        };
+        Heads {
+            hidden: self.hidden.as_ref().map(|(l, h)| (linear(l), *h)),
+            out: linear(&self.out),
+            n: self.n,
+        }
+    }
+}
+
+/// Scores tokens, one column per task it routes: `[.., D] → [.., n]` logits.
 #[derive(Debug)]
 pub struct Router {
-    layers: Vec<nn::Linear>,
+    heads: Heads,
 }
 
 impl Router {
-    pub fn new(p: nn::Path, d_model: i64, arch: RouterArch) -> Router {
+    /// `n` routers (one per task; 1 for a router shared by tasks). Column `i` has the
+    /// parameters `proj.weight[i]`, `proj.bias[i]` (and `hidden` rows `i·h..(i+1)·h`).
+    pub fn new(p: nn::Path, d_model: i64, arch: RouterArch, n: i64) -> Router {
         // Zero-initialised output: every token starts at weight sigmoid(0) = 0.5 and the order
         // among tokens is learned from there.
         let zero = nn::LinearConfig {
             ws_init: nn::Init::Const(0.0),
             ..Default::default()
         };
-        let layers = match arch {
-            RouterArch::Linear => vec![nn::linear(&p / "proj", d_model, 1, zero)],
-            RouterArch::Mlp => vec![
-                nn::linear(
-                    &p / "hidden",
-                    d_model,
-                    (d_model / 4).max(1),
-                    Default::default(),
-                ),
-                nn::linear(&p / "proj", (d_model / 4).max(1), 1, zero),
-            ],
-        };
-        Router { layers }
+        let hidden = (arch == RouterArch::Mlp).then(|| (d_model / 4).max(1));
+        Router {
+            heads: Heads::new(&p, d_model, n, hidden, zero),
+        }
     }
 
     /// # Shapes
-    /// `x: [B, S, D]` → `[B, S]` logits.
+    /// `x: [B, S, D]` → `[B, S, n]` logits.
     pub fn score(&self, x: &Tensor) -> Tensor {
-        let mut h = self.layers[0].forward(x);
-        for l in &self.layers[1..] {
-            h = l.forward(&h.gelu("none"));
-        }
-        h.squeeze_dim(-1)
+        self.heads.forward(x)
+    }
+
+    /// Number of score columns.
+    pub fn columns(&self) -> i64 {
+        self.heads.n
     }
 
     /// A handle on the same parameters (γ-MoD shares one router across layers).
     pub fn share(&self) -> Router {
         Router {
-            layers: self
-                .layers
-                .iter()
-                .map(|l| nn::Linear {
-                    ws: l.ws.shallow_clone(),
-                    bs: l.bs.as_ref().map(Tensor::shallow_clone),
-                })
-                .collect(),
+            heads: self.heads.share(),
         }
     }
 }
 
-/// The MoD paper's second fix for causal sampling: a small MLP that sees the layer input under
-/// a stop-gradient and predicts top-k membership, trained without touching the model's loss.
+/// The MoD paper's second fix for causal sampling: a small MLP per task that sees the layer
+/// input under a stop-gradient and predicts top-k membership, trained without touching the
+/// model's loss.
 #[derive(Debug)]
 pub struct CausalPredictor {
-    hidden: nn::Linear,
-    out: nn::Linear,
+    heads: Heads,
 }
 
 impl CausalPredictor {
@@ -90,19 +138,27 @@ impl CausalPredictor {
         h * (d_model as f64 + 1.0) / d_model as f64
     }
 
-    pub fn new(p: nn::Path, d_model: i64) -> CausalPredictor {
-        let h = Self::hidden(d_model);
+    /// `n` predictors, one per task.
+    pub fn new(p: nn::Path, d_model: i64, n: i64) -> CausalPredictor {
         CausalPredictor {
-            hidden: nn::linear(&p / "hidden", d_model, h, Default::default()),
-            out: nn::linear(&p / "out", h, 1, Default::default()),
+            heads: Heads::new(
+                &p,
+                d_model,
+                n,
+                Some(Self::hidden(d_model)),
+                Default::default(),
+            ),
         }
     }
 
+    /// Number of predictors (logit columns).
+    pub fn columns(&self) -> i64 {
+        self.heads.n
+    }
+
     /// # Shapes
-    /// `x: [B, S, D]` → `[B, S]` logits of "in the top-k"; the input is detached.
+    /// `x: [B, S, D]` → `[B, S, n]` logits of "in the top-k"; the input is detached.
     pub fn logits(&self, x: &Tensor) -> Tensor {
-        self.out
-            .forward(&self.hidden.forward(&x.detach()).gelu("none"))
-            .squeeze_dim(-1)
+        self.heads.forward(&x.detach())
     }
 }

@@ -21,43 +21,66 @@ pub struct Selection {
     pub processed: Tensor,
 }
 
-/// Selects, for each sample b, the `n_keep[b]` highest-keyed tokens, where always-processed
-/// tokens rank first, routable tokens by score, and the rest are never chosen.
-///
-/// # Shapes
-/// `score`, `routable`, `forced`: `[B, S]`; `n_keep`: `[B]` (i64, ≤ `width`); `width` = G.
-pub fn top_k(
-    score: &Tensor,
-    routable: &Tensor,
-    forced: &Tensor,
-    n_keep: &Tensor,
-    width: i64,
-) -> Selection {
-    let (b, s) = score.size2().expect("score is [B, S]");
+/// What top-k selection needs besides the scores: which tokens compete, which are always kept,
+/// and how many each sample keeps. It depends only on the batch and on the layer's tasks and
+/// capacities, so a forward pass builds it once for all layers that route alike.
+#[derive(Debug)]
+pub struct Budget {
+    /// `[B, S]` added to the scores to rank tokens: 0 for routable tokens, +∞ for tokens that
+    /// must be processed, −∞ for the rest (never chosen).
+    key_offset: Tensor,
+    /// `[B, S]` true for routable tokens.
+    routable: Tensor,
+    /// `[B, G]` true for the ranks each sample keeps (rank < its k).
+    kept_ranks: Tensor,
+}
+
+impl Budget {
+    /// Sample b keeps its `n_keep[b]` highest-keyed tokens: always-processed (`forced`) tokens
+    /// first, then routable ones by score.
+    ///
+    /// # Shapes
+    /// `routable`, `forced`: `[B, S]` bool; `n_keep`: `[B]` (i64, ≤ `width`); `width` = G.
+    pub fn new(routable: &Tensor, forced: &Tensor, n_keep: &Tensor, width: i64) -> Budget {
+        let device = routable.device();
+        let key_offset = Tensor::zeros(routable.size(), (Kind::Float, device))
+            .masked_fill(&routable.logical_not(), f64::NEG_INFINITY)
+            .masked_fill(forced, f64::INFINITY);
+        let rank = Tensor::arange(width, (Kind::Int64, device)).unsqueeze(0);
+        Budget {
+            key_offset,
+            routable: routable.shallow_clone(),
+            kept_ranks: rank.lt_tensor(&n_keep.unsqueeze(1)),
+        }
+    }
+
+    /// The gather width G.
+    pub fn width(&self) -> i64 {
+        self.kept_ranks.size()[1]
+    }
+}
+
+/// Selects each sample's tokens within `budget`, ranking routable tokens by `score: [B, S]`.
+pub fn top_k(score: &Tensor, budget: &Budget) -> Selection {
     let device = score.device();
-    let key = score
-        .detach()
-        .to_kind(Kind::Float)
-        .masked_fill(&routable.logical_not(), f64::NEG_INFINITY)
-        .masked_fill(forced, f64::INFINITY);
-    let (_, by_key) = key.topk(width, 1, true, true);
-    let rank = Tensor::arange(width, (Kind::Int64, device)).unsqueeze(0);
-    let active_by_key = rank.lt_tensor(&n_keep.unsqueeze(1));
+    let key = score.detach().to_kind(Kind::Float) + &budget.key_offset;
+    let (_, by_key) = key.topk(budget.width(), 1, true, true);
     let (index, order) = by_key.sort(1, false);
-    let active = active_by_key.gather(1, &order, false);
-    let routed = routable.gather(1, &index, false).logical_and(&active);
+    let active = budget.kept_ranks.gather(1, &order, false);
+    let routed = budget
+        .routable
+        .gather(1, &index, false)
+        .logical_and(&active);
     let weight = score
         .gather(1, &index, false)
         .sigmoid()
-        .where_self(&routed, &Tensor::ones([], (score.kind(), device)))
-        * active.to_kind(score.kind());
-    let in_topk = Tensor::zeros([b, s], (Kind::Bool, device)).scatter(1, &index, &routed);
-    let processed = Tensor::zeros([b, s], (Kind::Bool, device)).scatter(1, &index, &active);
+        .where_self(&routed, &active.to_kind(score.kind()));
+    let processed = Tensor::zeros(score.size(), (Kind::Bool, device)).scatter(1, &index, &active);
     Selection {
+        in_topk: processed.logical_and(&budget.routable),
         index,
         active,
         weight,
-        in_topk,
         processed,
     }
 }
@@ -91,6 +114,9 @@ pub fn scatter_add_tokens(x: &Tensor, index: &Tensor, delta: &Tensor) -> Tensor 
 /// Binary cross-entropy of router logits against top-k membership, averaged over routable
 /// tokens: the MoD paper's auxiliary loss, which centres sigmoid(score) on 0.5 so that a 0.5
 /// threshold reproduces top-k in causal decoding.
+///
+/// # Shapes
+/// all `[.., B, S]` → `[..]`: one mean per leading index (per layer, when layers are stacked).
 pub fn membership_bce(logits: &Tensor, in_topk: &Tensor, routable: &Tensor) -> Tensor {
     let w = routable.to_kind(Kind::Float);
     let per_token = logits
@@ -101,7 +127,10 @@ pub fn membership_bce(logits: &Tensor, in_topk: &Tensor, routable: &Tensor) -> T
             None,
             tch::Reduction::None,
         );
-    (per_token * &w).sum(Kind::Float) / w.sum(Kind::Float).clamp_min(1.0)
+    let per_sequence = [-2i64, -1];
+    (per_token * &w).sum_dim_intlist(&per_sequence[..], false, Kind::Float)
+        / w.sum_dim_intlist(&per_sequence[..], false, Kind::Float)
+            .clamp_min(1.0)
 }
 
 #[cfg(test)]
@@ -128,7 +157,8 @@ mod tests {
         let score = t(&[0.0, 0.3, -1.0, 2.0, 0.1, 9.0], 1);
         let routable = mask(&[false, true, true, true, true, false], 1);
         let forced = mask(&[true, false, false, false, false, false], 1);
-        let sel = top_k(&score, &routable, &forced, &Tensor::from_slice(&[3i64]), 3);
+        let budget = Budget::new(&routable, &forced, &Tensor::from_slice(&[3i64]), 3);
+        let sel = top_k(&score, &budget);
         assert_eq!(vec_i64(&sel.index), [0, 1, 3]);
         assert_eq!(vec_bool(&sel.active), [true, true, true]);
         assert_eq!(
@@ -145,13 +175,8 @@ mod tests {
         let score = t(&[1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0], 2);
         let routable = mask(&[true; 8], 2);
         let forced = mask(&[false; 8], 2);
-        let sel = top_k(
-            &score,
-            &routable,
-            &forced,
-            &Tensor::from_slice(&[3i64, 1]),
-            3,
-        );
+        let budget = Budget::new(&routable, &forced, &Tensor::from_slice(&[3i64, 1]), 3);
+        let sel = top_k(&score, &budget);
         assert_eq!(vec_bool(&sel.active).iter().filter(|a| **a).count(), 4);
         assert_eq!(
             vec_bool(&sel.processed),
@@ -181,6 +206,23 @@ mod tests {
         assert!(l < 1e-6, "{l}");
     }
 
+    #[test]
+    fn stacked_bce_is_the_per_layer_bce() {
+        tch::manual_seed(0);
+        let logits = Tensor::randn([3, 2, 5], tch::kind::FLOAT_CPU);
+        let in_topk = Tensor::randn([3, 2, 5], tch::kind::FLOAT_CPU).gt(0.0);
+        let routable = Tensor::randn([3, 2, 5], tch::kind::FLOAT_CPU).gt(-0.5);
+        let stacked = membership_bce(&logits, &in_topk, &routable);
+        assert_eq!(stacked.size(), [3]);
+        for l in 0..3 {
+            let one = membership_bce(&logits.get(l), &in_topk.get(l), &routable.get(l));
+            assert!(
+                one.allclose(&stacked.get(l), 1e-6, 1e-7, false),
+                "layer {l}"
+            );
+        }
+    }
+
     proptest! {
         #[test]
         fn gather_scatter_round_trip(b in 1i64..4, s in 2i64..12, d in 1i64..5, seed in 0i64..1000) {
@@ -188,8 +230,9 @@ mod tests {
             let x = Tensor::randn([b, s, d], tch::kind::FLOAT_CPU);
             let score = Tensor::randn([b, s], tch::kind::FLOAT_CPU);
             let g = (s / 2).max(1);
-            let sel = top_k(&score, &Tensor::ones([b, s], (Kind::Bool, tch::Device::Cpu)),
+            let budget = Budget::new(&Tensor::ones([b, s], (Kind::Bool, tch::Device::Cpu)),
                 &Tensor::zeros([b, s], (Kind::Bool, tch::Device::Cpu)), &Tensor::full([b], g, (Kind::Int64, tch::Device::Cpu)), g);
+            let sel = top_k(&score, &budget);
             // indices ascending and unique
             let idx = Vec::<i64>::try_from(sel.index.flatten(0, -1)).unwrap();
             for row in idx.chunks(g as usize) {
