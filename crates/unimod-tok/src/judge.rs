@@ -295,6 +295,23 @@ impl JudgeReport {
         ok as f64 / n.max(1) as f64
     }
 
+    /// Fact accuracy of a perfect generator that ignores its prompt: each image scored against
+    /// the next caption (the last against the first). The reference a prompt-following model
+    /// must beat; `None` with fewer than two images.
+    pub fn prompt_blind_facts(
+        judge: &dyn T2iJudge,
+        captions: &[&Caption],
+        images: &[Image],
+    ) -> Option<f64> {
+        if images.len() < 2 {
+            return None;
+        }
+        let next: Vec<Image> = images[1..].iter().chain(&images[..1]).cloned().collect();
+        let mut r = JudgeReport::default();
+        r.add(judge, captions, &next);
+        Some(r.facts())
+    }
+
     pub fn category(&self, name: &str) -> Option<f64> {
         self.per_category
             .get(name)
@@ -338,6 +355,23 @@ mod tests {
             let a = scene_agreement(&pairs);
             assert!(a >= 0.99, "size {size}: agreement {a}");
         }
+    }
+
+    #[test]
+    fn prompt_blind_reference_is_far_below_the_real_images() {
+        let c = ShapesConfig::default();
+        let examples: Vec<_> = (0..100).map(|i| c.example(Split::Test, i)).collect();
+        let captions: Vec<&Caption> = examples.iter().map(|e| &e.captions[0]).collect();
+        let images: Vec<Image> = examples.iter().map(|e| e.image.clone()).collect();
+        let mut own = JudgeReport::default();
+        own.add(&ShapesJudge, &captions, &images);
+        let blind = JudgeReport::prompt_blind_facts(&ShapesJudge, &captions, &images).unwrap();
+        assert!(own.facts() > 0.99, "own captions: {}", own.facts());
+        assert!(blind < 0.3, "prompt-blind: {blind}");
+        assert_eq!(
+            JudgeReport::prompt_blind_facts(&ShapesJudge, &captions[..1], &images[..1]),
+            None
+        );
     }
 
     /// A box blur applied twice (close to a Gaussian of σ ≈ 1.2 px).

@@ -36,7 +36,10 @@ impl Default for VqConfig {
             channels: 48,
             downsample: 2,
             commitment: 0.25,
-            steps: 1200,
+            // 2026-11-22, quickstart `shapes` world on the 2-core CPU: 800 steps (79 s) gave
+            // PSNR 24.6 dB and 90.0 % judge agreement on reconstructions, 1400 (140 s)
+            // 27.6 dB and 97.5 %, 2000 (210 s) 29.5 dB and 99.2 %.
+            steps: 1400,
             batch_size: 32,
             lr: 2e-3,
             restart_every: 100,

@@ -56,6 +56,11 @@ pub struct EvalReport {
     /// Share of all the captions' facts that hold (whole captions are all-or-nothing).
     #[serde(default)]
     pub t2i_facts: f64,
+    /// `t2i_facts` of a perfect generator that ignores its prompt: the real validation images,
+    /// each scored against the next example's caption. A model above it follows its prompts;
+    /// the same for every model evaluated on the same captions.
+    #[serde(default)]
+    pub t2i_facts_prompt_blind: Option<f64>,
     /// Fréchet distance of the judge's features, generated vs the validation images of the
     /// same captions, where the judge has features (MNIST). With fewer samples than feature
     /// dimensions (128) it is biased upwards: compare runs with the same `t2i_samples`.
@@ -79,6 +84,7 @@ pub fn evaluate(
     let T2i {
         overall: t2i_overall,
         facts: t2i_facts,
+        facts_prompt_blind: t2i_facts_prompt_blind,
         per_category: t2i_per_category,
         frechet: t2i_frechet,
     } = text_to_image(ctx, cfg, model, out)?;
@@ -88,6 +94,7 @@ pub fn evaluate(
         t2i_overall,
         t2i_per_category,
         t2i_facts,
+        t2i_facts_prompt_blind,
         t2i_frechet,
         mmu_accuracy,
         mmu_per_kind,
@@ -249,6 +256,7 @@ pub fn answers(
 struct T2i {
     overall: f64,
     facts: f64,
+    facts_prompt_blind: Option<f64>,
     per_category: BTreeMap<String, f64>,
     frechet: Option<f64>,
 }
@@ -292,10 +300,13 @@ fn text_to_image(
         .keys()
         .map(|k| (k.clone(), report.category(k).unwrap_or(0.0)))
         .collect();
-    let real: Vec<Image> = examples.into_iter().map(|(_, _, img)| img).collect();
+    let real: Vec<Image> = examples.iter().map(|(_, _, img)| img.clone()).collect();
+    let captions: Vec<_> = examples.iter().map(|(c, _, _)| c).collect();
+    let prompt_blind = JudgeReport::prompt_blind_facts(ctx.judge.as_ref(), &captions, &real);
     Ok(T2i {
         overall: report.overall(),
         facts: report.facts(),
+        facts_prompt_blind: prompt_blind,
         per_category: per,
         frechet: (generated.len() > 1)
             .then(|| ctx.judge.frechet(&generated, &real))

@@ -365,6 +365,14 @@ fn write_report(
         cfg.format.image_tokens()
     )?;
     writeln!(r, "{table}")?;
+    if let Some(blind) = outcomes.first().and_then(|o| o.eval.t2i_facts_prompt_blind) {
+        writeln!(
+            r,
+            "T2I facts of a perfect generator that ignores its prompt (real validation images, each under the next \
+             example's caption): {:.1} %. A variant above it follows its prompts.\n",
+            100.0 * blind
+        )?;
+    }
     for v in &cfg.experiment.variants {
         if let Some(m) = v.mix {
             writeln!(
