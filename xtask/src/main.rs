@@ -102,7 +102,6 @@ fn unimod(root: &Path, args: &[&str]) -> Result<()> {
     cargo
         .args([
             "run",
-            "--quiet",
             "--release",
             "-p",
             "unimod-train",

@@ -12,6 +12,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use unimod_model::bench;
 use unimod_router::Schedule;
 
 /// One compared variant: a name, and what replaces the config's routing schedule and task mix.
@@ -175,6 +176,46 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device) -> Result<Vec<Outco
     write_report(&dir, cfg, &ctx, &table, &figures, &outcomes)?;
     println!("report: {}", dir.join("report.md").display());
     Ok(outcomes)
+}
+
+/// The experiment's variants as benchmark variants stepping side by side on one real training
+/// batch (the config's task mix): sequential training runs on a shared machine compare wall
+/// times badly, interleaved steps do not. A dense reference comes first (the first variant when
+/// it is dense); variants that derive their schedule from a checkpoint (`arank_of`) or change the
+/// task mix are left out, named in the second value.
+pub fn bench_variants(
+    ctx: &RunContext,
+    cfg: &RunConfig,
+) -> Result<(unimod_tok::Batch, Vec<bench::Variant>, Vec<String>)> {
+    let exp = &cfg.experiment;
+    check_variants(&exp.variants)?;
+    let with = |schedule: Schedule| -> Result<RunConfig> {
+        let mut c = cfg.clone();
+        c.model.routing.schedule = schedule;
+        ctx.resolve(&c)
+    };
+    let dense = with(Schedule::Dense)?;
+    let b = ctx.batch(&dense, unimod_tok::dataset::Split::Train, 0, true)?;
+    let mut variants = Vec::new();
+    let mut skipped = Vec::new();
+    if !matches!(exp.variants[0].schedule, Some(Schedule::Dense)) {
+        variants.push(bench::variant(
+            "dense".into(),
+            &dense.model,
+            &b,
+            ctx.device,
+        )?);
+    }
+    for v in &exp.variants {
+        match (&v.schedule, v.mix) {
+            (Some(s), None) => {
+                let c = with(s.clone()).with_context(|| format!("variant {}", v.name))?;
+                variants.push(bench::variant(v.name.clone(), &c.model, &b, ctx.device)?);
+            }
+            _ => skipped.push(v.name.clone()),
+        }
+    }
+    Ok((b, variants, skipped))
 }
 
 fn mean_spread(v: &[f64]) -> (f64, f64) {

@@ -185,6 +185,10 @@ enum Command {
         /// Timed rounds (one step of every variant per round; medians reported).
         #[arg(long, default_value_t = 10)]
         rounds: usize,
+        /// Instead of the shapes above: the variants of this experiment config, on one of its
+        /// training batches (its model, data and task mix).
+        #[arg(long, conflicts_with_all = ["d_model", "layers", "per_task", "image_side", "capacities"])]
+        experiment: Option<PathBuf>,
     },
     /// Analytic forward FLOPs per sequence, dense vs the config's (or another) schedule.
     Flops {
@@ -437,6 +441,7 @@ fn main() -> Result<()> {
             image_side,
             capacities,
             rounds,
+            experiment,
         } => {
             use unimod_model::bench::{self, Shape};
             if let Some(c) = capacities.iter().find(|c| !(**c > 0.0 && **c <= 1.0)) {
@@ -444,11 +449,30 @@ fn main() -> Result<()> {
             }
             let device = unimod_train::device::parse(&device)?;
             let peak = bench::matmul_rate(device);
-            println!(
+            let header = format!(
                 "device {device:?}, measured f32 matmul rate {:.1} GFLOP/s\n\n{}",
                 peak / 1e9,
                 bench::TABLE_HEADER
             );
+            if let Some(path) = experiment {
+                let cfg = RunConfig::load(Some(&path), &[])?;
+                let ctx = train::RunContext::new(&cfg, device)?;
+                let (b, vs, skipped) = unimod_train::experiment::bench_variants(&ctx, &cfg)
+                    .with_context(|| format!("--experiment {}", path.display()))?;
+                let secs = bench::time_steps(&vs, &b, device, 2, rounds);
+                println!("{header}");
+                for row in bench::table_rows(&cfg.experiment.name, &b, &vs, &secs, peak) {
+                    println!("{row}");
+                }
+                if !skipped.is_empty() {
+                    println!(
+                        "\nleft out (schedule from a checkpoint, or their own task mix): {}",
+                        skipped.join(", ")
+                    );
+                }
+                return Ok(());
+            }
+            println!("{header}");
             for d in d_model {
                 let shape = Shape {
                     d_model: d,

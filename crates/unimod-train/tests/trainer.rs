@@ -131,6 +131,22 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
     assert!(r.predictor_agreement.is_some());
     assert!(straight.join("t2i-samples.png").exists());
 
+    // The experiment's variants benchmark side by side: a dense reference first, routed
+    // variants doing less work, variants that need a checkpoint or their own mix named.
+    let exp = config(
+        &root,
+        &[
+            "experiment.variants=[{ name = 'unimod', schedule = { kind = 'unimod', layers = [1], t2i = 0.25, mmu = 0.25 } }, \
+             { name = 'from-arank', arank_of = 'unimod' }, \
+             { name = 't2i-only', schedule = { kind = 'dense' }, mix = { t2i = 2, mmu = 0, lm = 0 } }]",
+        ],
+    );
+    let (_, vs, skipped) = unimod_train::experiment::bench_variants(&ctx, &exp).unwrap();
+    let names: Vec<&str> = vs.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["dense", "unimod"]);
+    assert!(vs[1].train_flops < vs[0].train_flops);
+    assert_eq!(skipped, ["from-arank", "t2i-only"]);
+
     let t = train::data_throughput(&ctx, &cfg, 3, 1).unwrap();
     assert!(t.batches_per_s > 0.0 && t.steps_per_s > 0.0);
     assert!((t.headroom - t.batches_per_s / t.steps_per_s).abs() < 1e-9 * t.headroom.max(1.0));
