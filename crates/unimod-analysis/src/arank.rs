@@ -1,54 +1,190 @@
-//! ARank: the rank of a layer's attention score matrices, averaged over heads (γ-MoD; UniMoD
-//! Eq. 3). A low ARank means the layer's tokens carry little independent information, so the
-//! layer can be pruned harder.
+//! ARank: the rank of a layer's attention score matrices, averaged over heads and samples
+//! (UniMoD Eq. 3, after γ-MoD). A low ARank means the layer's tokens carry few independent
+//! directions, so the layer can be pruned harder.
+//!
+//! Two definitions, chosen by `analysis.arank`:
+//! - [`ArankDefinition::Bilinear`] (default, the paper's Eq. 3): per head
+//!   `A_h = (x W_Q,h)(x W_K,h)ᵀ` over the sample's valid tokens, before RoPE and with no attention
+//!   mask, so `rank(A_h) ≤ min(T, head_dim)`. A causal mask must not be applied: a triangular
+//!   matrix with a non-zero diagonal has full rank whatever the tokens hold, so a masked "ARank"
+//!   measures the mask.
+//! - [`ArankDefinition::GammaMod`] (γ-MoD's code, `compute_attention_rank`): the post-softmax
+//!   attention map times the causal mask with the diagonal zeroed, rank in float32 with
+//!   torch's default tolerance. Not bounded by the head dimension.
+//!
+//! Padding is removed in both: its rows and columns are zeroed, which leaves the rank of the
+//! valid block unchanged.
 
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-/// Relative tolerance of the numerical rank: singular values below `RANK_RTOL · σ_max` of each
-/// matrix count as zero (torch's default for float32 is max(T) · eps ≈ T · 1.2e-7, which counts
-/// noise in softmax outputs as rank; 1e-4 is robust at the sizes analysed here).
+/// Relative tolerance of the bilinear definition's numerical rank: singular values below
+/// `RANK_RTOL · σ_max` of each matrix count as zero. The matrices are products of float32
+/// activations formed in float64, so rounding puts spurious singular values near 1e-7 · σ_max;
+/// 1e-4 sits well above that and also ignores directions too weak (four orders of magnitude
+/// below the strongest) to move a softmax.
 pub const RANK_RTOL: f64 = 1e-4;
 
-/// Mean numerical rank over every leading index of `scores: [.., T, T]`, batched in one call.
-/// Masked (−inf) entries count as zero, as γ-MoD multiplies by the causal mask before the rank.
-pub fn mean_rank(scores: &Tensor) -> f64 {
-    let finite = scores.isfinite();
-    let m = scores
+/// Which matrix ARank takes the rank of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ArankDefinition {
+    /// The paper's Eq. 3: pre-softmax, pre-RoPE `Q Kᵀ` per head, unmasked.
+    #[default]
+    Bilinear,
+    /// γ-MoD's code: post-softmax map × strictly-lower-triangular mask.
+    GammaMod,
+}
+
+/// ARank of one layer over a set of samples.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Arank {
+    /// Mean over samples of the mean over heads.
+    pub mean: f64,
+    /// Standard error of `mean` over samples (0 for one sample).
+    pub se: f64,
+    /// Mean over samples of the largest rank the definition allows: `min(T, head_dim)` for
+    /// the bilinear definition, `T − 1` for γ-MoD's (its diagonal and first row are zero).
+    pub bound: f64,
+}
+
+/// Numerical rank of every `[.., T, T]` matrix of `m` (float64), `[..]`.
+fn ranks(m: &Tensor, rtol: Option<f64>) -> Tensor {
+    m.linalg_matrix_rank_atol_rtol_float(None, rtol, false)
         .to_kind(Kind::Double)
-        .where_self(&finite, &Tensor::zeros([], (Kind::Double, scores.device())));
-    let ranks = m.linalg_matrix_rank_atol_rtol_float(None, Some(RANK_RTOL), false);
-    ranks
-        .to_kind(Kind::Double)
-        .mean(Kind::Double)
-        .double_value(&[])
+}
+
+/// Mean and standard error over samples of `per_sample: [B]`.
+fn summary(per_sample: &Tensor, bound: &Tensor) -> Arank {
+    let v = Vec::<f64>::try_from(per_sample).expect("per-sample ranks are f64");
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n.max(1.0);
+    let se = if v.len() > 1 {
+        (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) / n).sqrt()
+    } else {
+        0.0
+    };
+    Arank {
+        mean,
+        se,
+        bound: bound
+            .to_kind(Kind::Double)
+            .mean(Kind::Double)
+            .double_value(&[]),
+    }
+}
+
+/// The paper's ARank from a layer's pre-RoPE queries and keys.
+///
+/// # Shapes
+/// `query`, `key`: `[B, H, T, hd]`; `valid`: `[B, T]` bool.
+pub fn bilinear(query: &Tensor, key: &Tensor, valid: &Tensor) -> Arank {
+    let keep = valid.unsqueeze(1).unsqueeze(-1).to_kind(Kind::Double);
+    let (q, k) = (
+        query.to_kind(Kind::Double) * &keep,
+        key.to_kind(Kind::Double) * &keep,
+    );
+    let a = q.matmul(&k.transpose(-2, -1));
+    let per_sample = ranks(&a, Some(RANK_RTOL)).mean_dim(-1, false, Kind::Double);
+    let hd = query.size()[3];
+    let bound = valid.sum_dim_intlist(-1, false, Kind::Int64).clamp_max(hd);
+    summary(&per_sample, &bound)
+}
+
+/// γ-MoD's ARank from a layer's post-softmax attention probabilities.
+///
+/// # Shapes
+/// `probs`: `[B, H, T, T]`; `valid`: `[B, T]` bool.
+pub fn gamma_mod(probs: &Tensor, valid: &Tensor) -> Arank {
+    let t = probs.size()[2];
+    let pair = valid
+        .unsqueeze(2)
+        .logical_and(&valid.unsqueeze(1))
+        .unsqueeze(1);
+    let strictly_lower = Tensor::ones([t, t], (Kind::Bool, probs.device())).tril(-1);
+    let m = probs.to_kind(Kind::Float) * pair.logical_and(&strictly_lower).to_kind(Kind::Float);
+    // float32 with torch's default tolerance (max(T) · eps · σ_max), as γ-MoD computes it.
+    let per_sample = ranks(&m, None).mean_dim(-1, false, Kind::Double);
+    let bound = (valid.sum_dim_intlist(-1, false, Kind::Int64) - 1).clamp_min(0);
+    summary(&per_sample, &bound)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn rank_of_matrices_of_known_rank() {
-        tch::manual_seed(0);
-        // [2 heads, 16, 16] of rank 3 and 5: mean 4.
-        let make = |r: i64| {
-            let a = Tensor::randn([16, r], tch::kind::DOUBLE_CPU);
-            let b = Tensor::randn([r, 16], tch::kind::DOUBLE_CPU);
-            a.matmul(&b)
-        };
-        let x = Tensor::stack(&[make(3), make(5)], 0);
-        assert!((mean_rank(&x) - 4.0).abs() < 1e-9);
-        let full = Tensor::randn([3, 8, 8], tch::kind::FLOAT_CPU);
-        assert!((mean_rank(&full) - 8.0).abs() < 1e-9);
+    const F: (Kind, tch::Device) = tch::kind::FLOAT_CPU;
+
+    /// `x: [B, T, D]` projected by two random `[D, H·hd]` maps into `[B, H, T, hd]`.
+    fn project(x: &Tensor, heads: i64, hd: i64) -> (Tensor, Tensor) {
+        let (b, t, d) = x.size3().unwrap();
+        let proj = |w: &Tensor| x.matmul(w).view([b, t, heads, hd]).transpose(1, 2);
+        let (wq, wk) = (
+            Tensor::randn([d, heads * hd], F),
+            Tensor::randn([d, heads * hd], F),
+        );
+        (proj(&wq), proj(&wk))
     }
 
     #[test]
-    fn masked_entries_count_as_zero() {
-        let mut x = Tensor::ones([4, 4], tch::kind::FLOAT_CPU);
-        x = x.triu(1).masked_fill(&x.triu(1).eq(1.0), f64::NEG_INFINITY)
-            + Tensor::eye(4, tch::kind::FLOAT_CPU);
-        // upper triangle -inf → zero; lower triangle is ones+identity… a lower-triangular
-        // matrix with a non-zero diagonal has full rank.
-        assert!((mean_rank(&x) - 4.0).abs() < 1e-9);
+    fn identical_tokens_have_rank_one() {
+        tch::manual_seed(0);
+        let x = Tensor::randn([2, 1, 64], F).expand([2, 40, 64], false);
+        let (q, k) = project(&x, 4, 16);
+        let r = bilinear(
+            &q,
+            &k,
+            &Tensor::ones([2, 40], (Kind::Bool, tch::Device::Cpu)),
+        );
+        assert_eq!(r.mean, 1.0);
+        assert_eq!(r.se, 0.0);
+    }
+
+    #[test]
+    fn random_tokens_reach_min_of_length_and_head_dim() {
+        tch::manual_seed(1);
+        for (t, hd) in [(40i64, 16i64), (10, 16)] {
+            let x = Tensor::randn([3, t, 64], F);
+            let (q, k) = project(&x, 2, hd);
+            let valid = Tensor::ones([3, t], (Kind::Bool, tch::Device::Cpu));
+            let r = bilinear(&q, &k, &valid);
+            assert_eq!(r.mean, t.min(hd) as f64, "T {t}, hd {hd}");
+            assert_eq!(r.bound, t.min(hd) as f64);
+        }
+    }
+
+    #[test]
+    fn padding_is_removed() {
+        tch::manual_seed(2);
+        // 12 valid random tokens of 30, head_dim 16: rank 12 whatever the padding holds.
+        let x = Tensor::randn([1, 30, 64], F);
+        let (q, k) = project(&x, 2, 16);
+        let valid = Tensor::arange(30, (Kind::Int64, tch::Device::Cpu))
+            .lt(12)
+            .unsqueeze(0);
+        let r = bilinear(&q, &k, &valid);
+        assert_eq!(r.mean, 12.0);
+        assert_eq!(r.bound, 12.0);
+    }
+
+    #[test]
+    fn definitions_differ_on_a_causal_toy() {
+        tch::manual_seed(3);
+        // 24 tokens that are copies of 2 distinct vectors: the bilinear rank is 2, but the
+        // causally masked softmax map is (nearly) triangular, of rank about T − 1.
+        let base = Tensor::randn([1, 2, 64], F);
+        let pick = Tensor::from_slice(&(0..24).map(|i| i % 2).collect::<Vec<i64>>());
+        let x = base.index_select(1, &pick);
+        let (q, k) = project(&(x * 0.1), 2, 16);
+        let valid = Tensor::ones([1, 24], (Kind::Bool, tch::Device::Cpu));
+        let causal = Tensor::ones([24, 24], (Kind::Bool, tch::Device::Cpu)).tril(0);
+        let probs = q
+            .matmul(&k.transpose(-2, -1))
+            .masked_fill(&causal.logical_not(), f64::NEG_INFINITY)
+            .softmax(-1, Kind::Float);
+        let (b, g) = (bilinear(&q, &k, &valid), gamma_mod(&probs, &valid));
+        assert_eq!(b.mean, 2.0);
+        assert!(g.mean > 10.0, "γ-MoD ARank {}", g.mean);
+        assert_eq!(g.bound, 23.0);
     }
 }

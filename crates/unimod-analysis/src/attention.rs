@@ -34,7 +34,7 @@ pub fn patterns(
     model: &UnifiedTransformer,
     batch: &Batch,
 ) -> Result<Vec<LayerAttention>, AnalysisError> {
-    let out = probe::full_forward(model, batch);
+    let out = probe::full_forward(model, batch)?;
     let maps = full_maps(&out, batch)?;
     let modality = probe::modality(batch);
     let queries = batch.valid();
@@ -81,7 +81,7 @@ pub fn map(
     sample: i64,
     layer: usize,
 ) -> Result<Tensor, AnalysisError> {
-    let out = probe::full_forward(model, batch);
+    let out = probe::full_forward(model, batch)?;
     let maps = full_maps(&out, batch)?;
     Ok(maps.get(layer).copied().flatten().map_or_else(
         || Tensor::zeros([batch.seq_len(), batch.seq_len()], tch::kind::FLOAT_CPU),

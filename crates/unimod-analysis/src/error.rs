@@ -11,6 +11,8 @@ pub enum AnalysisError {
     NoSharedRouter { found: String },
     #[error("the batch holds no {task} samples")]
     MissingTask { task: unimod_tok::Task },
+    #[error(transparent)]
+    Model(#[from] unimod_model::ConfigError),
     #[error("{what}: {value} is outside {range}")]
     OutOfRange {
         what: &'static str,

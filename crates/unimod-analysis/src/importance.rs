@@ -3,8 +3,9 @@
 //! layer's input and output residual streams (a layer that barely changes its input is
 //! redundant).
 
+use crate::AnalysisError;
+use crate::arank::{self, Arank, ArankDefinition};
 use crate::probe::{self, full_maps, masked_mean};
-use crate::{AnalysisError, arank};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 use unimod_model::{ForwardOptions, UnifiedTransformer};
@@ -18,9 +19,8 @@ pub struct LayerImportance {
     pub skip_loss: f64,
     /// Mean over valid tokens of cos(input, output) of the layer.
     pub cosine: f64,
-    /// Mean numerical rank of the heads' pre-softmax score matrices (padding masked), over the
-    /// samples; `None` for a skipped layer.
-    pub arank: Option<f64>,
+    /// ARank by the chosen definition (see [`arank`]); `None` for a skipped layer.
+    pub arank: Option<Arank>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,6 +29,7 @@ pub struct Importance {
     pub loss: f64,
     /// Mean number of valid tokens per sample: the scale ARank is read against.
     pub mean_tokens: f64,
+    pub arank_definition: ArankDefinition,
     pub layers: Vec<LayerImportance>,
 }
 
@@ -37,24 +38,19 @@ pub fn importance(
     model: &UnifiedTransformer,
     batch: &Batch,
     task: Task,
+    definition: ArankDefinition,
 ) -> Result<Importance, AnalysisError> {
-    let out = probe::full_forward(model, batch);
+    let out = probe::full_forward(model, batch)?;
     let loss = probe::loss_of(model, batch, &out, task)?;
     let maps = full_maps(&out, batch)?;
     let valid = batch.valid();
-    let pair_valid = valid
-        .unsqueeze(2)
-        .logical_and(&valid.unsqueeze(1))
-        .unsqueeze(1);
     let layers = (0..model.cfg.n_layers)
         .map(|layer| {
             let (x, y) = (&out.hidden_states[layer], &out.hidden_states[layer + 1]);
             let cos = Tensor::cosine_similarity(x, y, -1, 1e-8);
-            let arank = maps[layer].map(|m| {
-                let masked = m
-                    .scores
-                    .masked_fill(&pair_valid.logical_not(), f64::NEG_INFINITY);
-                arank::mean_rank(&masked.flatten(0, 1))
+            let arank = maps[layer].map(|m| match definition {
+                ArankDefinition::Bilinear => arank::bilinear(&m.query, &m.key, &valid),
+                ArankDefinition::GammaMod => arank::gamma_mod(&m.probs, &valid),
             });
             Ok(LayerImportance {
                 layer,
@@ -81,6 +77,7 @@ pub fn importance(
         task,
         loss,
         mean_tokens,
+        arank_definition: definition,
         layers,
     })
 }
@@ -106,7 +103,7 @@ mod tests {
     fn skipping_a_layer_equals_a_model_built_without_it() {
         let (vs, model) = tiny_model(Schedule::Dense);
         let b = batch_of(&model, Task::Mmu, 3);
-        let imp = importance(&model, &b, Task::Mmu).unwrap();
+        let imp = importance(&model, &b, Task::Mmu, ArankDefinition::Bilinear).unwrap();
         let mut plans = vec![LayerPlan::Dense; model.cfg.n_layers];
         plans[1] = LayerPlan::Skip;
         let (skip_vs, skipped) = tiny_model(Schedule::Explicit { layers: plans });
@@ -115,11 +112,13 @@ mod tests {
         let without = probe::task_loss(&skipped, &b, Task::Mmu, &Default::default()).unwrap();
         assert_eq!(imp.layers[1].skip_loss, without);
         assert_ne!(imp.layers[1].skip_loss, imp.loss);
+        let head_dim = model.cfg.head_dim() as f64;
         for l in &imp.layers {
+            // A rank of (x W_Q)(x W_K)ᵀ cannot exceed the head dimension nor the tokens.
             let r = l.arank.unwrap();
             assert!(
-                r >= 1.0 && r <= imp.mean_tokens + 1e-9,
-                "layer {}: {r}",
+                r.mean >= 1.0 && r.mean <= head_dim.min(imp.mean_tokens) && r.mean <= r.bound,
+                "layer {}: {r:?}",
                 l.layer
             );
             assert!(l.cosine > -1.0 && l.cosine <= 1.0 + 1e-9);

@@ -17,6 +17,10 @@ pub struct Competition {
     pub kept: [usize; 2],
     /// Routable tokens of each task in the batch.
     pub routable: [usize; 2],
+    /// Per sample of each task (T2I, MMU), the share of its routable tokens kept: the unit
+    /// over which the finding's uncertainty is computed (tokens of one sample are not
+    /// independent draws).
+    pub sample_share: [Vec<f64>; 2],
 }
 
 /// Per routed layer of a shared-router model, how many T2I and MMU tokens survive when the
@@ -52,7 +56,7 @@ pub fn competition(
             return Err(AnalysisError::MissingTask { task });
         }
     }
-    let out = tch::no_grad(|| model.forward(batch, &ForwardOptions::default()));
+    let out = tch::no_grad(|| model.forward(batch, &ForwardOptions::default()))?;
     let task_of_token = batch
         .task
         .unsqueeze(1)
@@ -80,10 +84,26 @@ pub fn competition(
                     .sum(Kind::Int64)
                     .int64_value(&[]) as usize
             };
+            let per_sample = |m: &Tensor| {
+                Vec::<f64>::try_from(m.view([batch.size() as i64, -1]).sum_dim_intlist(
+                    1,
+                    false,
+                    Kind::Double,
+                ))
+                .expect("counts are f64")
+            };
+            let (kept_i, routable_i) = (per_sample(&kept), per_sample(&routable));
+            let share = |t: Task| {
+                (0..batch.size())
+                    .filter(|&i| batch.tasks[i] == t && routable_i[i] > 0.0)
+                    .map(|i| kept_i[i] / routable_i[i])
+                    .collect()
+            };
             Competition {
                 layer: s.layer,
                 kept: [count(&kept, Task::T2i), count(&kept, Task::Mmu)],
                 routable: [count(&routable, Task::T2i), count(&routable, Task::Mmu)],
+                sample_share: [share(Task::T2i), share(Task::Mmu)],
             }
         })
         .collect())
@@ -102,7 +122,7 @@ pub fn gradient_cosine(
         for mut v in vs.trainable_variables() {
             v.zero_grad();
         }
-        let out = model.forward(batch, &ForwardOptions::default());
+        let out = model.forward(batch, &ForwardOptions::default())?;
         let loss = model.losses(batch, &out).per_task[task.index()]
             .take()
             .ok_or(AnalysisError::MissingTask { task })?;

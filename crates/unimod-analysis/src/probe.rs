@@ -38,8 +38,14 @@ pub fn task_loss(
     task: Task,
     opts: &ForwardOptions,
 ) -> Result<f64, AnalysisError> {
-    let out = tch::no_grad(|| model.forward(batch, opts));
+    let out = tch::no_grad(|| model.forward(batch, opts))?;
     loss_of(model, batch, &out, task)
+}
+
+/// Each sample's own mean loss in `out`.
+pub fn per_sample(model: &UnifiedTransformer, batch: &Batch, out: &ModelOutput) -> Vec<f64> {
+    let l = model.losses(batch, out).per_sample;
+    Vec::<f64>::try_from(l.to_kind(Kind::Double)).expect("per-sample losses are [B]")
 }
 
 pub fn loss_of(
@@ -55,17 +61,16 @@ pub fn loss_of(
 }
 
 /// A forward pass keeping every layer's attention maps and hidden states.
-pub fn full_forward(model: &UnifiedTransformer, batch: &Batch) -> ModelOutput {
-    tch::no_grad(|| {
-        model.forward(
-            batch,
-            &ForwardOptions {
-                attention: true,
-                hidden_states: true,
-                ..Default::default()
-            },
-        )
-    })
+pub fn full_forward(
+    model: &UnifiedTransformer,
+    batch: &Batch,
+) -> Result<ModelOutput, AnalysisError> {
+    let opts = ForwardOptions {
+        attention: true,
+        hidden_states: true,
+        ..Default::default()
+    };
+    Ok(tch::no_grad(|| model.forward(batch, &opts))?)
 }
 
 /// Every layer's full `[B, H, S, S]` attention maps; an error if a layer saw fewer tokens

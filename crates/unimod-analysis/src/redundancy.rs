@@ -28,6 +28,40 @@ pub struct Redundancy {
     pub fractions: Vec<f64>,
     pub dense_loss: f64,
     pub losses: Vec<Vec<f64>>,
+    /// Each sample's own dense loss.
+    pub sample_dense: Vec<f64>,
+    /// `sample_losses[layer][i][sample]`: each sample's own loss in the cell of `losses`.
+    pub sample_losses: Vec<Vec<Vec<f64>>>,
+}
+
+impl Redundancy {
+    /// Per sample, the mean over `layers` and every fraction below 1 of its loss increase
+    /// relative to the batch's dense loss: how much the sample depends on those layers
+    /// processing all tokens (scale-free, so T2I and MMU compare).
+    pub fn sensitivity(&self, layers: std::ops::Range<usize>) -> Vec<f64> {
+        let n = self.sample_losses.len();
+        let layers = layers.start.min(n)..layers.end.min(n);
+        let scale = self.dense_loss.abs().max(1e-12);
+        let cells: Vec<&Vec<f64>> = self.sample_losses[layers]
+            .iter()
+            .flat_map(|per_f| {
+                per_f
+                    .iter()
+                    .zip(&self.fractions)
+                    .filter(|(_, f)| **f < 1.0)
+                    .map(|(s, _)| s)
+            })
+            .collect();
+        (0..self.sample_dense.len())
+            .map(|i| {
+                cells
+                    .iter()
+                    .map(|c| (c[i] - self.sample_dense[i]) / scale)
+                    .sum::<f64>()
+                    / cells.len().max(1) as f64
+            })
+            .collect()
+    }
 }
 
 pub fn redundancy(
@@ -44,8 +78,9 @@ pub fn redundancy(
             range: "(0, 1]",
         });
     }
-    let out = probe::full_forward(model, batch);
+    let out = probe::full_forward(model, batch)?;
     let dense_loss = probe::loss_of(model, batch, &out, task)?;
+    let sample_dense = probe::per_sample(model, batch, &out);
     let maps = full_maps(&out, batch)?;
     let valid = batch.valid();
     let forced = batch
@@ -60,7 +95,7 @@ pub fn redundancy(
         .map(|i| batch.seq_len() as usize - batch.count(i, &[Segment::Pad]))
         .collect();
     tch::manual_seed(0);
-    let losses = maps
+    let cells: Vec<Vec<(f64, Vec<f64>)>> = maps
         .iter()
         .enumerate()
         .map(|(layer, m)| {
@@ -88,28 +123,34 @@ pub fn redundancy(
                     let n_keep = Tensor::from_slice(&n_keep).to_device(valid.device());
                     let budget = select::Budget::new(&candidates, &forced, &n_keep, width);
                     let sel = select::top_k(&score, &budget);
-                    probe::task_loss(
-                        model,
-                        batch,
-                        task,
-                        &ForwardOptions {
-                            keep_tokens: Some(KeepTokens {
-                                layer,
-                                mask: sel.processed,
-                            }),
-                            ..Default::default()
-                        },
-                    )
+                    let opts = ForwardOptions {
+                        keep_tokens: Some(KeepTokens {
+                            layer,
+                            mask: sel.processed,
+                        }),
+                        ..Default::default()
+                    };
+                    let out = tch::no_grad(|| model.forward(batch, &opts))?;
+                    Ok((
+                        probe::loss_of(model, batch, &out, task)?,
+                        probe::per_sample(model, batch, &out),
+                    ))
                 })
-                .collect::<Result<Vec<f64>, _>>()
+                .collect::<Result<Vec<_>, AnalysisError>>()
         })
         .collect::<Result<_, _>>()?;
+    let (losses, sample_losses) = cells
+        .into_iter()
+        .map(|per_f| per_f.into_iter().unzip())
+        .unzip();
     Ok(Redundancy {
         task,
         ranking,
         fractions: fractions.to_vec(),
         dense_loss,
         losses,
+        sample_dense,
+        sample_losses,
     })
 }
 
@@ -123,10 +164,16 @@ mod tests {
         let (_vs, model) = tiny_model(unimod_router::Schedule::Dense);
         let b = batch_of(&model, Task::T2i, 3);
         let r = redundancy(&model, &b, Task::T2i, &[1.0, 0.3], Ranking::Attention).unwrap();
-        for per_layer in &r.losses {
+        for (per_layer, samples) in r.losses.iter().zip(&r.sample_losses) {
             assert!((per_layer[0] - r.dense_loss).abs() < 1e-5);
             assert_ne!(per_layer[1], r.dense_loss);
+            for (a, b) in samples[0].iter().zip(&r.sample_dense) {
+                assert!((a - b).abs() < 1e-5);
+            }
         }
+        let s = r.sensitivity(0..3);
+        assert_eq!(s.len(), 3);
+        assert!(s.iter().all(|x| x.is_finite() && *x != 0.0));
         assert!(redundancy(&model, &b, Task::T2i, &[0.0], Ranking::Random).is_err());
     }
 }

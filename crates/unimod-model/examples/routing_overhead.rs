@@ -23,6 +23,9 @@ fn main() -> anyhow::Result<()> {
     let routed = |predictor: bool, aux: f64| {
         let mut c = bench::config(shape, bench::unimod_schedule(shape.n_layers, 1.0));
         c.routing.causal_predictor = predictor;
+        if !predictor {
+            c.routing.causal_mode = unimod_router::RoutingMode::ThresholdRouter;
+        }
         c.routing.aux_loss = aux;
         c
     };

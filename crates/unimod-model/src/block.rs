@@ -164,6 +164,12 @@ pub struct AttentionMaps {
     pub probs: Tensor,
     /// `[B, H, T, K]` pre-softmax scores `q·k/√d` (masked entries −inf).
     pub scores: Tensor,
+    /// `[B, H, T, hd]` queries `x W_Q` of the block's tokens before RoPE (the `x W_Q,h` of the
+    /// paper's ARank, Eq. 3).
+    pub query: Tensor,
+    /// `[B, H, T, hd]` keys `x W_K` of the block's tokens before RoPE, repeated per query head
+    /// under grouped-query attention.
+    pub key: Tensor,
 }
 
 /// What attention returns.
@@ -237,14 +243,21 @@ impl Attention {
         let mask = attention_mask(tokens.index, tokens.upto, &k_index, &k_valid).unsqueeze(1);
         let groups = self.n_heads / self.n_kv_heads;
         let (out, maps) = if capture {
-            let (k, v) = (
-                k.repeat_interleave_self_int(groups, 1, None),
-                v.repeat_interleave_self_int(groups, 1, None),
-            );
+            let repeat = |t: &Tensor| t.repeat_interleave_self_int(groups, 1, None);
+            let (query, key) = (qkv.narrow(1, 0, h), repeat(&qkv.narrow(1, h, h_kv)));
+            let (k, v) = (repeat(&k), repeat(&v));
             let scores = (q.matmul(&k.transpose(-2, -1)) / (self.head_dim as f64).sqrt())
                 .masked_fill(&mask.logical_not(), f64::NEG_INFINITY);
             let probs = scores.softmax(-1, scores.kind());
-            (probs.matmul(&v), Some(AttentionMaps { probs, scores }))
+            (
+                probs.matmul(&v),
+                Some(AttentionMaps {
+                    probs,
+                    scores,
+                    query,
+                    key,
+                }),
+            )
         } else {
             let out = Tensor::scaled_dot_product_attention(
                 &q,

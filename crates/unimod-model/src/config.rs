@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use unimod_router::RoutingConfig;
+use unimod_router::RoutingMode;
 pub use unimod_tok::Flavour;
 use unimod_tok::{Task, VocabLayout};
 
@@ -123,6 +124,11 @@ pub enum ConfigError {
     },
     #[error(transparent)]
     Schedule(#[from] unimod_router::ScheduleError),
+    #[error("routing mode {mode:?}: {why}")]
+    Mode {
+        mode: unimod_router::RoutingMode,
+        why: &'static str,
+    },
 }
 
 impl ModelConfig {
@@ -170,6 +176,23 @@ impl ModelConfig {
                 format!("{:?}", self.vocab),
                 "needs the special tokens and at least one code",
             );
+        }
+        match self.routing.causal_mode {
+            RoutingMode::TopK => {
+                return bad(
+                    "routing.causal_mode",
+                    "\"top_k\"".into(),
+                    "top-k looks ahead and cannot decode causally; use \"threshold_router\" or \"threshold_predictor\"",
+                );
+            }
+            RoutingMode::ThresholdPredictor if !self.routing.causal_predictor => {
+                return bad(
+                    "routing.causal_mode",
+                    "\"threshold_predictor\"".into(),
+                    "needs routing.causal_predictor = true (it is false); use \"threshold_router\"",
+                );
+            }
+            _ => {}
         }
         self.routing.schedule.resolve(self.n_layers)?;
         Ok(())

@@ -6,8 +6,10 @@
 //! - **attention**: per (query, key) pair the kernel computes, `4·d` (scores and weighted sum).
 //!   Masks do not skip work in dense kernels, so a routed layer over G gathered tokens costs
 //!   G² pairs and a dense layer S²;
-//! - **router**: `2·d` per token and router; a causal-predictor evaluation counts as
-//!   `h·(d + 1)/d` router evaluations (h = max(d/4, 8));
+//! - **router**: `2·d` per token and `d → 1` router; an MLP router or a causal predictor
+//!   counts its real multiply-accumulates in those units
+//!   ([`unimod_router::router_evals_per_token`], shared by the counted and analytic paths: a
+//!   router shared by tasks counts once, every per-task router and predictor once each);
 //! - **head**: `2·d·V` per token.
 //!
 //! The UniMoD paper's ratios (Show-o 15.3 %, Emu3 39.9 %) are reproduced by the **linear-only**
@@ -16,7 +18,7 @@
 
 use crate::config::{FfnKind, ModelConfig};
 use crate::layer::Work;
-use unimod_router::{LayerPlan, tokens_kept};
+use unimod_router::{LayerPlan, router_evals_per_token, tokens_kept};
 use unimod_tok::{Segment, Task};
 
 /// Training FLOPs per forward FLOP.
@@ -127,26 +129,24 @@ pub fn analytic_work(cfg: &ModelConfig, plans: &[LayerPlan], seq: &Composition) 
                     router_tokens: 0.0,
                 }
             }
-            LayerPlan::Routed { capacity, .. } => match capacity.get(seq.task) {
-                None => {
-                    let n = valid as f64;
-                    let routers = capacity.routed_tasks().len() as f64;
-                    Work {
-                        tokens: n,
-                        attention_pairs: n * n,
-                        router_tokens: n * routers,
-                    }
+            LayerPlan::Routed { capacity, routers } => {
+                let evals = router_evals_per_token(
+                    &cfg.routing,
+                    cfg.d_model,
+                    *routers,
+                    capacity.routed_tasks().len(),
+                );
+                let n = match capacity.get(seq.task) {
+                    None => valid,
+                    Some(c) => valid - routable + tokens_kept(c, routable),
+                } as f64;
+                Work {
+                    tokens: n,
+                    attention_pairs: n * n,
+                    // the routers score every position of the batch, padding included
+                    router_tokens: seq.len() as f64 * evals,
                 }
-                Some(c) => {
-                    let n = (valid - routable + tokens_kept(c, routable)) as f64;
-                    let routers = capacity.routed_tasks().len() as f64;
-                    Work {
-                        tokens: n,
-                        attention_pairs: n * n,
-                        router_tokens: valid as f64 * routers,
-                    }
-                }
-            },
+            }
         })
         .collect()
 }
@@ -196,5 +196,36 @@ mod tests {
         let lin = |w: &[Work]| forward(&cfg, w, 0.0).linear;
         let saving = 1.0 - lin(&routed) / lin(&dense);
         assert!((saving - 0.4).abs() < 1e-9, "{saving}");
+    }
+
+    #[test]
+    fn routers_cost_what_they_compute() {
+        use unimod_router::{Capacities, RouterArch, Routers};
+        let mut cfg = showo_like();
+        let seq = Composition {
+            task: Task::T2i,
+            segments: [0, 100, 0, 0, 0, 0, 0],
+        };
+        let both = Capacities {
+            t2i: Some(0.5),
+            mmu: Some(0.5),
+            lm: None,
+        };
+        let evals = |cfg: &ModelConfig, routers| {
+            let plan = LayerPlan::Routed {
+                capacity: both,
+                routers,
+            };
+            analytic_work(cfg, &[plan], &seq)[0].router_tokens / 100.0
+        };
+        let p = unimod_router::CausalPredictor::cost_in_router_evals(cfg.d_model);
+        // two per-task routers and two predictors; one shared router and the same predictors
+        assert_eq!(evals(&cfg, Routers::PerTask), 2.0 + 2.0 * p);
+        assert_eq!(evals(&cfg, Routers::Shared), 1.0 + 2.0 * p);
+        cfg.routing.causal_predictor = false;
+        assert_eq!(evals(&cfg, Routers::Shared), 1.0);
+        // an MLP router d → d/4 → 1 costs (d·d/4 + d/4) / d linear-router evaluations
+        cfg.routing.router = RouterArch::Mlp;
+        assert_eq!(evals(&cfg, Routers::Shared), 512.0 * 2049.0 / 2048.0);
     }
 }

@@ -13,6 +13,8 @@ pub enum GenerateError {
     Batch(#[from] unimod_tok::batch::BatchError),
     #[error(transparent)]
     Tch(#[from] tch::TchError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// Sampling settings (Show-o uses 12 MaskGIT steps and guidance 1.5 at 256 tokens).
@@ -93,7 +95,7 @@ pub fn maskgit(
                         mode: RoutingMode::TopK,
                         ..Default::default()
                     },
-                )
+                )?
                 .logits
                 .index_select(1, &positions)
                 .narrow(-1, lo, hi - lo);
@@ -194,7 +196,7 @@ pub fn autoregressive(
     let batch = Batch::from_sequences(&padded, device)?;
     let mut end: Continuation = batch.end.clone();
     tch::no_grad(|| {
-        let logits = model.forward_cached(&batch, &opts, &mut cache).logits;
+        let logits = model.forward_cached(&batch, &opts, &mut cache)?.logits;
         let idx = Tensor::from_slice(&last)
             .to_device(device)
             .view([-1, 1, 1])
@@ -232,7 +234,7 @@ pub fn autoregressive(
             end = b.end.clone();
             next_logits = guided(
                 model
-                    .forward_cached(&b, &opts, &mut cache)
+                    .forward_cached(&b, &opts, &mut cache)?
                     .logits
                     .squeeze_dim(1),
             );

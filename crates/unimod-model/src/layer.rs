@@ -15,7 +15,7 @@ use tch::{Kind, Tensor, nn};
 use unimod_router::select::{self, gather_tokens, scatter_add_tokens};
 use unimod_router::{
     Capacities, CausalPredictor, LayerPlan, Router, Routers, RoutingConfig, RoutingMode,
-    tokens_kept,
+    router_evals_per_token, tokens_kept,
 };
 use unimod_tok::{Batch, Segment, Task};
 
@@ -50,7 +50,30 @@ pub struct Shared {
     /// `[B, S, 1]` i64: each sample's column among per-task routers and predictors (its task's
     /// place in `routed_tasks()`; 0 for unrouted tasks).
     column: Tensor,
-    top_k: OnceCell<(select::Budget, [Option<usize>; Task::COUNT])>,
+    top_k: OnceCell<(Vec<Group>, [Option<usize>; Task::COUNT])>,
+}
+
+/// A run of consecutive samples of one task (a batch holds each task's samples together, as
+/// Show-o concatenates per-task sub-batches). A routed layer processes each group at its own
+/// gather width, so a task kept at capacity 0.2 is not padded to the width of one kept at 0.8
+/// or not routed at all: the compute saved is each task's own.
+#[derive(Debug)]
+struct Group {
+    start: i64,
+    len: i64,
+    /// `None`: the task is not routed in this layer, so the group runs dense.
+    budget: Option<select::Budget>,
+}
+
+impl Group {
+    /// The group's rows of a `[B, ..]` tensor.
+    fn rows(&self, t: &Tensor) -> Tensor {
+        if self.start == 0 && self.len == t.size()[0] {
+            t.shallow_clone()
+        } else {
+            t.narrow(0, self.start, self.len)
+        }
+    }
 }
 
 impl LayerInput<'_> {
@@ -169,6 +192,8 @@ pub struct RoutedLayer {
     router: Router,
     /// One predictor per routed task, in the same order.
     predictor: Option<CausalPredictor>,
+    /// Router and predictor evaluations per token, for the FLOPs count.
+    evals_per_token: f64,
 }
 
 #[derive(Debug)]
@@ -255,14 +280,14 @@ impl Layer {
 }
 
 /// The block's update computed among the `processed` tokens only (`[B, S]` bool): the others are
-/// invisible as keys, and the caller zeroes or weights their update.
+/// invisible as keys, and the caller zeroes or weights their update. Every token is computed
+/// (masked attention), so this is the analyses' readable path, not a saving.
 fn delta_among(
     block: &Block,
     x: &Tensor,
     tokens: &Tokens,
     processed: &Tensor,
     rope: &Rope,
-    cache: Option<&mut LayerCache>,
     capture: bool,
 ) -> crate::block::BlockDelta {
     let valid = processed.logical_and(tokens.valid);
@@ -272,7 +297,47 @@ fn delta_among(
         upto: tokens.upto,
         valid: &valid,
     };
-    block.delta(x, &t, rope, cache, capture)
+    block.delta(x, &t, rope, None, capture)
+}
+
+/// What running the block on a selection gives.
+struct Applied {
+    hidden: Tensor,
+    attention: Option<AttentionMaps>,
+    work: Work,
+}
+
+/// The block run on the selected tokens only (`sel.index` into the `[B, S]` frame of `tokens`),
+/// its update weighted by `sel.weight` and added back at the tokens' places; every other token
+/// leaves the layer bit-identical. Training (top-k) and causal decoding (threshold) share it.
+fn apply_selection(
+    block: &Block,
+    x: &Tensor,
+    tokens: &Tokens,
+    sel: &select::Selection,
+    rope: &Rope,
+    cache: Option<&mut LayerCache>,
+    capture: bool,
+) -> Applied {
+    let gather = |t: &Tensor| t.gather(1, &sel.index, false);
+    let (positions, index, upto) = (
+        gather(tokens.positions),
+        gather(tokens.index),
+        gather(tokens.upto),
+    );
+    let picked = Tokens {
+        positions: &positions,
+        index: &index,
+        upto: &upto,
+        valid: &sel.active,
+    };
+    let x_sel = gather_tokens(x, &sel.index);
+    let d = block.delta(&x_sel, &picked, rope, cache, capture);
+    Applied {
+        hidden: scatter_add_tokens(x, &sel.index, &(d.delta * sel.weight.unsqueeze(-1))),
+        attention: d.attention,
+        work: Work::of_block(&x_sel, d.keys, 0.0),
+    }
 }
 
 impl Layer {
@@ -292,15 +357,7 @@ impl Layer {
             upto: &b.attn_upto,
             valid: &input.valid,
         };
-        let d = delta_among(
-            &self.block,
-            x,
-            &tokens,
-            keep,
-            rope,
-            None,
-            input.capture_attention,
-        );
+        let d = delta_among(&self.block, x, &tokens, keep, rope, input.capture_attention);
         let kept = keep
             .logical_and(&input.valid)
             .sum(Kind::Float)
@@ -320,6 +377,21 @@ impl Layer {
 }
 
 impl Work {
+    fn plus(self, o: Work) -> Work {
+        Work {
+            tokens: self.tokens + o.tokens,
+            attention_pairs: self.attention_pairs + o.attention_pairs,
+            router_tokens: self.router_tokens + o.router_tokens,
+        }
+    }
+
+    fn with_router(self, router_tokens: f64) -> Work {
+        Work {
+            router_tokens,
+            ..self
+        }
+    }
+
     /// Work of a block over `x: [B, T, D]` attending to `keys` keys per query.
     fn of_block(x: &Tensor, keys: i64, router_tokens: f64) -> Work {
         let (b, t, _) = x.size3().expect("x is [B, T, D]");
@@ -363,6 +435,7 @@ impl RoutedLayer {
             capacity_by_task: Tensor::from_slice(&by_task).to_device(p.device()),
             router,
             predictor,
+            evals_per_token: router_evals_per_token(cfg, d_model, sharing, tasks.len()),
         }
     }
 
@@ -393,17 +466,14 @@ impl RoutedLayer {
             .predictor
             .as_ref()
             .map(|p| Self::own_column(&p.logits(x), &shared));
-        let predictors = self.predictor.as_ref().map_or(0.0, |p| {
-            p.columns() as f64 * CausalPredictor::cost_in_router_evals(x.size()[2])
-        });
-        let n_router_evals =
-            (self.router.columns() as f64 + predictors) * (b.size() as f64 * b.seq_len() as f64);
+        let n_router_evals = self.evals_per_token * (b.size() as f64 * b.seq_len() as f64);
         match input.mode {
             RoutingMode::TopK if cache.is_none() => self.top_k(
                 layer,
                 block,
                 x,
                 input,
+                tokens,
                 &score,
                 &shared,
                 predictor_logits,
@@ -411,44 +481,51 @@ impl RoutedLayer {
                 n_router_evals,
             ),
             mode => {
+                // The model refuses top-k with a cache and the predictor's mode without one
+                // before any layer runs, so the router decides only in its own mode.
                 let decision = match (mode, &predictor_logits) {
                     (RoutingMode::ThresholdPredictor, Some(p)) => p.shallow_clone(),
                     _ => score.shallow_clone(),
                 };
                 let processed = select::threshold(&decision, routable, forced);
-                let d = delta_among(
-                    block,
-                    x,
-                    tokens,
-                    &processed,
-                    rope,
-                    cache,
-                    input.capture_attention,
-                );
-                let weight = score
-                    .sigmoid()
-                    .where_self(routable, &Tensor::ones([], (score.kind(), score.device())))
-                    * processed.to_kind(score.kind());
+                // The gather width is the most tokens any sample processes: one device read
+                // per routed layer, which decoding (a host round trip per token) can afford.
+                let n_keep = processed.sum_dim_intlist(1, false, Kind::Int64);
+                let width = n_keep.max().int64_value(&[]);
+                let budget =
+                    select::Budget::new(&processed.logical_and(routable), forced, &n_keep, width);
+                let sel = select::top_k(&score, &budget);
                 let stats = self.stats(
                     layer,
                     b,
                     &score,
-                    &processed,
+                    &sel.processed,
                     routable,
                     predictor_logits,
                     None,
                 );
+                let applied = if width == 0 {
+                    Applied {
+                        hidden: x.shallow_clone(),
+                        attention: None,
+                        work: Work::default(),
+                    }
+                } else {
+                    apply_selection(block, x, tokens, &sel, rope, cache, input.capture_attention)
+                };
                 LayerOutput {
-                    hidden: x + d.delta * weight.unsqueeze(-1),
-                    attention: d.attention,
+                    hidden: applied.hidden,
+                    attention: applied.attention,
                     routing: Some(stats),
                     aux_targets: None,
-                    work: Work::of_block(x, d.keys, n_router_evals),
+                    work: applied.work.with_router(n_router_evals),
                 }
             }
         }
     }
 
+    /// Top-k routing, each task group at its own width. Attention maps are returned only when
+    /// the batch is one group (the analyses read them from single-task batches).
     #[allow(clippy::too_many_arguments)]
     fn top_k(
         &self,
@@ -456,6 +533,7 @@ impl RoutedLayer {
         block: &Block,
         x: &Tensor,
         input: &LayerInput,
+        tokens: &Tokens,
         score: &Tensor,
         shared: &Shared,
         predictor_logits: Option<Tensor>,
@@ -463,50 +541,84 @@ impl RoutedLayer {
         n_router_evals: f64,
     ) -> LayerOutput {
         let b = input.batch;
-        let (budget, processed) = shared.top_k.get_or_init(|| self.budget(input, shared));
-        let sel = select::top_k(score, budget);
-        let gather = |t: &Tensor| t.gather(1, &sel.index, false);
-        let (positions, upto) = (gather(&b.positions), gather(&b.attn_upto));
-        let tokens = Tokens {
-            positions: &positions,
-            index: &sel.index,
-            upto: &upto,
-            valid: &sel.active,
+        let (groups, processed) = shared.top_k.get_or_init(|| self.budget(input, shared));
+        let capture = input.capture_attention && groups.len() == 1;
+        let (mut hidden, mut in_topk, mut kept) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut attention, mut work) = (None, Work::default());
+        for g in groups {
+            let (positions, index, upto, valid) = (
+                g.rows(tokens.positions),
+                g.rows(tokens.index),
+                g.rows(tokens.upto),
+                g.rows(tokens.valid),
+            );
+            let t = Tokens {
+                positions: &positions,
+                index: &index,
+                upto: &upto,
+                valid: &valid,
+            };
+            let xg = g.rows(x);
+            let applied = match &g.budget {
+                None => {
+                    let d = block.delta(&xg, &t, rope, None, capture);
+                    in_topk.push(valid.zeros_like());
+                    kept.push(valid.shallow_clone());
+                    Applied {
+                        hidden: &xg + d.delta,
+                        attention: d.attention,
+                        work: Work::of_block(&xg, d.keys, 0.0),
+                    }
+                }
+                Some(budget) => {
+                    let sel = select::top_k(&g.rows(score), budget);
+                    let applied = apply_selection(block, &xg, &t, &sel, rope, None, capture);
+                    in_topk.push(sel.in_topk);
+                    kept.push(sel.processed);
+                    applied
+                }
+            };
+            hidden.push(applied.hidden);
+            attention = applied.attention;
+            work = work.plus(applied.work);
+        }
+        let cat = |v: Vec<Tensor>| match v.len() {
+            1 => v.into_iter().next().expect("one group"),
+            _ => Tensor::cat(&v, 0),
         };
-        let x_sel = gather_tokens(x, &sel.index);
-        let d = block.delta(&x_sel, &tokens, rope, None, input.capture_attention);
-        let hidden = scatter_add_tokens(x, &sel.index, &(d.delta * sel.weight.unsqueeze(-1)));
+        let (hidden, in_topk, processed_mask) = (cat(hidden), cat(in_topk), cat(kept));
         let aux_targets = AuxTargets {
             router: score.shallow_clone(),
             predictor: predictor_logits.as_ref().map(Tensor::shallow_clone),
-            in_topk: sel.in_topk,
+            in_topk,
             routable: shared.routable.shallow_clone(),
         };
         let stats = self.stats(
             layer,
             b,
             score,
-            &sel.processed,
+            &processed_mask,
             &shared.routable,
             predictor_logits,
             Some(*processed),
         );
         LayerOutput {
             hidden,
-            attention: d.attention,
+            attention,
             routing: Some(stats),
             aux_targets: Some(aux_targets),
-            work: Work::of_block(&x_sel, d.keys, n_router_evals),
+            work: work.with_router(n_router_evals),
         }
     }
 
     /// Each sample keeps its non-routable tokens and k = max(1, ceil(capacity × n_routable)) of
-    /// its routable ones; also the tokens processed per task, counted on the host.
+    /// its routable ones, within its task group's gather width; also the tokens processed per
+    /// task, counted on the host.
     fn budget(
         &self,
         input: &LayerInput,
         shared: &Shared,
-    ) -> (select::Budget, [Option<usize>; Task::COUNT]) {
+    ) -> (Vec<Group>, [Option<usize>; Task::COUNT]) {
         let b = input.batch;
         let mut processed = [None; Task::COUNT];
         let n_keep: Vec<usize> = (0..b.size())
@@ -524,9 +636,8 @@ impl RoutedLayer {
                 keep
             })
             .collect();
-        let width = n_keep.iter().copied().max().unwrap_or(1).max(1) as i64;
         // The same k as the host counts above (same f64 arithmetic as `tokens_kept`), computed
-        // from device tensors; the host counts give only the gather width and the statistics.
+        // from device tensors; the host counts give only the gather widths and the statistics.
         let n_routable = shared.routable.sum_dim_intlist(1, false, Kind::Double);
         let kept = (self.capacity_by_task.index_select(0, &b.task) * &n_routable)
             .ceil()
@@ -534,8 +645,45 @@ impl RoutedLayer {
             .minimum(&n_routable);
         let n_keep_t = (input.valid.sum_dim_intlist(1, false, Kind::Double) - n_routable + kept)
             .to_kind(Kind::Int64);
-        let budget = select::Budget::new(&shared.routable, &shared.forced, &n_keep_t, width);
-        (budget, processed)
+        // (start, end, routed, width) of each run of one task.
+        let mut runs = Vec::new();
+        let mut start = 0;
+        while start < b.size() {
+            let task = b.tasks[start];
+            let end = (start..b.size())
+                .find(|&i| b.tasks[i] != task)
+                .unwrap_or(b.size());
+            let width = n_keep[start..end].iter().copied().max().unwrap_or(1).max(1) as i64;
+            runs.push((start, end, self.capacity.get(task).is_some(), width));
+            start = end;
+        }
+        let group = |start: usize, end: usize, routed: bool, width: i64| {
+            let mut g = Group {
+                start: start as i64,
+                len: (end - start) as i64,
+                budget: None,
+            };
+            if routed {
+                g.budget = Some(select::Budget::new(
+                    &g.rows(&shared.routable),
+                    &g.rows(&shared.forced),
+                    &g.rows(&n_keep_t),
+                    width,
+                ));
+            }
+            g
+        };
+        // Splitting saves nothing when every run has the same width (capacity 1, one task):
+        // then the whole batch is one group, which keeps those cases bit-identical to dense.
+        let groups = if runs.iter().all(|r| r.3 == runs[0].3) {
+            let routed = runs.iter().any(|r| r.2);
+            vec![group(0, b.size(), routed, runs[0].3)]
+        } else {
+            runs.into_iter()
+                .map(|(s, e, routed, w)| group(s, e, routed, w))
+                .collect()
+        };
+        (groups, processed)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -44,6 +44,9 @@ impl Clone for KeepTokens {
 pub struct Losses {
     /// Mean cross-entropy per task over its loss positions; `None` for tasks not in the batch.
     pub per_task: [Option<Tensor>; Task::COUNT],
+    /// `[B]` mean cross-entropy of each sample over its own loss positions (detached; the unit
+    /// of the analyses' standard errors).
+    pub per_sample: Tensor,
     /// Router auxiliary losses (BCE towards top-k, causal predictor), summed over layers.
     pub aux: Tensor,
     /// Σ weight_t · loss_t + aux.
@@ -162,14 +165,44 @@ impl UnifiedTransformer {
 
     /// # Shapes
     /// `batch.tokens: [B, S]` → `logits: [B, S, V]`.
-    pub fn forward(&self, batch: &Batch, opts: &ForwardOptions) -> ModelOutput {
-        self.run(batch, opts, None)
+    ///
+    /// # Errors
+    /// `opts.mode` is the causal predictor's on a routed model trained without one.
+    pub fn forward(
+        &self,
+        batch: &Batch,
+        opts: &ForwardOptions,
+    ) -> Result<ModelOutput, ConfigError> {
+        self.check_mode(opts.mode, false)?;
+        Ok(self.run(batch, opts, None))
+    }
+
+    /// Refuses a routing mode the model cannot honour, instead of quietly deciding another way.
+    fn check_mode(&self, mode: RoutingMode, cached: bool) -> Result<(), ConfigError> {
+        if !self
+            .plans
+            .iter()
+            .any(|p| matches!(p, LayerPlan::Routed { .. }))
+        {
+            return Ok(());
+        }
+        let why = match mode {
+            RoutingMode::TopK if cached => {
+                "top-k over a sequence looks ahead, so decoding with a KV cache needs a threshold mode (model.routing.causal_mode = \"threshold_router\" or \"threshold_predictor\")"
+            }
+            RoutingMode::ThresholdPredictor if !self.cfg.routing.causal_predictor => {
+                "the causal predictor's mode needs a trained predictor, but model.routing.causal_predictor = false (use \"threshold_router\")"
+            }
+            _ => return Ok(()),
+        };
+        Err(ConfigError::Mode { mode, why })
     }
 
     /// Incremental forward: `batch` holds the new tokens only (built with
     /// [`Batch::continuing`] from the batch before), and attends to the keys in `cache`, to
     /// which it appends its own. Routed layers decide by `opts.mode`, which must be a threshold
-    /// mode for autoregressive decoding: top-k over a sequence is not causal.
+    /// mode for autoregressive decoding (top-k over a sequence is not causal; refused), and
+    /// process only the tokens they keep.
     ///
     /// # Shapes
     /// `batch.tokens: [B, T]` → `logits: [B, T, V]`.
@@ -178,13 +211,14 @@ impl UnifiedTransformer {
         batch: &Batch,
         opts: &ForwardOptions,
         cache: &mut KvCache,
-    ) -> ModelOutput {
+    ) -> Result<ModelOutput, ConfigError> {
+        self.check_mode(opts.mode, true)?;
         if cache.layers.is_empty() {
             cache.layers = (0..self.layers.len())
                 .map(|_| LayerCache::default())
                 .collect();
         }
-        self.run(batch, opts, Some(cache))
+        Ok(self.run(batch, opts, Some(cache)))
     }
 
     fn run(
@@ -273,6 +307,12 @@ impl UnifiedTransformer {
             )
             .view([b, s]);
         let labelled = batch.labels.ne(IGNORE).to_kind(Kind::Float);
+        let per_sample = (&per_token * &labelled)
+            .detach()
+            .sum_dim_intlist(1, false, Kind::Float)
+            / labelled
+                .sum_dim_intlist(1, false, Kind::Float)
+                .clamp_min(1.0);
         let device = out.logits.device();
         let mut total = Tensor::zeros([], (Kind::Float, device));
         let mut per_task: [Option<Tensor>; Task::COUNT] = [None, None, None];
@@ -291,6 +331,7 @@ impl UnifiedTransformer {
         );
         Losses {
             per_task,
+            per_sample,
             total: total + &aux,
             aux,
         }

@@ -4,7 +4,7 @@
 
 use tch::{Device, Kind, Tensor, nn::VarStore};
 use unimod_model::{
-    ForwardOptions, KvCache, ModelConfig, UnifiedTransformer, checkpoint, generate,
+    ForwardOptions, KvCache, ModelConfig, UnifiedTransformer, checkpoint, flops, generate,
 };
 use unimod_router::{Capacities, LayerPlan, Routers, RoutingMode, Schedule};
 use unimod_tok::{Batch, Flavour, FormatConfig, Segment, Sequence, VocabLayout};
@@ -109,12 +109,16 @@ fn capacity_one_equals_dense_exactly() {
         let mut routed_cfg = config(flavour, routed_everywhere(Capacities::all(1.0), 3));
         routed_cfg.routing.aux_loss = 0.0;
         routed_cfg.routing.causal_predictor = false;
+        routed_cfg.routing.causal_mode = RoutingMode::ThresholdRouter;
         let (vs_d, dense) = build(&dense_cfg, 0);
         let (mut vs_r, routed) = build(&routed_cfg, 1);
         align(&vs_d, &mut vs_r);
         let b = batch(&sequences(flavour, true));
         let opts = ForwardOptions::default();
-        let (od, or) = (dense.forward(&b, &opts), routed.forward(&b, &opts));
+        let (od, or) = (
+            dense.forward(&b, &opts).unwrap(),
+            routed.forward(&b, &opts).unwrap(),
+        );
         assert!(od.logits.equal(&or.logits), "{flavour:?}: logits differ");
         dense.losses(&b, &od).total.backward();
         routed.losses(&b, &or).total.backward();
@@ -140,8 +144,8 @@ fn capacity_one_equals_dense_on_padded_batches() {
     let opts = ForwardOptions::default();
     let valid = b.valid().unsqueeze(-1);
     let (ld, lr) = (
-        dense.forward(&b, &opts).logits * &valid,
-        routed.forward(&b, &opts).logits * &valid,
+        dense.forward(&b, &opts).unwrap().logits * &valid,
+        routed.forward(&b, &opts).unwrap().logits * &valid,
     );
     assert!(
         ld.allclose(&lr, 1e-5, 1e-5, false),
@@ -167,18 +171,18 @@ fn check_cached(model: &UnifiedTransformer, seqs: &[Sequence], prefix: usize, mo
         mode,
         ..Default::default()
     };
-    let full = model.forward(&batch(seqs), &opts).logits;
+    let full = model.forward(&batch(seqs), &opts).unwrap().logits;
     let mut cache = KvCache::default();
     let first: Vec<Sequence> = seqs.iter().map(|s| slice(s, 0..prefix)).collect();
     let b = batch(&first);
     let mut end = b.end.clone();
-    let out = model.forward_cached(&b, &opts, &mut cache);
+    let out = model.forward_cached(&b, &opts, &mut cache).unwrap();
     let mut pieces = vec![out.logits];
     for i in prefix..seqs[0].len() {
         let step: Vec<Sequence> = seqs.iter().map(|s| slice(s, i..i + 1)).collect();
         let b = Batch::continuing(&step, Some(&end), Device::Cpu).unwrap();
         end = b.end.clone();
-        pieces.push(model.forward_cached(&b, &opts, &mut cache).logits);
+        pieces.push(model.forward_cached(&b, &opts, &mut cache).unwrap().logits);
     }
     let cached = Tensor::cat(&pieces, 1);
     let valid = batch(seqs).valid().unsqueeze(-1);
@@ -239,7 +243,12 @@ fn guided_decoding_equals_guided_full_forward() {
         assert_eq!(toks.len(), 6);
         for k in 0..toks.len() {
             let rows = [extend(&cond[i], &toks[..k]), extend(&uncond[i], &toks[..k])];
-            let logits = tch::no_grad(|| model.forward(&batch(&rows), &Default::default()).logits);
+            let logits = tch::no_grad(|| {
+                model
+                    .forward(&batch(&rows), &Default::default())
+                    .unwrap()
+                    .logits
+            });
             let at = |r: i64| logits.get(r).get(rows[0].len() as i64 - 1);
             let allowed = grammar(k);
             let pick = |l: Tensor| {
@@ -316,7 +325,7 @@ fn each_task_is_routed_by_its_own_router_only() {
     let cfg = config(Flavour::Showo, routed_everywhere(cap, 3));
     let (vs, model) = build(&cfg, 0);
     let b = batch(&sequences(Flavour::Showo, true));
-    let before = model.forward(&b, &ForwardOptions::default());
+    let before = model.forward(&b, &ForwardOptions::default()).unwrap();
     // Per-task routers are the columns of one projection, in task order: row 1 is MMU's.
     tch::no_grad(|| {
         for (name, v) in vs.variables() {
@@ -326,7 +335,7 @@ fn each_task_is_routed_by_its_own_router_only() {
             }
         }
     });
-    let after = model.forward(&b, &ForwardOptions::default());
+    let after = model.forward(&b, &ForwardOptions::default()).unwrap();
     let t2i = |o: &unimod_model::ModelOutput| o.logits.get(0);
     let mmu = |o: &unimod_model::ModelOutput| o.logits.get(1);
     assert!(
@@ -378,7 +387,7 @@ fn each_layer_keeps_its_own_capacity() {
     cfg.n_layers = plans.len();
     let (_, model) = build(&cfg, 0);
     let b = batch(&sequences(Flavour::Showo, true));
-    let out = model.forward(&b, &ForwardOptions::default());
+    let out = model.forward(&b, &ForwardOptions::default()).unwrap();
     assert_eq!(out.routing.len(), plans.len());
     for (s, plan) in out.routing.iter().zip(&plans) {
         let LayerPlan::Routed { capacity, .. } = plan else {
@@ -419,7 +428,7 @@ fn gradients_reach_every_parameter() {
     let cfg = config(Flavour::Showo, routed_everywhere(cap, 3));
     let (vs, model) = build(&cfg, 0);
     let b = batch(&sequences(Flavour::Showo, false));
-    let out = model.forward(&b, &ForwardOptions::default());
+    let out = model.forward(&b, &ForwardOptions::default()).unwrap();
     model.losses(&b, &out).total.backward();
     for (name, v) in vs.variables() {
         let g = v.grad();
@@ -436,7 +445,7 @@ fn losses_sit_on_labelled_positions_and_are_deterministic() {
     let b = batch(&sequences(Flavour::Showo, false));
     let run = || {
         let (_vs, m) = build(&cfg, 7);
-        let out = m.forward(&b, &ForwardOptions::default());
+        let out = m.forward(&b, &ForwardOptions::default()).unwrap();
         let l = m.losses(&b, &out);
         (l.total.double_value(&[]), out.logits)
     };
@@ -445,7 +454,7 @@ fn losses_sit_on_labelled_positions_and_are_deterministic() {
     // Changing logits where there is no label leaves the loss unchanged.
     let unlabelled = b.labels.eq(unimod_tok::IGNORE).unsqueeze(-1);
     let (_vs, m) = build(&cfg, 7);
-    let mut out = m.forward(&b, &ForwardOptions::default());
+    let mut out = m.forward(&b, &ForwardOptions::default()).unwrap();
     out.logits = logits.masked_fill(&unlabelled, 5.0);
     assert_eq!(m.losses(&b, &out).total.double_value(&[]), a);
 }
@@ -468,8 +477,9 @@ fn checkpoint_round_trip_and_refusal() {
     assert!(
         model
             .forward(&b, &o)
+            .unwrap()
             .logits
-            .equal(&model2.forward(&b, &o).logits)
+            .equal(&model2.forward(&b, &o).unwrap().logits)
     );
     // Another config (wider) is refused with the tensor and shapes named.
     let mut other = cfg.clone();
@@ -502,7 +512,7 @@ fn causal_decisions_learn_to_agree_with_top_k() {
     let mut opt = tch::nn::Adam::default().build(&vs, 3e-3).unwrap();
     let b = batch(&sequences(Flavour::Emu3, true));
     let agreement = |decision: &dyn Fn(&unimod_model::layer::RoutingStats) -> Tensor| {
-        let out = tch::no_grad(|| model.forward(&b, &ForwardOptions::default()));
+        let out = tch::no_grad(|| model.forward(&b, &ForwardOptions::default()).unwrap());
         let (mut hit, mut total) = (0i64, 0i64);
         for s in &out.routing {
             let agree = decision(s)
@@ -518,7 +528,7 @@ fn causal_decisions_learn_to_agree_with_top_k() {
     let router = |s: &unimod_model::layer::RoutingStats| s.scores.gt(0.0);
     let before = agreement(&predictor);
     for _ in 0..150 {
-        let out = model.forward(&b, &ForwardOptions::default());
+        let out = model.forward(&b, &ForwardOptions::default()).unwrap();
         opt.backward_step(&model.losses(&b, &out).total);
     }
     let (after_predictor, after_router) = (agreement(&predictor), agreement(&router));
@@ -529,5 +539,231 @@ fn causal_decisions_learn_to_agree_with_top_k() {
     assert!(
         after_router >= 0.9,
         "router threshold agreement {after_router:.2}"
+    );
+}
+
+/// A mixed batch in T2I-MoD, Shared-MoD and MMU-MoD layers: each task is processed at its own
+/// width, so the work counted is the sum of each task's own, and each sample's output is what
+/// its task's sub-batch alone gives.
+#[test]
+fn each_task_is_processed_at_its_own_width() {
+    let at = |t2i: Option<f64>, mmu: Option<f64>| LayerPlan::Routed {
+        capacity: Capacities { t2i, mmu, lm: None },
+        routers: Routers::PerTask,
+    };
+    let plans = vec![
+        at(Some(0.5), None),
+        at(Some(0.25), Some(0.75)),
+        at(None, Some(0.5)),
+    ];
+    let cfg = config(Flavour::Showo, Schedule::Explicit { layers: plans });
+    let (_, model) = build(&cfg, 0);
+    let seqs = sequences(Flavour::Showo, true);
+    let run =
+        |s: &[Sequence]| tch::no_grad(|| model.forward(&batch(s), &Default::default()).unwrap());
+    let mixed = run(&seqs);
+    let alone: Vec<_> = seqs.iter().map(|s| run(std::slice::from_ref(s))).collect();
+    for l in 0..3 {
+        let sum: f64 = alone.iter().map(|o| o.work[l].tokens).sum();
+        assert_eq!(mixed.work[l].tokens, sum, "layer {l}: tokens computed");
+        let pairs: f64 = alone.iter().map(|o| o.work[l].attention_pairs).sum();
+        assert_eq!(
+            mixed.work[l].attention_pairs, pairs,
+            "layer {l}: attention pairs"
+        );
+    }
+    // The analytic count of `unimod flops` is the work counted, routers included.
+    let b = batch(&seqs);
+    for l in 0..3 {
+        let analytic: Vec<_> = (0..b.size())
+            .map(|i| {
+                let seq = flops::Composition {
+                    task: b.tasks[i],
+                    segments: b.segment_counts[i],
+                };
+                flops::analytic_work(&cfg, &model.plans, &seq)[l]
+            })
+            .collect();
+        let sum = |f: fn(&unimod_model::layer::Work) -> f64| analytic.iter().map(f).sum::<f64>();
+        assert_eq!(sum(|w| w.tokens), mixed.work[l].tokens, "layer {l}");
+        assert_eq!(
+            sum(|w| w.router_tokens),
+            mixed.work[l].router_tokens,
+            "layer {l}"
+        );
+    }
+    for (i, o) in alone.iter().enumerate() {
+        let (a, b) = (mixed.logits.get(i as i64), o.logits.get(0));
+        assert!(
+            a.allclose(&b, 1e-5, 1e-6, false),
+            "sample {i}: {}",
+            (a - b).abs().max().double_value(&[])
+        );
+    }
+}
+
+/// The causal (threshold) path gathers the tokens it keeps, as training does: fed the same
+/// selection, both give the same outputs, and a token a layer skips leaves it bit-identical.
+#[test]
+fn threshold_and_top_k_paths_agree_on_the_same_selection() {
+    let mut plans = vec![LayerPlan::Dense; 3];
+    plans[0] = LayerPlan::Routed {
+        capacity: Capacities::all(0.5),
+        routers: Routers::PerTask,
+    };
+    let cfg = config(Flavour::Emu3, Schedule::Explicit { layers: plans });
+    let (vs, model) = build(&cfg, 0);
+    let b = batch(&sequences(Flavour::Emu3, true)[..1]);
+    let bias = vs
+        .variables()
+        .into_iter()
+        .find(|(n, _)| n.contains("router") && n.ends_with("proj.bias"))
+        .unwrap()
+        .1;
+    tch::no_grad(|| {
+        for (name, mut v) in vs.variables() {
+            if name.contains("router") && name.ends_with("proj.weight") {
+                v.copy_(&Tensor::randn(v.size(), tch::kind::FLOAT_CPU));
+            }
+        }
+    });
+    // Shift the router so that exactly the top-k tokens score above 0: the threshold then
+    // selects what top-k selects, with the same sigmoid weights.
+    let opts = |mode| ForwardOptions {
+        mode,
+        hidden_states: true,
+        ..Default::default()
+    };
+    let run = |mode| tch::no_grad(|| model.forward(&b, &opts(mode)).unwrap());
+    let s = &run(RoutingMode::TopK).routing[0];
+    let routable = Vec::<bool>::try_from(s.routable.get(0)).unwrap();
+    let mut scores: Vec<f32> = Vec::<f32>::try_from(s.scores.get(0))
+        .unwrap()
+        .into_iter()
+        .zip(&routable)
+        .filter(|(_, r)| **r)
+        .map(|(x, _)| x)
+        .collect();
+    scores.sort_by(|a, b| b.total_cmp(a));
+    let k = (scores.len() as f64 * 0.5).ceil() as usize;
+    let mid = (scores[k - 1] + scores[k]) / 2.0;
+    tch::no_grad(|| {
+        let mut bias = bias.shallow_clone();
+        let _ = bias.g_sub_(&Tensor::from(mid));
+    });
+    let (top_k, threshold) = (run(RoutingMode::TopK), run(RoutingMode::ThresholdRouter));
+    let (a, t) = (&top_k.routing[0], &threshold.routing[0]);
+    assert!(
+        a.processed_mask.equal(&t.processed_mask),
+        "selections differ"
+    );
+    assert!(
+        a.processed_mask.logical_not().any().int64_value(&[]) == 1,
+        "the test needs skipped tokens"
+    );
+    assert!(top_k.logits.equal(&threshold.logits), "outputs differ");
+    assert_eq!(top_k.work[0], threshold.work[0]);
+    for out in [&top_k, &threshold] {
+        let skipped = out.routing[0].processed_mask.logical_not().unsqueeze(-1);
+        let (before, after) = (&out.hidden_states[0], &out.hidden_states[1]);
+        assert!(
+            before
+                .masked_select(&skipped)
+                .equal(&after.masked_select(&skipped)),
+            "a skipped token changed"
+        );
+    }
+}
+
+/// Every baseline schedule trains: a forward and a backward through a model, with gradients
+/// reaching the routers where there are any.
+#[test]
+fn every_baseline_schedule_trains() {
+    use unimod_router::schedule::{LayerSet, NamedLayers, Ramp};
+    let unimod = |layers, routers| Schedule::Unimod {
+        layers,
+        t2i: Some(Ramp::Constant(0.8)),
+        mmu: Some(Ramp::Linear([1.0, 0.2])),
+        lm: None,
+        routers,
+    };
+    let schedules = [
+        ("early exit", Schedule::EarlyExit { exit_after: 2 }),
+        ("interleaved skip", Schedule::InterleavedSkip),
+        (
+            "plain MoD",
+            Schedule::Mod {
+                capacity: 0.5,
+                layers: LayerSet::Named(NamedLayers::Interleaved),
+            },
+        ),
+        (
+            "γ-MoD",
+            Schedule::GammaMod {
+                capacity: 0.5,
+                layers: LayerSet::List(vec![1, 2, 3]),
+            },
+        ),
+        (
+            "UniMoD w/o layer switch",
+            unimod(LayerSet::Named(NamedLayers::Interleaved), Routers::PerTask),
+        ),
+        (
+            "UniMoD w/o task router",
+            unimod(LayerSet::Named(NamedLayers::LastHalf), Routers::Shared),
+        ),
+        (
+            "UniMoD",
+            unimod(LayerSet::Named(NamedLayers::LastHalf), Routers::PerTask),
+        ),
+    ];
+    for (name, schedule) in schedules {
+        let mut cfg = config(Flavour::Showo, schedule);
+        cfg.n_layers = 4;
+        let (vs, model) = build(&cfg, 0);
+        let b = batch(&sequences(Flavour::Showo, false));
+        let out = model.forward(&b, &ForwardOptions::default()).unwrap();
+        let loss = model.losses(&b, &out).total;
+        assert!(loss.double_value(&[]).is_finite(), "{name}: loss");
+        loss.backward();
+        for (var, v) in vs.variables() {
+            if var.contains("router") {
+                let g = v.grad();
+                assert!(
+                    g.defined() && g.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+                    "{name}: no gradient reaches {var}"
+                );
+            }
+        }
+    }
+}
+
+/// Decoding with a KV cache in top-k mode, or in the predictor's mode without a predictor, is
+/// refused with both settings named, not quietly replaced by another decision.
+#[test]
+fn impossible_routing_modes_are_refused() {
+    let mut cfg = config(Flavour::Emu3, routed_everywhere(Capacities::all(0.5), 3));
+    let (_, model) = build(&cfg, 0);
+    let b = batch(&sequences(Flavour::Emu3, true));
+    let topk = ForwardOptions::default();
+    let e = model
+        .forward_cached(&b, &topk, &mut KvCache::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("TopK") && e.contains("causal_mode"), "{e}");
+    cfg.routing.causal_predictor = false;
+    cfg.routing.causal_mode = RoutingMode::ThresholdRouter;
+    let (_, model) = build(&cfg, 0);
+    let predictor = ForwardOptions {
+        mode: RoutingMode::ThresholdPredictor,
+        ..Default::default()
+    };
+    let e = model.forward(&b, &predictor).unwrap_err().to_string();
+    assert!(e.contains("causal_predictor = false"), "{e}");
+    cfg.routing.causal_mode = RoutingMode::ThresholdPredictor;
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("routing.causal_mode") && e.contains("causal_predictor"),
+        "{e}"
     );
 }

@@ -13,7 +13,7 @@ pub mod router;
 pub mod schedule;
 pub mod select;
 
-pub use router::{CausalPredictor, Router, RouterArch};
+pub use router::{CausalPredictor, Router, RouterArch, router_evals_per_token};
 pub use schedule::{
     Capacities, LayerPlan, Routers, Schedule, ScheduleError, ScheduleFile, tokens_kept,
 };

@@ -16,6 +16,42 @@ pub enum RouterArch {
     Mlp,
 }
 
+impl RouterArch {
+    /// Multiply-accumulates of one score column in units of a `d → 1` linear router's (`d`),
+    /// for the FLOPs count: 1, or `(d·h + h) / d` with a hidden layer of `h = d/4`.
+    pub fn cost_in_router_evals(self, d_model: i64) -> f64 {
+        match self {
+            RouterArch::Linear => 1.0,
+            RouterArch::Mlp => {
+                let h = (d_model / 4).max(1) as f64;
+                h * (d_model as f64 + 1.0) / d_model as f64
+            }
+        }
+    }
+}
+
+/// Router and predictor evaluations per token of one routed layer, in units of a `d → 1`
+/// router's: its score columns (one per routed task, or one shared) at the router's cost, plus
+/// one causal predictor per routed task. One function for the FLOPs counted in a forward pass
+/// and the analytic count, so the two cannot drift apart.
+pub fn router_evals_per_token(
+    cfg: &crate::RoutingConfig,
+    d_model: i64,
+    routers: crate::Routers,
+    routed_tasks: usize,
+) -> f64 {
+    let columns = match routers {
+        crate::Routers::PerTask => routed_tasks,
+        crate::Routers::Shared | crate::Routers::Global => 1,
+    } as f64;
+    let predictors = if cfg.causal_predictor {
+        routed_tasks as f64 * CausalPredictor::cost_in_router_evals(d_model)
+    } else {
+        0.0
+    };
+    columns * cfg.router.cost_in_router_evals(d_model) + predictors
+}
+
 /// `n` scoring heads over the same input, one per task, evaluated together (`[.., D] → [.., n]`
 /// logits): a `d → n` projection, or with a hidden layer of `h` per head, one `d → n·h` matmul,
 /// ReLU, and each head's own `h → 1` output. One matmul for all heads instead of one per task

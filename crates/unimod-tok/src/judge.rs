@@ -295,21 +295,23 @@ impl JudgeReport {
         ok as f64 / n.max(1) as f64
     }
 
-    /// Fact accuracy of a perfect generator that ignores its prompt: each image scored against
-    /// the next caption (the last against the first). The reference a prompt-following model
-    /// must beat; `None` with fewer than two images.
-    pub fn prompt_blind_facts(
+    /// The images scored with their prompts scrambled: each image against the next caption
+    /// (the last against the first). On real images it is a perfect generator that ignores its
+    /// prompt (the prompt-blind reference); on generated images, the same generator with its
+    /// prompts ignored (the prompt-scrambled control, the fair floor of a generated set).
+    /// `None` with fewer than two images.
+    pub fn scrambled(
         judge: &dyn T2iJudge,
         captions: &[&Caption],
         images: &[Image],
-    ) -> Option<f64> {
+    ) -> Option<JudgeReport> {
         if images.len() < 2 {
             return None;
         }
         let next: Vec<Image> = images[1..].iter().chain(&images[..1]).cloned().collect();
         let mut r = JudgeReport::default();
         r.add(judge, captions, &next);
-        Some(r.facts())
+        Some(r)
     }
 
     pub fn category(&self, name: &str) -> Option<f64> {
@@ -365,13 +367,12 @@ mod tests {
         let images: Vec<Image> = examples.iter().map(|e| e.image.clone()).collect();
         let mut own = JudgeReport::default();
         own.add(&ShapesJudge, &captions, &images);
-        let blind = JudgeReport::prompt_blind_facts(&ShapesJudge, &captions, &images).unwrap();
+        let blind = JudgeReport::scrambled(&ShapesJudge, &captions, &images)
+            .unwrap()
+            .facts();
         assert!(own.facts() > 0.99, "own captions: {}", own.facts());
         assert!(blind < 0.3, "prompt-blind: {blind}");
-        assert_eq!(
-            JudgeReport::prompt_blind_facts(&ShapesJudge, &captions[..1], &images[..1]),
-            None
-        );
+        assert!(JudgeReport::scrambled(&ShapesJudge, &captions[..1], &images[..1]).is_none());
     }
 
     /// A box blur applied twice (close to a Gaussian of σ ≈ 1.2 px).

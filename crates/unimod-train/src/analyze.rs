@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
+use unimod_analysis::arank::{ArankDefinition, RANK_RTOL};
 use unimod_analysis::attention::{self, LayerAttention};
 use unimod_analysis::importance::{self, Importance};
 use unimod_analysis::interaction::{self, Competition};
@@ -33,6 +34,9 @@ pub struct AnalysisConfig {
     pub competition_capacity: f64,
     /// Add a per-head table to the attention section (the JSON always has the heads).
     pub per_head: bool,
+    /// Which matrix ARank takes the rank of: `"bilinear"` (the paper's Eq. 3) or `"gamma_mod"`
+    /// (γ-MoD's code).
+    pub arank: ArankDefinition,
     pub schedule: ArankRule,
 }
 
@@ -43,6 +47,7 @@ impl Default for AnalysisConfig {
             fractions: vec![1.0, 0.8, 0.6, 0.4, 0.2, 0.1],
             competition_capacity: 0.5,
             per_head: false,
+            arank: ArankDefinition::Bilinear,
             schedule: ArankRule::default(),
         }
     }
@@ -168,21 +173,34 @@ impl Analyzer<'_> {
                 self.model,
                 &self.batch(task)?,
                 task,
+                self.cfg.analysis.arank,
             )?);
         }
-        let mut md = String::from(
-            "## Layer importance\n\nLoss increase when one layer is skipped at inference (the paper's Table 1), ARank (mean numerical rank of the heads' pre-softmax score matrices, relative tolerance 1e-4, padding masked; the paper's Eq. 3) divided by the mean sequence length, and cos(input, output) of the layer's residual stream.\n\n| task | layer | Δloss when skipped | ARank | ARank / tokens | cos(in, out) |\n|---|---|---|---|---|---|\n",
+        let definition = match self.cfg.analysis.arank {
+            ArankDefinition::Bilinear => format!(
+                "the paper's Eq. 3: mean over heads and samples of the numerical rank (relative tolerance {RANK_RTOL:e}) of (x W_Q)(x W_K)ᵀ over each sample's valid tokens, before RoPE and with no attention mask; at most min(tokens, head dim)"
+            ),
+            ArankDefinition::GammaMod => "γ-MoD's code: rank of the post-softmax map times the causal mask with the diagonal zeroed, float32, torch's default tolerance; at most tokens − 1".into(),
+        };
+        let mut md = format!(
+            "## Layer importance\n\nLoss increase when one layer is skipped at inference (the paper's Table 1); ARank ({definition}), ± its standard error over samples, and divided by the mean sequence length; cos(input, output) of the layer's residual stream.\n\n| task | layer | Δloss when skipped | ARank | bound | ARank / tokens | cos(in, out) |\n|---|---|---|---|---|---|---|\n",
         );
         for imp in &all {
             for l in &imp.layers {
-                let r = l.arank.unwrap_or(f64::NAN);
+                let (r, cell, bound) = match l.arank {
+                    Some(a) => (
+                        a.mean,
+                        format!("{:.2} ± {:.2}", a.mean, a.se),
+                        format!("{:.1}", a.bound),
+                    ),
+                    None => (f64::NAN, "-".into(), "-".into()),
+                };
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {:+.3} | {:.1} | {:.3} | {:.3} |",
+                    "| {} | {} | {:+.3} | {cell} | {bound} | {:.3} | {:.3} |",
                     imp.task,
                     l.layer,
                     l.skip_loss - imp.loss,
-                    r,
                     r / imp.mean_tokens,
                     l.cosine
                 );
@@ -196,7 +214,7 @@ impl Analyzer<'_> {
                 |i, l| l.skip_loss - i.loss,
             ),
             ("arank.png", "ARank / sequence length", |i, l| {
-                l.arank.unwrap_or(f64::NAN) / i.mean_tokens
+                l.arank.map_or(f64::NAN, |a| a.mean) / i.mean_tokens
             }),
             ("cosine.png", "cos(layer input, layer output)", |_, l| {
                 l.cosine
@@ -390,7 +408,7 @@ impl Analyzer<'_> {
                 arank: i
                     .layers
                     .iter()
-                    .map(|l| l.arank.unwrap_or(f64::INFINITY))
+                    .map(|l| l.arank.map_or(f64::INFINITY, |a| a.mean))
                     .collect(),
                 mean_tokens: i.mean_tokens,
             })
@@ -415,29 +433,33 @@ impl Analyzer<'_> {
     }
 }
 
-/// Mean loss increase, relative to the dense loss, over `layers` and every fraction below 1 of
-/// the attention-ranked redundancy curve of `task`: how much the task's loss depends on those
-/// layers processing all tokens (scale-free, so T2I and MMU compare).
-fn sensitivity(redundancy: &[Redundancy], task: Task, layers: std::ops::Range<usize>) -> f64 {
-    let Some(r) = redundancy
-        .iter()
-        .find(|r| r.task == task && r.ranking == Ranking::Attention)
-    else {
-        return f64::NAN;
-    };
-    let v: Vec<f64> = r.losses[layers.start.min(r.losses.len())..layers.end.min(r.losses.len())]
-        .iter()
-        .flat_map(|l| {
-            l.iter()
-                .zip(&r.fractions)
-                .filter(|(_, f)| **f < 1.0)
-                .map(|(loss, _)| (loss - r.dense_loss) / r.dense_loss.abs().max(1e-12))
-        })
-        .collect();
-    v.iter().sum::<f64>() / v.len().max(1) as f64
+/// Mean and standard error of the mean of `v`.
+fn mean_se(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n.max(1.0);
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, (var / n.max(1.0)).sqrt())
 }
 
-/// One line per finding of the paper: does this model show it? Layers before `first_routable`
+/// The verdict on a claim that `diff` > 0, given its standard error: shown only outside two
+/// standard errors, and said so when the data point the other way.
+pub fn verdict(diff: f64, se: f64) -> String {
+    if !(diff.is_finite() && se.is_finite()) {
+        "inconclusive (no estimate)".into()
+    } else if diff > 2.0 * se {
+        "shown".into()
+    } else if diff < -2.0 * se {
+        "not shown (the opposite holds beyond 2 SE)".into()
+    } else {
+        format!(
+            "inconclusive (difference {diff:+.3} within 2 SE = ±{:.3}; more samples, `analysis.samples`, would narrow it)",
+            2.0 * se
+        )
+    }
+}
+
+/// One line per finding of the paper: does this model show it? A finding is shown only when
+/// its difference exceeds two standard errors over samples. Layers before `first_routable`
 /// (never routed by the schedule rule) are left out of the redundancy-curve findings.
 pub fn findings(
     importance: &[Importance],
@@ -445,84 +467,105 @@ pub fn findings(
     competition: Option<&[Competition]>,
     first_routable: usize,
 ) -> String {
-    let norm = |i: &Importance, layers: &[importance::LayerImportance]| {
-        let v: Vec<f64> = layers
+    // ARank as a share of its bound, averaged over `layers`; its standard error treats the
+    // layers' sample means as independent.
+    let norm = |layers: &[importance::LayerImportance]| {
+        let a: Vec<_> = layers.iter().filter_map(|l| l.arank).collect();
+        let n = a.len().max(1) as f64;
+        let mean = a.iter().map(|r| r.mean / r.bound.max(1.0)).sum::<f64>() / n;
+        let se = a
             .iter()
-            .filter_map(|l| l.arank)
-            .map(|r| r / i.mean_tokens)
-            .collect();
-        v.iter().sum::<f64>() / v.len().max(1) as f64
+            .map(|r| (r.se / r.bound.max(1.0)).powi(2))
+            .sum::<f64>()
+            .sqrt()
+            / n;
+        (mean, se)
     };
-    let mut md = String::from("## Findings\n\n");
+    let mut md = String::from(
+        "## Findings\n\nShown = the difference exceeds two standard errors over samples (stated); otherwise inconclusive or not shown.\n\n",
+    );
     if let [t2i, mmu] = importance {
-        let (a, b) = (norm(t2i, &t2i.layers), norm(mmu, &mmu.layers));
-        let rel = (a - b).abs() / a.max(b).max(1e-12);
+        let ((a, sa), (b, sb)) = (norm(&t2i.layers), norm(&mmu.layers));
         let _ = writeln!(
             md,
-            "- Task-dependent redundancy (paper: Show-o's T2I and MMU differ): mean ARank / tokens T2I {a:.3}, MMU {b:.3}, relative difference {:.0} % → **{}** (threshold 10 %).",
-            100.0 * rel,
-            if rel > 0.10 { "shown" } else { "not shown" }
+            "- Task-dependent redundancy by ARank (paper: Show-o's T2I and MMU differ): mean ARank / its bound T2I {a:.3} ± {sa:.3}, MMU {b:.3} ± {sb:.3} → **{}**.",
+            verdict((a - b).abs(), sa.hypot(sb))
         );
     }
-    if !redundancy.is_empty() {
-        let n = redundancy[0].losses.len();
+    let curve = |task| {
+        redundancy
+            .iter()
+            .find(|r| r.task == task && r.ranking == Ranking::Attention)
+    };
+    if let (Some(t), Some(m)) = (curve(Task::T2i), curve(Task::Mmu)) {
+        let n = t.losses.len();
         let routable = first_routable.min(n)..n;
-        let (t, m) = (
-            sensitivity(redundancy, Task::T2i, routable.clone()),
-            sensitivity(redundancy, Task::Mmu, routable.clone()),
+        let ((a, sa), (b, sb)) = (
+            mean_se(&t.sensitivity(routable.clone())),
+            mean_se(&m.sensitivity(routable.clone())),
         );
-        let ratio = t.max(m) / t.min(m).max(1e-12);
         let _ = writeln!(
             md,
-            "- Task-dependent redundancy, by loss (layers {}–{}): dropping tokens raises the T2I loss by {:.1} % and the MMU loss by {:.1} % on average (relative), ratio {ratio:.1} → **{}** (threshold 1.5×).",
+            "- Task-dependent redundancy, by loss (layers {}–{}): dropping tokens raises the T2I loss by {:.1} ± {:.1} % and the MMU loss by {:.1} ± {:.1} % on average (relative, per sample) → **{}**.",
             routable.start,
             n.saturating_sub(1),
-            100.0 * t,
-            100.0 * m,
-            if ratio > 1.5 { "shown" } else { "not shown" }
+            100.0 * a,
+            100.0 * sa,
+            100.0 * b,
+            100.0 * sb,
+            verdict((a - b).abs(), sa.hypot(sb))
         );
-        for task in TASKS.into_iter().filter(|_| routable.len() >= 2) {
+        for r in [t, m].into_iter().filter(|_| routable.len() >= 2) {
             let mid = routable.start + routable.len() / 2;
-            let (early, late) = (
-                sensitivity(redundancy, task, routable.start..mid),
-                sensitivity(redundancy, task, mid..n),
-            );
+            let (early, late) = (r.sensitivity(routable.start..mid), r.sensitivity(mid..n));
+            let paired: Vec<f64> = early.iter().zip(&late).map(|(e, l)| e - l).collect();
+            let ((e, _), (l, _), (d, sd)) = (mean_se(&early), mean_se(&late), mean_se(&paired));
             let _ = writeln!(
                 md,
-                "- Later layers more redundant, {task}, by loss: relative loss increase when layers {}–{} drop tokens {:.1} %, layers {}–{} {:.1} % → **{}**.",
+                "- Later layers more redundant, {}, by loss: relative loss increase when layers {}–{} drop tokens {:.1} %, layers {}–{} {:.1} % (paired difference {:.1} ± {:.1} %) → **{}**.",
+                r.task,
                 routable.start,
                 mid.saturating_sub(1),
-                100.0 * early,
+                100.0 * e,
                 mid,
                 n.saturating_sub(1),
-                100.0 * late,
-                if late < early { "shown" } else { "not shown" }
+                100.0 * l,
+                100.0 * d,
+                100.0 * sd,
+                verdict(d, sd)
             );
         }
     }
     for i in importance {
         let half = i.layers.len() / 2;
-        let (early, late) = (norm(i, &i.layers[..half]), norm(i, &i.layers[half..]));
+        let ((early, se), (late, sl)) = (norm(&i.layers[..half]), norm(&i.layers[half..]));
         let _ = writeln!(
             md,
-            "- Later layers more redundant, {} (paper: ARank falls with depth): ARank / tokens first half {early:.3}, second half {late:.3} → **{}**.",
+            "- Later layers more redundant, {} (paper: ARank falls with depth): ARank / its bound first half {early:.3} ± {se:.3}, second half {late:.3} ± {sl:.3} → **{}**.",
             i.task,
-            if late < early { "shown" } else { "not shown" }
+            verdict(early - late, se.hypot(sl))
         );
     }
     match competition {
         Some(rows) if !rows.is_empty() => {
-            let share = |i: usize| {
-                rows.iter().map(|r| r.kept[i]).sum::<usize>() as f64
-                    / rows.iter().map(|r| r.routable[i]).sum::<usize>().max(1) as f64
+            // Per sample, its share kept averaged over the layers.
+            let share = |t: usize| {
+                let per_sample: Vec<f64> = (0..rows[0].sample_share[t].len())
+                    .map(|i| {
+                        rows.iter().map(|r| r.sample_share[t][i]).sum::<f64>() / rows.len() as f64
+                    })
+                    .collect();
+                mean_se(&per_sample)
             };
-            let (t, m) = (share(0), share(1));
+            let ((t, st), (m, sm)) = (share(0), share(1));
             let _ = writeln!(
                 md,
-                "- A shared router favours T2I tokens (paper's Fig. 4): it keeps {:.0} % of T2I vs {:.0} % of MMU routable tokens → **{}**.",
+                "- A shared router favours T2I tokens (paper's Fig. 4), by a post-hoc probe (the `--probe` checkpoint's shared router, trained with per-sample top-k, re-applied as one top-k over the pooled tokens of a mixed batch; the paper trains the router that way): it keeps {:.1} ± {:.1} % of T2I vs {:.1} ± {:.1} % of MMU routable tokens per sample → **{}**.",
                 100.0 * t,
+                100.0 * st,
                 100.0 * m,
-                if t > m { "shown" } else { "not shown" }
+                100.0 * sm,
+                verdict(t - m, st.hypot(sm))
             );
         }
         _ => md.push_str(

@@ -47,7 +47,7 @@ pub struct Agreement {
     pub recall: f64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct EvalReport {
     pub val_loss: BTreeMap<String, f64>,
     /// Share of generated images whose caption's facts all hold.
@@ -61,6 +61,13 @@ pub struct EvalReport {
     /// the same for every model evaluated on the same captions.
     #[serde(default)]
     pub t2i_facts_prompt_blind: Option<f64>,
+    /// `t2i_overall` and `t2i_facts` of the generated images scored under the next example's
+    /// caption: what this generator gets when its prompt does not matter. A score is evidence
+    /// of prompt following only above these.
+    #[serde(default)]
+    pub t2i_overall_scrambled: Option<f64>,
+    #[serde(default)]
+    pub t2i_facts_scrambled: Option<f64>,
     /// Fréchet distance of the judge's features, generated vs the validation images of the
     /// same captions, where the judge has features (MNIST). With fewer samples than feature
     /// dimensions (128) it is biased upwards: compare runs with the same `t2i_samples`.
@@ -68,6 +75,13 @@ pub struct EvalReport {
     pub t2i_frechet: Option<f64>,
     pub mmu_accuracy: f64,
     pub mmu_per_kind: BTreeMap<String, f64>,
+    /// Exact match of an image-blind answerer on the same questions: the most common answer to
+    /// each question text (by kind where the text is unseen) over 2048 training examples. The
+    /// chance level of MMU accuracy, answer priors included.
+    #[serde(default)]
+    pub mmu_blind: Option<f64>,
+    #[serde(default)]
+    pub mmu_blind_per_kind: BTreeMap<String, f64>,
     /// Causal router decision (sigmoid ≥ 0.5) and auxiliary predictor vs top-k.
     pub router_agreement: Option<Agreement>,
     pub predictor_agreement: Option<Agreement>,
@@ -85,19 +99,29 @@ pub fn evaluate(
         overall: t2i_overall,
         facts: t2i_facts,
         facts_prompt_blind: t2i_facts_prompt_blind,
+        scrambled,
         per_category: t2i_per_category,
         frechet: t2i_frechet,
     } = text_to_image(ctx, cfg, model, out)?;
-    let (mmu_accuracy, mmu_per_kind) = understanding(ctx, cfg, model)?;
+    let Mmu {
+        accuracy: mmu_accuracy,
+        per_kind: mmu_per_kind,
+        blind: mmu_blind,
+        blind_per_kind: mmu_blind_per_kind,
+    } = understanding(ctx, cfg, model)?;
     Ok(EvalReport {
         val_loss,
         t2i_overall,
         t2i_per_category,
         t2i_facts,
         t2i_facts_prompt_blind,
+        t2i_overall_scrambled: scrambled.as_ref().map(JudgeReport::overall),
+        t2i_facts_scrambled: scrambled.as_ref().map(JudgeReport::facts),
         t2i_frechet,
         mmu_accuracy,
         mmu_per_kind,
+        mmu_blind: Some(mmu_blind),
+        mmu_blind_per_kind,
         router_agreement,
         predictor_agreement,
     })
@@ -113,7 +137,7 @@ fn validation(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) -> 
     for k in 0..cfg.eval.val_batches {
         // Masking and caption choice are seeded by the batch index: the same for every model.
         let b = ctx.batch(cfg, Split::Val, 1_000_000 + k as u64, true)?;
-        let o = model.forward(&b, &ForwardOptions::default());
+        let o = model.forward(&b, &ForwardOptions::default())?;
         let l = model.losses(&b, &o);
         for t in Task::ALL {
             if let Some(v) = &l.per_task[t.index()] {
@@ -257,6 +281,7 @@ struct T2i {
     overall: f64,
     facts: f64,
     facts_prompt_blind: Option<f64>,
+    scrambled: Option<JudgeReport>,
     per_category: BTreeMap<String, f64>,
     frechet: Option<f64>,
 }
@@ -302,11 +327,12 @@ fn text_to_image(
         .collect();
     let real: Vec<Image> = examples.iter().map(|(_, _, img)| img.clone()).collect();
     let captions: Vec<_> = examples.iter().map(|(c, _, _)| c).collect();
-    let prompt_blind = JudgeReport::prompt_blind_facts(ctx.judge.as_ref(), &captions, &real);
+    let judge = ctx.judge.as_ref();
     Ok(T2i {
         overall: report.overall(),
         facts: report.facts(),
-        facts_prompt_blind: prompt_blind,
+        facts_prompt_blind: JudgeReport::scrambled(judge, &captions, &real).map(|r| r.facts()),
+        scrambled: JudgeReport::scrambled(judge, &captions, &generated),
         per_category: per,
         frechet: (generated.len() > 1)
             .then(|| ctx.judge.frechet(&generated, &real))
@@ -314,14 +340,72 @@ fn text_to_image(
     })
 }
 
-fn understanding(
-    ctx: &RunContext,
-    cfg: &RunConfig,
-    model: &UnifiedTransformer,
-) -> Result<(f64, BTreeMap<String, f64>)> {
+struct Mmu {
+    accuracy: f64,
+    per_kind: BTreeMap<String, f64>,
+    blind: f64,
+    blind_per_kind: BTreeMap<String, f64>,
+}
+
+/// Training examples the image-blind answerer learns its answer priors from.
+const BLIND_PRIOR_EXAMPLES: u64 = 2048;
+
+/// The image-blind answerer: the most common training answer to each question text, and to
+/// each question kind for texts never seen.
+struct BlindAnswerer {
+    by_question: BTreeMap<String, String>,
+    by_kind: BTreeMap<String, String>,
+}
+
+impl BlindAnswerer {
+    fn fit(world: &dyn unimod_tok::dataset::Dataset) -> BlindAnswerer {
+        type Counts = BTreeMap<String, BTreeMap<String, usize>>;
+        let (mut q, mut k): (Counts, Counts) = Default::default();
+        for i in 0..BLIND_PRIOR_EXAMPLES {
+            for qa in world.example(Split::Train, i).qa {
+                *q.entry(qa.question.clone())
+                    .or_default()
+                    .entry(qa.answer.clone())
+                    .or_default() += 1;
+                *k.entry(kind_name(&qa))
+                    .or_default()
+                    .entry(qa.answer)
+                    .or_default() += 1;
+            }
+        }
+        let majority = |c: Counts| {
+            c.into_iter()
+                .filter_map(|(key, answers)| {
+                    let best = answers
+                        .into_iter()
+                        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))?;
+                    Some((key, best.0))
+                })
+                .collect()
+        };
+        BlindAnswerer {
+            by_question: majority(q),
+            by_kind: majority(k),
+        }
+    }
+
+    fn answer(&self, qa: &unimod_tok::dataset::Qa) -> Option<&String> {
+        self.by_question
+            .get(&qa.question)
+            .or_else(|| self.by_kind.get(&kind_name(qa)))
+    }
+}
+
+fn kind_name(qa: &unimod_tok::dataset::Qa) -> String {
+    format!("{:?}", qa.kind).to_lowercase()
+}
+
+fn understanding(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) -> Result<Mmu> {
     let world = &ctx.world;
     let n = cfg.eval.mmu_samples.min(ctx.val.codes.len());
-    let mut per: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    // (model right, blind right, asked) per kind.
+    let mut per: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new();
+    let blind = BlindAnswerer::fit(world.as_ref());
     let items: Vec<(usize, unimod_tok::dataset::Qa)> = (0..n)
         .map(|i| {
             let e = world.example(Split::Val, i as u64);
@@ -334,17 +418,23 @@ fn understanding(
             .map(|(i, qa)| (ctx.val.codes[*i].as_slice(), qa.question.clone()))
             .collect();
         for ((_, qa), text) in chunk.iter().zip(answers(ctx, cfg, model, &questions)?) {
-            let e = per
-                .entry(format!("{:?}", qa.kind).to_lowercase())
-                .or_default();
+            let e = per.entry(kind_name(qa)).or_default();
             e.0 += (text == qa.answer) as usize;
-            e.1 += 1;
+            e.1 += (blind.answer(qa) == Some(&qa.answer)) as usize;
+            e.2 += 1;
         }
     }
-    let (ok, total) = per.values().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-    let per_kind = per
-        .into_iter()
-        .map(|(k, (o, t))| (k, o as f64 / t.max(1) as f64))
-        .collect();
-    Ok((ok as f64 / total.max(1) as f64, per_kind))
+    let (ok, blind_ok, total) = per
+        .values()
+        .fold((0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
+    let share = |n: usize, t: usize| n as f64 / t.max(1) as f64;
+    Ok(Mmu {
+        accuracy: share(ok, total),
+        blind: share(blind_ok, total),
+        per_kind: per
+            .iter()
+            .map(|(k, v)| (k.clone(), share(v.0, v.2)))
+            .collect(),
+        blind_per_kind: per.into_iter().map(|(k, v)| (k, share(v.1, v.2))).collect(),
+    })
 }

@@ -300,30 +300,64 @@ fn val_loss(o: &Outcome, task: &str) -> f64 {
     o.eval.val_loss.get(task).copied().unwrap_or(f64::NAN)
 }
 
+type Score = fn(&Outcome) -> f64;
+
+/// A quality metric of the verdicts.
+#[derive(Clone, Copy)]
+struct Metric {
+    label: &'static str,
+    score: Score,
+    /// The level of a model that learned nothing (`None`: the uniform loss).
+    floor: Option<Score>,
+    floor_name: &'static str,
+    /// Samples behind an accuracy; `None` for a loss (lower is better).
+    samples: Option<usize>,
+}
+
 /// Per variant: FLOPs saved and, for each quality metric, the difference to the baseline
 /// against its tolerance (see the report's "How to read it").
 fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> String {
-    type Score = fn(&Outcome) -> f64;
-    // (label, score, samples behind an accuracy (None: a loss, lower is better)).
-    let metrics: [(&str, Score, Option<usize>); 5] = [
-        (
-            "T2I judge",
-            |o| o.eval.t2i_overall,
-            Some(cfg.eval.t2i_samples),
-        ),
+    // The level of a model that learned nothing of what the metric measures: the same
+    // generations with scrambled prompts, an image-blind answerer; for losses (`floor: None`)
+    // a uniform prediction over the vocabulary.
+    let uniform = (cfg.model.vocab.size() as f64).ln();
+    let metrics = [
+        Metric {
+            label: "T2I judge",
+            score: |o| o.eval.t2i_overall,
+            floor: Some(|o| o.eval.t2i_overall_scrambled.unwrap_or(0.0)),
+            floor_name: "the same generations under scrambled prompts",
+            samples: Some(cfg.eval.t2i_samples),
+        },
         // At least one fact per caption: the caption count makes the binomial error conservative.
-        (
-            "T2I facts",
-            |o| o.eval.t2i_facts,
-            Some(cfg.eval.t2i_samples),
-        ),
-        (
-            "MMU accuracy",
-            |o| o.eval.mmu_accuracy,
-            Some(cfg.eval.mmu_samples),
-        ),
-        ("val t2i loss", |o| val_loss(o, "t2i"), None),
-        ("val mmu loss", |o| val_loss(o, "mmu"), None),
+        Metric {
+            label: "T2I facts",
+            score: |o| o.eval.t2i_facts,
+            floor: Some(|o| o.eval.t2i_facts_scrambled.unwrap_or(0.0)),
+            floor_name: "the same generations under scrambled prompts",
+            samples: Some(cfg.eval.t2i_samples),
+        },
+        Metric {
+            label: "MMU accuracy",
+            score: |o| o.eval.mmu_accuracy,
+            floor: Some(|o| o.eval.mmu_blind.unwrap_or(0.0)),
+            floor_name: "an image-blind answerer",
+            samples: Some(cfg.eval.mmu_samples),
+        },
+        Metric {
+            label: "val t2i loss",
+            score: |o| val_loss(o, "t2i"),
+            floor: None,
+            floor_name: "a uniform prediction",
+            samples: None,
+        },
+        Metric {
+            label: "val mmu loss",
+            score: |o| val_loss(o, "mmu"),
+            floor: None,
+            floor_name: "a uniform prediction",
+            samples: None,
+        },
     ];
     let of = |name: &str, f: Score| -> Vec<f64> {
         outcomes
@@ -342,7 +376,14 @@ fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> Stri
             v.name,
             100.0 * (1.0 - flops(&v.name) / flops(base))
         );
-        for (label, f, samples) in metrics {
+        for Metric {
+            label,
+            score: f,
+            floor,
+            floor_name,
+            samples,
+        } in metrics
+        {
             let (b, x) = (of(base, f), of(&v.name, f));
             let ((mb, sb), (mx, sx)) = (mean_spread(&b), mean_spread(&x));
             if mb.is_nan() || mx.is_nan() {
@@ -355,19 +396,37 @@ fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> Stri
             });
             let noise = ((sb * sb + sx * sx) / 2.0).sqrt().max(binomial);
             let tolerance = 2.0 * noise * (2.0 / seeds).sqrt();
+            let floor = floor.map_or(uniform, |fl| mean_spread(&of(base, fl)).0);
             // Worse is lower for an accuracy, higher for a loss.
-            let worse_by = if samples.is_some() { mb - mx } else { mx - mb };
+            let (worse_by, margin) = if samples.is_some() {
+                (mb - mx, mb - floor)
+            } else {
+                (mx - mb, floor - mb)
+            };
+            // Two standard errors of the baseline's own mean.
+            let base_se = 2.0 * noise / seeds.sqrt();
             let (scale, unit) = if samples.is_some() {
                 (100.0, " points")
             } else {
                 (1.0, "")
             };
             let verdict = if tolerance == 0.0 {
-                "no tolerance from one seed: run `--seeds 3`"
+                "no tolerance from one seed: run `--seeds 3`".to_string()
+            } else if margin <= base_se {
+                format!(
+                    "**inconclusive**: {base} is not above the level of {floor_name} ({:.3}) by two standard errors ({:.3}), so there is nothing to lose; more training steps (`train.steps`) until {base} learns the task would settle it",
+                    scale * floor,
+                    scale * base_se
+                )
+            } else if tolerance >= margin {
+                format!(
+                    "**inconclusive**: the tolerance is as wide as {base}'s margin over {floor_name} ({:.3}), so a variant that learned nothing would pass; more seeds (`--seeds`) or samples (`eval.*_samples`) would settle it",
+                    scale * margin
+                )
             } else if worse_by <= tolerance {
-                "**within**"
+                "**within**".to_string()
             } else {
-                "**outside**"
+                "**outside**".to_string()
             };
             let _ = writeln!(
                 md,
@@ -440,7 +499,11 @@ fn write_report(
          answers decoded with causal routing. A variant is **within** the baseline when its mean is at most two \
          standard errors of the difference worse than the baseline's; one seed's noise is the spread over seeds, and \
          for an accuracy at least the binomial error over the samples scored (so one seed still gets an honest, if \
-         wide, tolerance for accuracies; losses need `--seeds`).\n"
+         wide, tolerance for accuracies; losses need `--seeds`). A verdict is **inconclusive** when it cannot \
+         discriminate: the baseline is not two standard errors above the level of a model that learned nothing \
+         (T2I: the same generations scored under scrambled prompts; MMU: an image-blind answerer that gives each \
+         question's most common training answer; losses: a uniform prediction), or the tolerance is as wide as the \
+         baseline's margin over that level.\n"
     )?;
     r.push_str(&verdicts(outcomes, &cfg.experiment.variants, cfg));
     let t = &ctx.tokenizers.report;
@@ -484,4 +547,114 @@ fn write_report(
     }
     std::fs::write(dir.join("report.md"), r)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(variant: &str, seed: u64, mmu: f64, blind: f64) -> Outcome {
+        let mut eval = EvalReport {
+            mmu_accuracy: mmu,
+            mmu_blind: Some(blind),
+            ..Default::default()
+        };
+        eval.val_loss.insert("mmu".into(), 1.0 + seed as f64 * 0.01);
+        Outcome {
+            variant: variant.into(),
+            seed,
+            train: TrainSummary {
+                train_flops: 1.0,
+                ..Default::default()
+            },
+            eval,
+        }
+    }
+
+    fn variants() -> Vec<Variant> {
+        ["dense", "mod"]
+            .map(|name| Variant {
+                name: name.into(),
+                schedule: Some(Schedule::Dense),
+                arank_of: None,
+                mix: None,
+            })
+            .to_vec()
+    }
+
+    /// The MMU line of the verdicts on `outcomes`.
+    fn mmu_line(outcomes: &[Outcome]) -> String {
+        let mut cfg = RunConfig::default();
+        cfg.eval.mmu_samples = 1000;
+        let md = verdicts(outcomes, &variants(), &cfg);
+        md.lines()
+            .find(|l| l.contains("MMU accuracy"))
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn a_baseline_at_its_floor_gives_no_verdict() {
+        // dense at the image-blind level: "within" would be empty, so it is inconclusive
+        let at_floor: Vec<_> = (0..3)
+            .flat_map(|s| {
+                [
+                    outcome("dense", s, 0.50, 0.50),
+                    outcome("mod", s, 0.49, 0.50),
+                ]
+            })
+            .collect();
+        let line = mmu_line(&at_floor);
+        assert!(
+            line.contains("**inconclusive**") && line.contains("image-blind"),
+            "{line}"
+        );
+        // a baseline well above the floor, and a variant close to it: within
+        let learned: Vec<_> = (0..3)
+            .flat_map(|s| {
+                [
+                    outcome("dense", s, 0.90, 0.50),
+                    outcome("mod", s, 0.89, 0.50),
+                ]
+            })
+            .collect();
+        assert!(
+            mmu_line(&learned).contains("**within**"),
+            "{}",
+            mmu_line(&learned)
+        );
+        // the variant at the floor: outside
+        let lost: Vec<_> = (0..3)
+            .flat_map(|s| {
+                [
+                    outcome("dense", s, 0.90, 0.50),
+                    outcome("mod", s, 0.50, 0.50),
+                ]
+            })
+            .collect();
+        assert!(
+            mmu_line(&lost).contains("**outside**"),
+            "{}",
+            mmu_line(&lost)
+        );
+    }
+
+    #[test]
+    fn a_tolerance_wider_than_the_margin_gives_no_verdict() {
+        // dense 22 points above the floor (beyond its own 2 SE, 18 points) with 10 scored
+        // samples: the tolerance of a difference (26 points) would let a variant at the floor pass
+        let mut cfg = RunConfig::default();
+        cfg.eval.mmu_samples = 10;
+        let o: Vec<_> = (0..3)
+            .flat_map(|s| {
+                [
+                    outcome("dense", s, 0.52, 0.30),
+                    outcome("mod", s, 0.51, 0.30),
+                ]
+            })
+            .collect();
+        let md = verdicts(&o, &variants(), &cfg);
+        let line = md.lines().find(|l| l.contains("MMU accuracy")).unwrap();
+        assert!(line.contains("tolerance is as wide"), "{line}");
+    }
 }

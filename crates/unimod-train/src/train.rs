@@ -93,7 +93,7 @@ struct State {
 }
 
 /// What a finished run reports.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TrainSummary {
     pub steps: usize,
     pub train_flops: f64,
@@ -309,7 +309,7 @@ pub fn train(
         let mut tokens = 0.0;
         for micro in 0..acc {
             let b = ctx.batch(cfg, Split::Train, (step * acc + micro) as u64, true)?;
-            let out = model.forward(&b, &ForwardOptions::default());
+            let out = model.forward(&b, &ForwardOptions::default())?;
             let losses = model.losses(&b, &out);
             (&losses.total / acc as f64).backward();
             let n = (b.size() as i64 * b.seq_len()) as f64;
