@@ -3,12 +3,12 @@
 //! saving. The criterion bench (`benches/step.rs`, CPU) and `unimod bench` (any device, GPU
 //! included) both measure through this module, so their figures are comparable.
 
-use crate::{ConfigError, ForwardOptions, ModelConfig, UnifiedTransformer, flops};
+use crate::{ConfigError, ForwardOptions, KvCache, ModelConfig, UnifiedTransformer, flops};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor, nn::VarStore};
 use unimod_router::Schedule;
 use unimod_router::schedule::{LayerSet, Ramp, Routers};
-use unimod_tok::{Batch, FormatConfig, Sequence};
+use unimod_tok::{Batch, Flavour, FormatConfig, Segment, Sequence};
 
 /// The shape of one benchmarked model: width, depth and the mixed batch it steps on.
 #[derive(Debug, Clone, Copy)]
@@ -56,9 +56,15 @@ pub fn unimod_schedule(n_layers: usize, capacity: f64) -> Schedule {
     }
 }
 
-/// A mixed Show-o batch: `per_task` T2I sequences (24 text tokens) and as many MMU sequences.
+/// A mixed batch in the config's flavour: `per_task` T2I sequences (24 text tokens) and as many
+/// MMU sequences.
 pub fn batch(cfg: &ModelConfig, shape: Shape, device: Device) -> Batch {
+    Batch::from_sequences(&sequences(cfg, shape), device).expect("benchmark batch is well formed")
+}
+
+fn sequences(cfg: &ModelConfig, shape: Shape) -> Vec<Sequence> {
     let f = FormatConfig {
+        flavour: cfg.flavour,
         image_side: shape.image_side,
         ..FormatConfig::default()
     };
@@ -77,7 +83,7 @@ pub fn batch(cfg: &ModelConfig, shape: Shape, device: Device) -> Batch {
             ]
         })
         .collect();
-    Batch::from_sequences(&seqs, device).expect("benchmark batch is well formed")
+    seqs
 }
 
 pub fn variant(
@@ -219,6 +225,134 @@ pub fn table_rows(
         .collect()
 }
 
+pub const DECODE_HEADER: &str = "| config | variant | decoding | tokens/s | ms/step | routable decoded tokens processed | time saved |\n|---|---|---|---|---|---|---|";
+
+/// KV-cached decoding, teacher-forced so that every variant decodes the same tokens: `seqs`
+/// prefilled up to `prefix`, then fed one token per step in the model's causal routing mode.
+/// Median seconds per step over `rounds`, and the share of the decoded routable tokens that the
+/// routed layers processed (1 for dense).
+fn decode_time(
+    model: &UnifiedTransformer,
+    seqs: &[Sequence],
+    prefix: usize,
+    device: Device,
+    rounds: usize,
+) -> Result<(f64, f64), ConfigError> {
+    let opts = ForwardOptions {
+        mode: model.cfg.routing.causal_mode,
+        ..Default::default()
+    };
+    let len = seqs[0].len();
+    let part = |r: std::ops::Range<usize>| -> Vec<Sequence> {
+        seqs.iter().map(|s| s.slice(r.clone())).collect()
+    };
+    let (mut times, mut kept, mut routable) = (Vec::new(), 0i64, 0i64);
+    for round in 0..rounds.max(1) + 1 {
+        tch::no_grad(|| -> Result<(), ConfigError> {
+            let mut cache = KvCache::default();
+            let first = Batch::from_sequences(&part(0..prefix), device)
+                .expect("benchmark prefix is well formed");
+            let mut end = first.end.clone();
+            model.forward_cached(&first, &opts, &mut cache)?;
+            sync(device);
+            let start = Instant::now();
+            for i in prefix..len {
+                let b = Batch::continuing(&part(i..i + 1), Some(&end), device)
+                    .expect("benchmark step is well formed");
+                end = b.end.clone();
+                let out = model.forward_cached(&b, &opts, &mut cache)?;
+                if round == 1 {
+                    for s in &out.routing {
+                        kept += s
+                            .processed_mask
+                            .logical_and(&s.routable)
+                            .sum(Kind::Int64)
+                            .int64_value(&[]);
+                        routable += s.routable.sum(Kind::Int64).int64_value(&[]);
+                    }
+                }
+            }
+            sync(device);
+            // round 0 warms up
+            if round > 0 {
+                times.push(start.elapsed().as_secs_f64() / (len - prefix) as f64);
+            }
+            Ok(())
+        })?;
+    }
+    times.sort_by(f64::total_cmp);
+    let share = if routable > 0 {
+        kept as f64 / routable as f64
+    } else {
+        1.0
+    };
+    Ok((times[times.len() / 2], share))
+}
+
+/// Decoding speed of dense and UniMoD models of a shape (Emu3 flavour, causal routing with each
+/// model's `causal_mode`): an image of `image_side²` tokens after its prompt, and an answer
+/// after its question, for `per_task` sequences at once. The routers and predictors are
+/// untrained, so the share of tokens they process is whatever their initial weights decide:
+/// the table states it next to the speed.
+pub fn decode_rows(
+    shape: Shape,
+    capacities: &[f64],
+    device: Device,
+    rounds: usize,
+) -> Result<Vec<String>, ConfigError> {
+    let emu3 = |schedule| {
+        let mut c = config(shape, schedule);
+        c.flavour = Flavour::Emu3;
+        c
+    };
+    let mut cfgs = vec![("dense".to_string(), emu3(Schedule::Dense))];
+    for &c in capacities {
+        cfgs.push((
+            format!("unimod-c{c}"),
+            emu3(unimod_schedule(shape.n_layers, c)),
+        ));
+    }
+    let all = sequences(&cfgs[0].1, shape);
+    let mut rows = Vec::new();
+    for (task, output) in [("image", Segment::Image), ("answer", Segment::Answer)] {
+        let seqs: Vec<Sequence> = all
+            .iter()
+            .filter(|s| {
+                s.segments.contains(&output)
+                    && (output == Segment::Answer) == (s.task == unimod_tok::Task::Mmu)
+            })
+            .cloned()
+            .collect();
+        let prefix = seqs[0]
+            .segments
+            .iter()
+            .position(|g| *g == output)
+            .expect("the sequence holds its output");
+        let mut dense_s = f64::NAN;
+        for (name, cfg) in &cfgs {
+            tch::manual_seed(0);
+            let vs = VarStore::new(device);
+            let model = UnifiedTransformer::new(&vs.root(), cfg)?;
+            let (s, share) = decode_time(&model, &seqs, prefix, device, rounds)?;
+            if name == "dense" {
+                dense_s = s;
+            }
+            rows.push(format!(
+                "| d{}×{} | {name} | {} {task} tokens × {} | {:.0} | {:.2} | {:.1} % | {:.1} % |",
+                shape.d_model,
+                shape.n_layers,
+                seqs[0].len() - prefix,
+                seqs.len(),
+                seqs.len() as f64 / s,
+                s * 1e3,
+                100.0 * share,
+                100.0 * (1.0 - s / dense_s)
+            ));
+        }
+    }
+    Ok(rows)
+}
+
 pub const TABLE_HEADER: &str = "| config | variant | train GFLOPs/step | ms/step | tokens/s | MFU | FLOPs saved | time saved | time/FLOPs ratio |\n|---|---|---|---|---|---|---|---|---|";
 
 #[cfg(test)]
@@ -237,6 +371,9 @@ mod tests {
         assert_eq!(vs.len(), 2);
         assert!(vs[1].train_flops < vs[0].train_flops);
         let secs = time_steps(&vs, &b, Device::Cpu, 0, 1);
+        let rows = decode_rows(shape, &[0.5], Device::Cpu, 1).unwrap();
+        // dense and one routed variant, for an image and an answer
+        assert_eq!(rows.len(), 4, "{rows:?}");
         let rows = table_rows("t", &b, &vs, &secs, matmul_rate(Device::Cpu));
         assert!(rows[0].contains("| dense |") && rows[1].contains("unimod-c0.5"));
     }

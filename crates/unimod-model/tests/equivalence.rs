@@ -154,16 +154,6 @@ fn capacity_one_equals_dense_on_padded_batches() {
     );
 }
 
-fn slice(s: &Sequence, r: std::ops::Range<usize>) -> Sequence {
-    Sequence {
-        task: s.task,
-        tokens: s.tokens[r.clone()].to_vec(),
-        labels: s.labels[r.clone()].to_vec(),
-        segments: s.segments[r.clone()].to_vec(),
-        attn_upto: s.attn_upto[r].to_vec(),
-    }
-}
-
 /// Prefill `prefix` tokens, then decode the rest one token at a time; compare with the full
 /// forward at every decoded position.
 fn check_cached(model: &UnifiedTransformer, seqs: &[Sequence], prefix: usize, mode: RoutingMode) {
@@ -173,13 +163,13 @@ fn check_cached(model: &UnifiedTransformer, seqs: &[Sequence], prefix: usize, mo
     };
     let full = model.forward(&batch(seqs), &opts).unwrap().logits;
     let mut cache = KvCache::default();
-    let first: Vec<Sequence> = seqs.iter().map(|s| slice(s, 0..prefix)).collect();
+    let first: Vec<Sequence> = seqs.iter().map(|s| s.slice(0..prefix)).collect();
     let b = batch(&first);
     let mut end = b.end.clone();
     let out = model.forward_cached(&b, &opts, &mut cache).unwrap();
     let mut pieces = vec![out.logits];
     for i in prefix..seqs[0].len() {
-        let step: Vec<Sequence> = seqs.iter().map(|s| slice(s, i..i + 1)).collect();
+        let step: Vec<Sequence> = seqs.iter().map(|s| s.slice(i..i + 1)).collect();
         let b = Batch::continuing(&step, Some(&end), Device::Cpu).unwrap();
         end = b.end.clone();
         pieces.push(model.forward_cached(&b, &opts, &mut cache).unwrap().logits);

@@ -27,6 +27,18 @@ impl Sequence {
         self.tokens.len()
     }
 
+    /// The tokens `r` of the sequence, with their labels, segments and attention bounds (a
+    /// prompt to prefill, or one decoding step).
+    pub fn slice(&self, r: std::ops::Range<usize>) -> Sequence {
+        Sequence {
+            task: self.task,
+            tokens: self.tokens[r.clone()].to_vec(),
+            labels: self.labels[r.clone()].to_vec(),
+            segments: self.segments[r.clone()].to_vec(),
+            attn_upto: self.attn_upto[r].to_vec(),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
     }

@@ -410,14 +410,14 @@ fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> Stri
             } else {
                 (1.0, "")
             };
-            let verdict = if tolerance == 0.0 {
-                "no tolerance from one seed: run `--seeds 3`".to_string()
-            } else if margin <= base_se {
+            let verdict = if margin <= base_se {
                 format!(
                     "**inconclusive**: {base} is not above the level of {floor_name} ({:.3}) by two standard errors ({:.3}), so there is nothing to lose; more training steps (`train.steps`) until {base} learns the task would settle it",
                     scale * floor,
                     scale * base_se
                 )
+            } else if tolerance == 0.0 {
+                "no tolerance from one seed: run `--seeds 3`".to_string()
             } else if tolerance >= margin {
                 format!(
                     "**inconclusive**: the tolerance is as wide as {base}'s margin over {floor_name} ({:.3}), so a variant that learned nothing would pass; more seeds (`--seeds`) or samples (`eval.*_samples`) would settle it",

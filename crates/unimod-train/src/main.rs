@@ -187,8 +187,15 @@ enum Command {
         rounds: usize,
         /// Instead of the shapes above: the variants of this experiment config, on one of its
         /// training batches (its model, data and task mix).
-        #[arg(long, conflicts_with_all = ["d_model", "layers", "per_task", "image_side", "capacities"])]
+        #[arg(long, conflicts_with_all = ["d_model", "layers", "per_task", "image_side", "capacities", "decode"])]
         experiment: Option<PathBuf>,
+        /// `key=value` overrides of the `--experiment` config (the value is TOML).
+        #[arg(long = "set", requires = "experiment")]
+        set: Vec<String>,
+        /// Time KV-cached decoding instead of training steps (Emu3 flavour, causal routing):
+        /// the image tokens after a T2I prompt and the answer after an MMU question.
+        #[arg(long)]
+        decode: bool,
     },
     /// Analytic forward FLOPs per sequence, dense vs the config's (or another) schedule.
     Flops {
@@ -442,6 +449,8 @@ fn main() -> Result<()> {
             capacities,
             rounds,
             experiment,
+            set,
+            decode,
         } => {
             use unimod_model::bench::{self, Shape};
             if let Some(c) = capacities.iter().find(|c| !(**c > 0.0 && **c <= 1.0)) {
@@ -455,7 +464,7 @@ fn main() -> Result<()> {
                 bench::TABLE_HEADER
             );
             if let Some(path) = experiment {
-                let cfg = RunConfig::load(Some(&path), &[])?;
+                let cfg = RunConfig::load(Some(&path), &set)?;
                 let ctx = train::RunContext::new(&cfg, device)?;
                 let (b, vs, skipped) = unimod_train::experiment::bench_variants(&ctx, &cfg)
                     .with_context(|| format!("--experiment {}", path.display()))?;
@@ -472,15 +481,26 @@ fn main() -> Result<()> {
                 }
                 return Ok(());
             }
+            let shape = |d_model| Shape {
+                d_model,
+                n_layers: layers,
+                per_task,
+                image_side,
+            };
+            if decode {
+                println!("device {device:?}\n\n{}", bench::DECODE_HEADER);
+                for d in d_model {
+                    let rows = bench::decode_rows(shape(d), &capacities, device, rounds)
+                        .with_context(|| format!("--d-model {d}"))?;
+                    for row in rows {
+                        println!("{row}");
+                    }
+                }
+                return Ok(());
+            }
             println!("{header}");
             for d in d_model {
-                let shape = Shape {
-                    d_model: d,
-                    n_layers: layers,
-                    per_task,
-                    image_side,
-                };
-                let (b, vs) = bench::variants(shape, &capacities, device)
+                let (b, vs) = bench::variants(shape(d), &capacities, device)
                     .with_context(|| format!("--d-model {d}"))?;
                 let secs = bench::time_steps(&vs, &b, device, 2, rounds);
                 for row in bench::table_rows(&format!("d{d}×{layers}"), &b, &vs, &secs, peak) {
