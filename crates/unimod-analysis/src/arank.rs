@@ -57,13 +57,7 @@ fn ranks(m: &Tensor, rtol: Option<f64>) -> Tensor {
 /// Mean and standard error over samples of `per_sample: [B]`.
 fn summary(per_sample: &Tensor, bound: &Tensor) -> Arank {
     let v = Vec::<f64>::try_from(per_sample).expect("per-sample ranks are f64");
-    let n = v.len() as f64;
-    let mean = v.iter().sum::<f64>() / n.max(1.0);
-    let se = if v.len() > 1 {
-        (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) / n).sqrt()
-    } else {
-        0.0
-    };
+    let (mean, se) = crate::probe::mean_se(&v);
     Arank {
         mean,
         se,

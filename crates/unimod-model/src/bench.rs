@@ -229,7 +229,7 @@ pub const DECODE_HEADER: &str = "| config | variant | decoding | tokens/s | ms/s
 
 /// KV-cached decoding, teacher-forced so that every variant decodes the same tokens: `seqs`
 /// prefilled up to `prefix`, then fed one token per step in the model's causal routing mode.
-/// Median seconds per step over `rounds`, and the share of the decoded routable tokens that the
+/// Median seconds per step over `rounds` (after one untimed warm-up), and the share of the decoded routable tokens that the
 /// routed layers processed (1 for dense).
 fn decode_time(
     model: &UnifiedTransformer,
@@ -261,7 +261,8 @@ fn decode_time(
                     .expect("benchmark step is well formed");
                 end = b.end.clone();
                 let out = model.forward_cached(&b, &opts, &mut cache)?;
-                if round == 1 {
+                // Counted in the untimed warm-up round: reading them syncs the device.
+                if round == 0 {
                     for s in &out.routing {
                         kept += s
                             .processed_mask

@@ -56,13 +56,13 @@ pub struct Shared {
 /// A run of consecutive samples of one task (a batch holds each task's samples together, as
 /// Show-o concatenates per-task sub-batches). A routed layer processes each group at its own
 /// gather width, so a task kept at capacity 0.2 is not padded to the width of one kept at 0.8
-/// or not routed at all: the compute saved is each task's own.
+/// or not routed at all: the compute saved is each task's own. A task the layer does not route
+/// keeps all its valid tokens (they are all forced), so padding is skipped alike.
 #[derive(Debug)]
 struct Group {
     start: i64,
     len: i64,
-    /// `None`: the task is not routed in this layer, so the group runs dense.
-    budget: Option<select::Budget>,
+    budget: select::Budget,
 }
 
 impl Group {
@@ -558,26 +558,10 @@ impl RoutedLayer {
                 upto: &upto,
                 valid: &valid,
             };
-            let xg = g.rows(x);
-            let applied = match &g.budget {
-                None => {
-                    let d = block.delta(&xg, &t, rope, None, capture);
-                    in_topk.push(valid.zeros_like());
-                    kept.push(valid.shallow_clone());
-                    Applied {
-                        hidden: &xg + d.delta,
-                        attention: d.attention,
-                        work: Work::of_block(&xg, d.keys, 0.0),
-                    }
-                }
-                Some(budget) => {
-                    let sel = select::top_k(&g.rows(score), budget);
-                    let applied = apply_selection(block, &xg, &t, &sel, rope, None, capture);
-                    in_topk.push(sel.in_topk);
-                    kept.push(sel.processed);
-                    applied
-                }
-            };
+            let sel = select::top_k(&g.rows(score), &g.budget);
+            let applied = apply_selection(block, &g.rows(x), &t, &sel, rope, None, capture);
+            in_topk.push(sel.in_topk);
+            kept.push(sel.processed);
             hidden.push(applied.hidden);
             attention = applied.attention;
             work = work.plus(applied.work);
@@ -645,7 +629,7 @@ impl RoutedLayer {
             .minimum(&n_routable);
         let n_keep_t = (input.valid.sum_dim_intlist(1, false, Kind::Double) - n_routable + kept)
             .to_kind(Kind::Int64);
-        // (start, end, routed, width) of each run of one task.
+        // (start, end, width) of each run of one task.
         let mut runs = Vec::new();
         let mut start = 0;
         while start < b.size() {
@@ -654,34 +638,29 @@ impl RoutedLayer {
                 .find(|&i| b.tasks[i] != task)
                 .unwrap_or(b.size());
             let width = n_keep[start..end].iter().copied().max().unwrap_or(1).max(1) as i64;
-            runs.push((start, end, self.capacity.get(task).is_some(), width));
+            runs.push((start, end, width));
             start = end;
         }
-        let group = |start: usize, end: usize, routed: bool, width: i64| {
-            let mut g = Group {
-                start: start as i64,
-                len: (end - start) as i64,
-                budget: None,
-            };
-            if routed {
-                g.budget = Some(select::Budget::new(
-                    &g.rows(&shared.routable),
-                    &g.rows(&shared.forced),
-                    &g.rows(&n_keep_t),
+        let group = |start: usize, end: usize, width: i64| {
+            let (start, len) = (start as i64, (end - start) as i64);
+            let rows = |t: &Tensor| t.narrow(0, start, len);
+            Group {
+                start,
+                len,
+                budget: select::Budget::new(
+                    &rows(&shared.routable),
+                    &rows(&shared.forced),
+                    &rows(&n_keep_t),
                     width,
-                ));
+                ),
             }
-            g
         };
         // Splitting saves nothing when every run has the same width (capacity 1, one task):
         // then the whole batch is one group, which keeps those cases bit-identical to dense.
-        let groups = if runs.iter().all(|r| r.3 == runs[0].3) {
-            let routed = runs.iter().any(|r| r.2);
-            vec![group(0, b.size(), routed, runs[0].3)]
+        let groups = if runs.iter().all(|r| r.2 == runs[0].2) {
+            vec![group(0, b.size(), runs[0].2)]
         } else {
-            runs.into_iter()
-                .map(|(s, e, routed, w)| group(s, e, routed, w))
-                .collect()
+            runs.into_iter().map(|(s, e, w)| group(s, e, w)).collect()
         };
         (groups, processed)
     }

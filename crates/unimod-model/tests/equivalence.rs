@@ -548,47 +548,52 @@ fn each_task_is_processed_at_its_own_width() {
     ];
     let cfg = config(Flavour::Showo, Schedule::Explicit { layers: plans });
     let (_, model) = build(&cfg, 0);
-    let seqs = sequences(Flavour::Showo, true);
-    let run =
-        |s: &[Sequence]| tch::no_grad(|| model.forward(&batch(s), &Default::default()).unwrap());
-    let mixed = run(&seqs);
-    let alone: Vec<_> = seqs.iter().map(|s| run(std::slice::from_ref(s))).collect();
-    for l in 0..3 {
-        let sum: f64 = alone.iter().map(|o| o.work[l].tokens).sum();
-        assert_eq!(mixed.work[l].tokens, sum, "layer {l}: tokens computed");
-        let pairs: f64 = alone.iter().map(|o| o.work[l].attention_pairs).sum();
-        assert_eq!(
-            mixed.work[l].attention_pairs, pairs,
-            "layer {l}: attention pairs"
-        );
-    }
-    // The analytic count of `unimod flops` is the work counted, routers included.
-    let b = batch(&seqs);
-    for l in 0..3 {
-        let analytic: Vec<_> = (0..b.size())
-            .map(|i| {
-                let seq = flops::Composition {
-                    task: b.tasks[i],
-                    segments: b.segment_counts[i],
-                };
-                flops::analytic_work(&cfg, &model.plans, &seq)[l]
-            })
-            .collect();
-        let sum = |f: fn(&unimod_model::layer::Work) -> f64| analytic.iter().map(f).sum::<f64>();
-        assert_eq!(sum(|w| w.tokens), mixed.work[l].tokens, "layer {l}");
-        assert_eq!(
-            sum(|w| w.router_tokens),
-            mixed.work[l].router_tokens,
-            "layer {l}"
-        );
-    }
-    for (i, o) in alone.iter().enumerate() {
-        let (a, b) = (mixed.logits.get(i as i64), o.logits.get(0));
-        assert!(
-            a.allclose(&b, 1e-5, 1e-6, false),
-            "sample {i}: {}",
-            (a - b).abs().max().double_value(&[])
-        );
+    // Without and with padding, which no layer processes.
+    for full_text in [true, false] {
+        let seqs = sequences(Flavour::Showo, full_text);
+        let run = |s: &[Sequence]| {
+            tch::no_grad(|| model.forward(&batch(s), &Default::default()).unwrap())
+        };
+        let mixed = run(&seqs);
+        let alone: Vec<_> = seqs.iter().map(|s| run(std::slice::from_ref(s))).collect();
+        for l in 0..3 {
+            let sum: f64 = alone.iter().map(|o| o.work[l].tokens).sum();
+            assert_eq!(mixed.work[l].tokens, sum, "layer {l}: tokens computed");
+            let pairs: f64 = alone.iter().map(|o| o.work[l].attention_pairs).sum();
+            assert_eq!(
+                mixed.work[l].attention_pairs, pairs,
+                "layer {l}: attention pairs"
+            );
+        }
+        // The analytic count of `unimod flops` is the work counted, routers included.
+        let b = batch(&seqs);
+        for l in 0..3 {
+            let analytic: Vec<_> = (0..b.size())
+                .map(|i| {
+                    let seq = flops::Composition {
+                        task: b.tasks[i],
+                        segments: b.segment_counts[i],
+                    };
+                    flops::analytic_work(&cfg, &model.plans, &seq)[l]
+                })
+                .collect();
+            let sum =
+                |f: fn(&unimod_model::layer::Work) -> f64| analytic.iter().map(f).sum::<f64>();
+            assert_eq!(sum(|w| w.tokens), mixed.work[l].tokens, "layer {l}");
+            assert_eq!(
+                sum(|w| w.router_tokens),
+                mixed.work[l].router_tokens,
+                "layer {l}"
+            );
+        }
+        for (i, o) in alone.iter().enumerate() {
+            let (a, b) = (mixed.logits.get(i as i64), o.logits.get(0));
+            assert!(
+                a.allclose(&b, 1e-5, 1e-6, false),
+                "sample {i}: {}",
+                (a - b).abs().max().double_value(&[])
+            );
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use unimod_analysis::arank::{ArankDefinition, RANK_RTOL};
 use unimod_analysis::attention::{self, LayerAttention};
 use unimod_analysis::importance::{self, Importance};
 use unimod_analysis::interaction::{self, Competition};
-use unimod_analysis::probe::MODALITIES;
+use unimod_analysis::probe::{MODALITIES, mean_se};
 use unimod_analysis::redundancy::{self, Ranking, Redundancy};
 use unimod_analysis::schedule::{ArankRule, TaskArank};
 use unimod_model::UnifiedTransformer;
@@ -431,14 +431,6 @@ impl Analyzer<'_> {
         }
         Ok(md)
     }
-}
-
-/// Mean and standard error of the mean of `v`.
-fn mean_se(v: &[f64]) -> (f64, f64) {
-    let n = v.len() as f64;
-    let mean = v.iter().sum::<f64>() / n.max(1.0);
-    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-    (mean, (var / n.max(1.0)).sqrt())
 }
 
 /// The verdict on a claim that `diff` > 0, given its standard error: shown only outside two

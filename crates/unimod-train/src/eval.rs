@@ -76,7 +76,8 @@ pub struct EvalReport {
     pub mmu_accuracy: f64,
     pub mmu_per_kind: BTreeMap<String, f64>,
     /// Exact match of an image-blind answerer on the same questions: the most common answer to
-    /// each question text (by kind where the text is unseen) over 2048 training examples. The
+    /// each question text (by kind where the text is unseen) over the first 2048 training
+    /// examples. The
     /// chance level of MMU accuracy, answer priors included.
     #[serde(default)]
     pub mmu_blind: Option<f64>,
@@ -361,7 +362,10 @@ impl BlindAnswerer {
     fn fit(world: &dyn unimod_tok::dataset::Dataset) -> BlindAnswerer {
         type Counts = BTreeMap<String, BTreeMap<String, usize>>;
         let (mut q, mut k): (Counts, Counts) = Default::default();
-        for i in 0..BLIND_PRIOR_EXAMPLES {
+        let n = world
+            .len(Split::Train)
+            .map_or(BLIND_PRIOR_EXAMPLES, |n| BLIND_PRIOR_EXAMPLES.min(n as u64));
+        for i in 0..n {
             for qa in world.example(Split::Train, i).qa {
                 *q.entry(qa.question.clone())
                     .or_default()

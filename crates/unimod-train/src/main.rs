@@ -456,6 +456,15 @@ fn main() -> Result<()> {
             if let Some(c) = capacities.iter().find(|c| !(**c > 0.0 && **c <= 1.0)) {
                 anyhow::bail!("--capacities: {c} is outside (0, 1]");
             }
+            for (flag, value) in [
+                ("--per-task", per_task),
+                ("--image-side", image_side),
+                ("--rounds", rounds),
+            ] {
+                if value == 0 {
+                    anyhow::bail!("{flag}: 0 leaves nothing to measure; give at least 1");
+                }
+            }
             let device = unimod_train::device::parse(&device)?;
             let peak = bench::matmul_rate(device);
             let header = format!(
