@@ -53,6 +53,56 @@ impl RunConfig {
     }
 }
 
+/// The fields where two configs differ, as (dotted key, value in `a`, value in `b`), in key
+/// order; arrays and inline values compare whole.
+pub fn differences(a: &RunConfig, b: &RunConfig) -> Vec<(String, String, String)> {
+    fn flatten(
+        prefix: &str,
+        v: &toml::Value,
+        out: &mut std::collections::BTreeMap<String, String>,
+    ) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            v => {
+                out.insert(prefix.to_string(), v.to_string());
+            }
+        }
+    }
+    let table = |c: &RunConfig| {
+        let mut out = std::collections::BTreeMap::new();
+        flatten(
+            "",
+            &toml::Value::try_from(c).expect("a config always serialises"),
+            &mut out,
+        );
+        out
+    };
+    let (ta, tb) = (table(a), table(b));
+    let missing = "(none)".to_string();
+    let mut keys: Vec<&String> = ta.keys().chain(tb.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| ta.get(*k) != tb.get(*k))
+        .map(|k| {
+            (
+                k.clone(),
+                ta.get(k).unwrap_or(&missing).clone(),
+                tb.get(k).unwrap_or(&missing).clone(),
+            )
+        })
+        .collect()
+}
+
 /// The TOML table of `path` with its `extends` chain resolved; `seen` guards against cycles.
 fn read_table(path: &Path, seen: &mut Vec<std::path::PathBuf>) -> Result<toml::Table> {
     let text = std::fs::read_to_string(path)

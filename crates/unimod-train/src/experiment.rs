@@ -6,6 +6,7 @@
 use crate::analyze::Analyzer;
 use crate::data::TaskMix;
 use crate::eval::{self, EvalReport};
+use crate::rundir::Start;
 use crate::train::{self, RunContext, TrainSummary};
 use crate::{RunConfig, plots};
 use anyhow::{Context as _, Result, bail};
@@ -144,7 +145,7 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device) -> Result<Vec<Outco
                 c.train.seed,
                 run_dir.display()
             );
-            let summary = train::train(&ctx, &c, &run_dir, false, stop.clone(), None)?;
+            let summary = train::train(&ctx, &c, &run_dir, Start::Overwrite, stop.clone(), None)?;
             if summary.interrupted {
                 bail!(
                     "interrupted: {} checkpointed at step {}",

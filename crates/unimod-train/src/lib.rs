@@ -15,6 +15,7 @@ pub mod load;
 pub mod optim;
 pub mod plots;
 pub mod progress;
+pub mod rundir;
 pub mod train;
 
 pub use config::RunConfig;

@@ -1,7 +1,8 @@
 //! Loading what a run wrote: its latest checkpoint's full config and model.
 
 use crate::RunConfig;
-use crate::train::{RunContext, TOKENIZERS_FILE, latest_checkpoint};
+use crate::rundir::{TOKENIZERS_FILE, latest_checkpoint};
+use crate::train::RunContext;
 use anyhow::{Context, Result};
 use std::path::Path;
 use tch::nn::VarStore;
@@ -39,14 +40,26 @@ pub fn run_from_checkpoint(
     let mut vs = VarStore::new(device);
     let model = UnifiedTransformer::new(&vs.root(), &cfg.model)?;
     checkpoint::load_into(&mut vs, &loaded, &weights)?;
+    if let Some(name) = crate::train::first_non_finite(&vs) {
+        anyhow::bail!(
+            "{} holds non-finite weights ({name} first): nothing it generates or scores would mean anything",
+            weights.display()
+        );
+    }
     Ok((cfg, vs, model))
 }
 
 /// Refuses checkpoint folder `ck` when it records tokenizers other than `ctx`'s.
 pub fn check_tokenizers(ck: &Path, ctx: &RunContext) -> Result<()> {
-    let Ok(trained_with) = std::fs::read_to_string(ck.join(TOKENIZERS_FILE)) else {
-        return Ok(());
-    };
+    let path = ck.join(TOKENIZERS_FILE);
+    let trained_with = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot check which tokenizers checkpoint {} was trained with ({} is missing or \
+             unreadable)",
+            ck.display(),
+            path.display()
+        )
+    })?;
     if trained_with.trim() != ctx.tokenizers.digest {
         anyhow::bail!(
             "{}: trained with tokenizers {}, but those cached for its config ({}) are {}: \

@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use unimod_tok::dataset::{Image, Split};
+use unimod_train::rundir::Start;
 use unimod_train::{RunConfig, data, eval, experiment, flops_report, train};
 
 #[derive(Parser)]
@@ -94,8 +95,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
         /// Continue from the run directory's latest checkpoint.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "overwrite")]
         resume: bool,
+        /// Replace the run the directory holds (its metrics, checkpoints and evaluation).
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Evaluate a checkpoint: validation losses, T2I judge score, MMU accuracy, router agreement.
     Eval {
@@ -223,12 +227,18 @@ fn main() -> Result<()> {
             config,
             out,
             resume,
+            overwrite,
         } => {
             let cfg = config.load()?;
             let device = unimod_train::device::parse(&cfg.train.device)?;
             let ctx = train::RunContext::new(&cfg, device)?;
             let cfg = ctx.resolve(&cfg)?;
-            let s = train::train(&ctx, &cfg, &out, resume, train::ctrl_c_flag(), None)?;
+            let start = match (resume, overwrite) {
+                (true, _) => Start::Resume,
+                (_, true) => Start::Overwrite,
+                _ => Start::Fresh,
+            };
+            let s = train::train(&ctx, &cfg, &out, start, train::ctrl_c_flag(), None)?;
             println!(
                 "{} steps, {:.3} training TFLOPs, {:.0} s{}; checkpoints in {}",
                 s.steps,
@@ -536,6 +546,6 @@ fn main() -> Result<()> {
 
 /// The config a run was trained with, with `--set` overrides applied on top.
 fn run_config(checkpoint: &std::path::Path, overrides: &[String]) -> Result<RunConfig> {
-    let run_toml = train::latest_checkpoint(checkpoint)?.join("run.toml");
+    let run_toml = unimod_train::rundir::latest_checkpoint(checkpoint)?.join("run.toml");
     RunConfig::load(Some(&run_toml), overrides)
 }

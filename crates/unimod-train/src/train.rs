@@ -1,18 +1,18 @@
 //! The mixed-task trainer. Every run directory holds the resolved config (`config.toml`), the
 //! per-step metrics (`metrics.jsonl`), the checkpoints and, after evaluation, the report.
 //!
-//! Checkpoints (`checkpoints/step-N/`: model, optimizer moments, `state.json`) are written to
-//! a temporary folder and renamed into place, then `checkpoints/latest` is replaced atomically,
-//! so a crash mid-write leaves the previous checkpoint valid. Batch `s` is a pure function of
-//! (seed, s), so `--resume` continues bit-identically on CPU.
+//! Checkpoints are saved so that a crash at any instant leaves a complete one (`rundir`), and
+//! only with finite weights. Batch `s` is a pure function of (seed, s), so `--resume`
+//! continues bit-identically on CPU.
 
 use crate::data::{self, Pool, TaskMix, Tokenizers};
 use crate::optim::{AdamW, learning_rate};
+use crate::rundir::{self, Part, RunLock, Start, TOKENIZERS_FILE};
 use crate::{RunConfig, progress};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -239,31 +239,35 @@ pub fn build_model(cfg: &RunConfig, device: Device) -> Result<(VarStore, Unified
     Ok((vs, model))
 }
 
-/// Trains `cfg` (already resolved) into `dir`, resuming from its latest checkpoint if asked.
-/// The run stops early, checkpointed and resumable, when `stop` is raised (Ctrl-C) or at step
-/// `until`.
+/// Trains `cfg` (already resolved) into `dir`, which `start` says how to treat when it already
+/// holds a run. The run stops early, checkpointed and resumable, when `stop` is raised (Ctrl-C)
+/// or at step `until`. Nothing is written before every check has passed, and the directory is
+/// locked against a second writer while the run lasts.
 pub fn train(
     ctx: &RunContext,
     cfg: &RunConfig,
     dir: &Path,
-    resume: bool,
+    start: Start,
     stop: Arc<AtomicBool>,
     until: Option<usize>,
 ) -> Result<TrainSummary> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("creating run directory {}", dir.display()))?;
-    std::fs::write(dir.join("config.toml"), cfg.to_toml())?;
+    let _lock = RunLock::acquire(dir)?;
+    rundir::prepare(dir, start)?;
     let (mut vs, model) = build_model(cfg, ctx.device)?;
     let mut opt = AdamW::new(&vs, cfg.train.weight_decay);
     let mut state = State::default();
-    if resume {
+    if start == Start::Resume {
         state = load_checkpoint(ctx, dir, cfg, &mut vs, &mut opt)?;
     }
+    std::fs::write(dir.join("config.toml"), cfg.to_toml())
+        .with_context(|| format!("writing {}", dir.join("config.toml").display()))?;
+    let mut saved = (start == Start::Resume).then_some(state.step);
     truncate_metrics(&dir.join("metrics.jsonl"), state.step)?;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(dir.join("metrics.jsonl"))?;
+        .open(dir.join("metrics.jsonl"))
+        .with_context(|| format!("opening {}", dir.join("metrics.jsonl").display()))?;
     let peak = unimod_model::bench::matmul_rate(ctx.device);
     let bar = progress::bar(
         cfg.train.steps as u64,
@@ -337,10 +341,10 @@ pub fn train(
                     })
                     .collect();
                 bail!(
-                    "non-finite loss at step {step} (losses: {}; {}); the last good checkpoint in {} is kept",
+                    "non-finite loss at step {step} (losses: {}; {}); no update was applied and {}",
                     per_task.join(", "),
                     scores.join("; "),
-                    dir.join("checkpoints").display()
+                    rundir::on_disk(dir)
                 );
             }
             m.loss += total / acc as f64;
@@ -372,6 +376,15 @@ pub fn train(
             }
         }
         m.grad_norm = opt.clip_grad_norm(cfg.train.grad_clip);
+        if !m.grad_norm.is_finite() {
+            bail!(
+                "non-finite gradient norm at step {step} (loss {:.4e}); no update was applied and {}; \
+                 a lower train.lr (now {}) or train.grad_clip usually avoids it",
+                m.loss,
+                rundir::on_disk(dir),
+                cfg.train.lr
+            );
+        }
         opt.step(lr);
         m.step_s = t0.elapsed().as_secs_f64();
         state.step += 1;
@@ -393,10 +406,13 @@ pub fn train(
         }
         if cfg.train.checkpoint_every > 0 && state.step % cfg.train.checkpoint_every == 0 {
             save_checkpoint(dir, &ctx.tokenizers.digest, cfg, &vs, &opt, &state)?;
+            saved = Some(state.step);
         }
     }
     bar.finish_and_clear();
-    save_checkpoint(dir, &ctx.tokenizers.digest, cfg, &vs, &opt, &state)?;
+    if saved != Some(state.step) {
+        save_checkpoint(dir, &ctx.tokenizers.digest, cfg, &vs, &opt, &state)?;
+    }
     Ok(TrainSummary {
         steps: state.step,
         train_flops: state.flops_total,
@@ -425,9 +441,8 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     Ok(())
 }
 
-/// The digest of the tokenizers a checkpoint was trained with.
-pub const TOKENIZERS_FILE: &str = "tokenizers.txt";
-
+/// Saves the model, optimizer and state as a checkpoint of `dir`, refusing weights that are
+/// not finite: a poisoned checkpoint must never replace a good one.
 fn save_checkpoint(
     dir: &Path,
     tokenizers: &str,
@@ -436,62 +451,62 @@ fn save_checkpoint(
     opt: &AdamW,
     state: &State,
 ) -> Result<()> {
-    let root = dir.join("checkpoints");
-    let name = format!("step-{}", state.step);
-    let tmp = root.join(format!("{name}.partial"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
+    if let Some(name) = first_non_finite(vs) {
+        bail!(
+            "the weights became non-finite at step {} ({name} first); they were not saved and {}; \
+             a lower train.lr (now {}) usually avoids it",
+            state.step,
+            rundir::on_disk(dir),
+            cfg.train.lr
+        );
     }
-    std::fs::create_dir_all(&tmp)?;
-    checkpoint::save_model(
-        &tmp.join("model.safetensors"),
-        vs,
-        &toml::to_string(&cfg.model)?,
-        Default::default(),
-    )?;
-    checkpoint::save_tensors(
-        &tmp.join("optimizer.safetensors"),
-        &opt.state(),
-        Default::default(),
-    )?;
-    std::fs::write(tmp.join("state.json"), serde_json::to_string(state)?)?;
-    std::fs::write(tmp.join("run.toml"), cfg.to_toml())?;
-    std::fs::write(tmp.join(TOKENIZERS_FILE), tokenizers)?;
-    let final_dir = root.join(&name);
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir)?;
-    }
-    std::fs::rename(&tmp, &final_dir)?;
-    let latest_tmp = root.join("latest.partial");
-    std::fs::write(&latest_tmp, &name)?;
-    std::fs::rename(&latest_tmp, root.join("latest"))?;
-    // Older checkpoints go once the new one is in place.
-    for e in std::fs::read_dir(&root)?.flatten() {
-        let n = e.file_name().to_string_lossy().to_string();
-        if n.starts_with("step-") && n != name && e.path().is_dir() {
-            std::fs::remove_dir_all(e.path())?;
-        }
-    }
+    let model_toml = toml::to_string(&cfg.model)?;
+    let parts: Vec<Part> = vec![
+        (
+            "model.safetensors",
+            Box::new(|p: &Path| {
+                Ok(checkpoint::save_model(
+                    p,
+                    vs,
+                    &model_toml,
+                    Default::default(),
+                )?)
+            }),
+        ),
+        (
+            "optimizer.safetensors",
+            Box::new(|p: &Path| {
+                Ok(checkpoint::save_tensors(
+                    p,
+                    &opt.state(),
+                    Default::default(),
+                )?)
+            }),
+        ),
+        (
+            "state.json",
+            Box::new(|p: &Path| Ok(std::fs::write(p, serde_json::to_string(state)?)?)),
+        ),
+        (
+            "run.toml",
+            Box::new(|p: &Path| Ok(std::fs::write(p, cfg.to_toml())?)),
+        ),
+        (
+            TOKENIZERS_FILE,
+            Box::new(|p: &Path| Ok(std::fs::write(p, tokenizers)?)),
+        ),
+    ];
+    rundir::save_checkpoint(dir, state.step, &parts, &mut |_| Ok(()))?;
     Ok(())
 }
 
-/// The latest checkpoint folder of a run (or the folder itself if it is one).
-pub fn latest_checkpoint(path: &Path) -> Result<PathBuf> {
-    if path.join("model.safetensors").exists() {
-        return Ok(path.to_path_buf());
-    }
-    let root = if path.join("checkpoints").exists() {
-        path.join("checkpoints")
-    } else {
-        path.to_path_buf()
-    };
-    let name = std::fs::read_to_string(root.join("latest")).with_context(|| {
-        format!(
-            "no checkpoint in {} (expected checkpoints/latest)",
-            path.display()
-        )
-    })?;
-    Ok(root.join(name.trim()))
+/// The name of the first variable of `vs` holding a NaN or an infinity.
+pub fn first_non_finite(vs: &VarStore) -> Option<String> {
+    let mut vars: Vec<_> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars.into_iter()
+        .find(|(_, t)| !bool::try_from(t.isfinite().all()).unwrap_or(false))
+        .map(|(n, _)| n)
 }
 
 fn load_checkpoint(
@@ -501,7 +516,7 @@ fn load_checkpoint(
     vs: &mut VarStore,
     opt: &mut AdamW,
 ) -> Result<State> {
-    let ck = latest_checkpoint(dir)?;
+    let ck = rundir::latest_checkpoint(dir)?;
     crate::load::check_tokenizers(&ck, ctx)?;
     let model_path = ck.join("model.safetensors");
     let loaded = checkpoint::load_tensors(&model_path)?;
@@ -515,13 +530,86 @@ fn load_checkpoint(
         );
     }
     checkpoint::load_into(vs, &loaded, &model_path)?;
-    let state: State = serde_json::from_str(&std::fs::read_to_string(ck.join("state.json"))?)
-        .with_context(|| format!("{} is corrupt", ck.join("state.json").display()))?;
+    let state_path = ck.join("state.json");
+    let state: State = serde_json::from_str(
+        &std::fs::read_to_string(&state_path)
+            .with_context(|| format!("reading {}", state_path.display()))?,
+    )
+    .with_context(|| format!("{} is corrupt", state_path.display()))?;
+    let name = ck.file_name().unwrap_or_default().to_string_lossy();
+    if rundir::step_of(&name).is_some_and(|s| s != state.step) {
+        bail!(
+            "{} says step {}, but it sits in checkpoint {name}: the checkpoint disagrees with \
+             itself; refusing to resume from it",
+            state_path.display(),
+            state.step
+        );
+    }
+    let run_path = ck.join("run.toml");
+    let before = RunConfig::load(Some(&run_path), &[])
+        .with_context(|| format!("checkpoint {}", ck.display()))?;
+    resume_changes(&before, cfg, state.step)
+        .with_context(|| format!("cannot resume from {}", ck.display()))?;
     let opt_path = ck.join("optimizer.safetensors");
     let o = checkpoint::load_tensors(&opt_path)?;
     opt.load_state(&o.tensors, state.step as i64)
         .map_err(|e| anyhow::anyhow!("{}: {e}", opt_path.display()))?;
     Ok(state)
+}
+
+/// Fields a resumed run may change: how long and how fast it goes on, and what it reports.
+/// Anything else (model, data, format, tokenizers, the batch stream's seed, mix and
+/// accumulation) would make the resumed run a different run, so it is refused.
+const RESUMABLE: [&str; 11] = [
+    "train.steps",
+    "train.lr",
+    "train.min_lr",
+    "train.warmup",
+    "train.weight_decay",
+    "train.grad_clip",
+    "train.device",
+    "train.log_every",
+    "train.checkpoint_every",
+    "eval.",
+    "analysis.",
+];
+
+/// Checks a resume from a checkpoint of config `before` at step `step` under config `after`
+/// against the rule of [`RESUMABLE`], and prints the changes it accepts.
+fn resume_changes(before: &RunConfig, after: &RunConfig, step: usize) -> Result<()> {
+    if after.train.steps < step {
+        bail!(
+            "train.steps = {} is below the checkpoint's step {step}; raise it to at least {step}",
+            after.train.steps
+        );
+    }
+    let changes = crate::config::differences(before, after);
+    let (accepted, refused): (Vec<_>, Vec<_>) = changes
+        .iter()
+        .filter(|(k, _, _)| !k.starts_with("experiment."))
+        .partition(|(k, _, _)| {
+            RESUMABLE
+                .iter()
+                .any(|r| k == r || (r.ends_with('.') && k.starts_with(r)))
+        });
+    let show = |v: &[&(String, String, String)]| {
+        v.iter()
+            .map(|(k, a, b)| format!("{k}: {a} → {b}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !refused.is_empty() {
+        bail!(
+            "the resumed config changes {}; only train.steps, lr, min_lr, warmup, weight_decay, \
+             grad_clip, device, log_every, checkpoint_every and the eval and analysis sections may \
+             change on resume (start a new run with --overwrite or another --out instead)",
+            show(&refused)
+        );
+    }
+    if !accepted.is_empty() {
+        eprintln!("resuming with changes: {}", show(&accepted));
+    }
+    Ok(())
 }
 
 /// A stop flag set by Ctrl-C (the loop checkpoints and returns).

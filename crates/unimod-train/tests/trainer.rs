@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use unimod_train::RunConfig;
+use unimod_train::rundir::{self, Start};
 use unimod_train::train::{self, RunContext};
 
 fn config(dir: &std::path::Path, extra: &[&str]) -> RunConfig {
@@ -63,14 +64,14 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
     let no_stop = || Arc::new(AtomicBool::new(false));
 
     let straight: PathBuf = root.join("straight");
-    let s = train::train(&ctx, &cfg, &straight, false, no_stop(), None).unwrap();
+    let s = train::train(&ctx, &cfg, &straight, Start::Fresh, no_stop(), None).unwrap();
     assert_eq!(s.steps, 6);
     assert!(s.train_flops > 0.0);
 
     let resumed = root.join("resumed");
-    let first = train::train(&ctx, &cfg, &resumed, false, no_stop(), Some(3)).unwrap();
+    let first = train::train(&ctx, &cfg, &resumed, Start::Fresh, no_stop(), Some(3)).unwrap();
     assert!(first.interrupted && first.steps == 3);
-    let second = train::train(&ctx, &cfg, &resumed, true, no_stop(), None).unwrap();
+    let second = train::train(&ctx, &cfg, &resumed, Start::Resume, no_stop(), None).unwrap();
     assert_eq!(second.steps, 6);
     assert_eq!(
         losses(&straight),
@@ -79,16 +80,17 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
     );
     assert!(resumed.join("config.toml").exists());
 
+    faults(&ctx, &cfg, &root, &straight);
+
     // A checkpoint of another config is refused, naming the difference.
     let mut other = cfg.clone();
     other.model.d_ffn = 128;
-    let e = train::train(&ctx, &other, &resumed, true, no_stop(), None).unwrap_err();
+    let e = train::train(&ctx, &other, &resumed, Start::Resume, no_stop(), None).unwrap_err();
     assert!(format!("{e:#}").contains("d_ffn"), "{e:#}");
 
     // A truncated checkpoint is refused.
-    let ck = train::latest_checkpoint(&straight)
-        .unwrap()
-        .join("model.safetensors");
+    let good = rundir::latest_checkpoint(&straight).unwrap();
+    let ck = good.join("model.safetensors");
     let bytes = std::fs::read(&ck).unwrap();
     let broken = root.join("broken");
     std::fs::create_dir_all(broken.join("checkpoints/step-6")).unwrap();
@@ -98,14 +100,21 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
         &bytes[..bytes.len() / 3],
     )
     .unwrap();
-    let e = train::train(&ctx, &cfg, &broken, true, no_stop(), None).unwrap_err();
+    std::fs::copy(
+        good.join(rundir::TOKENIZERS_FILE),
+        broken
+            .join("checkpoints/step-6")
+            .join(rundir::TOKENIZERS_FILE),
+    )
+    .unwrap();
+    let e = train::train(&ctx, &cfg, &broken, Start::Resume, no_stop(), None).unwrap_err();
     assert!(format!("{e:#}").contains("truncated or corrupt"), "{e:#}");
 
     // A checkpoint trained with other tokenizers is refused, for resuming and for loading.
-    let ck = train::latest_checkpoint(&resumed).unwrap();
-    std::fs::write(ck.join(train::TOKENIZERS_FILE), "0123456789abcdef").unwrap();
+    let ck = rundir::latest_checkpoint(&resumed).unwrap();
+    std::fs::write(ck.join(rundir::TOKENIZERS_FILE), "0123456789abcdef").unwrap();
     for e in [
-        train::train(&ctx, &cfg, &resumed, true, no_stop(), None).unwrap_err(),
+        train::train(&ctx, &cfg, &resumed, Start::Resume, no_stop(), None).unwrap_err(),
         unimod_train::load::model_from_run(&resumed, &ctx)
             .err()
             .unwrap(),
@@ -165,7 +174,7 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
         );
         let c = ctx.resolve(&c).unwrap();
         let dir = root.join(name);
-        train::train(&ctx, &c, &dir, false, no_stop(), None).unwrap();
+        train::train(&ctx, &c, &dir, Start::Fresh, no_stop(), None).unwrap();
         let (vs, model) = unimod_train::load::model_from_run(&dir, &ctx).unwrap();
         (c, dir, vs, model)
     };
@@ -283,11 +292,100 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
     );
     let mnist = mnist_ctx.resolve(&mnist).unwrap();
     let mnist_dir = root.join("mnist");
-    train::train(&mnist_ctx, &mnist, &mnist_dir, false, no_stop(), None).unwrap();
+    train::train(
+        &mnist_ctx,
+        &mnist,
+        &mnist_dir,
+        Start::Fresh,
+        no_stop(),
+        None,
+    )
+    .unwrap();
     let (_vs, model) = unimod_train::load::model_from_run(&mnist_dir, &mnist_ctx).unwrap();
     let r = unimod_train::eval::evaluate(&mnist_ctx, &mnist, &model, &mnist_dir).unwrap();
     assert!(r.t2i_frechet.is_some_and(f64::is_finite), "{r:?}");
     assert!(r.t2i_per_category.contains_key("digit"), "{r:?}");
     assert!(r.mmu_per_kind.contains_key("digit"), "{r:?}");
     std::fs::remove_dir_all(root).unwrap();
+}
+
+/// The data-loss faults: an existing run is never replaced by accident, a run that diverges
+/// never saves non-finite weights over good ones, and a resume refuses a checkpoint that
+/// disagrees with itself or a config that would make it another run.
+fn faults(ctx: &RunContext, cfg: &RunConfig, root: &std::path::Path, finished: &std::path::Path) {
+    let no_stop = || Arc::new(AtomicBool::new(false));
+    let snapshot = |d: &std::path::Path| {
+        (
+            std::fs::read(d.join("metrics.jsonl")).unwrap(),
+            std::fs::read(d.join("config.toml")).unwrap(),
+            rundir::latest_checkpoint(d).unwrap(),
+        )
+    };
+    let before = snapshot(finished);
+    let e = train::train(ctx, cfg, finished, Start::Fresh, no_stop(), None).unwrap_err();
+    assert!(format!("{e:#}").contains("--resume"), "{e:#}");
+    // A refused resume (another seed) writes nothing either.
+    let mut other_seed = cfg.clone();
+    other_seed.train.seed += 1;
+    let e = train::train(ctx, &other_seed, finished, Start::Resume, no_stop(), None).unwrap_err();
+    assert!(format!("{e:#}").contains("train.seed: 0 → 1"), "{e:#}");
+    let mut fewer = cfg.clone();
+    fewer.train.steps = 3;
+    let e = train::train(ctx, &fewer, finished, Start::Resume, no_stop(), None).unwrap_err();
+    assert!(
+        format!("{e:#}").contains("below the checkpoint's step 6"),
+        "{e:#}"
+    );
+    assert_eq!(
+        snapshot(finished),
+        before,
+        "a refused start changed the run"
+    );
+    // Resuming a finished run with a new learning rate is accepted and saves nothing new.
+    let mut new_lr = cfg.clone();
+    new_lr.train.lr *= 0.5;
+    train::train(ctx, &new_lr, finished, Start::Resume, no_stop(), None).unwrap();
+    assert_eq!(rundir::latest_checkpoint(finished).unwrap(), before.2);
+
+    // Divergence: the step that turns the weights or gradients non-finite is never saved.
+    let diverged = root.join("diverged");
+    let mut hot = cfg.clone();
+    hot.train.lr = 1e6;
+    hot.train.warmup = 0;
+    hot.train.checkpoint_every = 1;
+    let e = train::train(ctx, &hot, &diverged, Start::Fresh, no_stop(), None).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(msg.contains("non-finite"), "{msg}");
+    match rundir::latest_checkpoint(&diverged) {
+        Ok(ck) => {
+            assert!(msg.contains(&ck.display().to_string()), "{msg}");
+            let (_vs, _model) = unimod_train::load::model_from_run(&diverged, ctx)
+                .unwrap_or_else(|e| panic!("the kept checkpoint does not load: {e:#}"));
+        }
+        Err(_) => assert!(msg.contains("no checkpoint has been saved"), "{msg}"),
+    }
+
+    // A checkpoint whose state disagrees with its folder, or without its tokenizer record.
+    let copy = root.join("inconsistent");
+    let ck = rundir::latest_checkpoint(finished).unwrap();
+    let name = ck.file_name().unwrap();
+    std::fs::create_dir_all(copy.join("checkpoints")).unwrap();
+    std::fs::write(copy.join("checkpoints/latest"), name.as_encoded_bytes()).unwrap();
+    let dst = copy.join("checkpoints").join(name);
+    std::fs::create_dir_all(&dst).unwrap();
+    for f in std::fs::read_dir(&ck).unwrap().flatten() {
+        std::fs::copy(f.path(), dst.join(f.file_name())).unwrap();
+    }
+    let state = std::fs::read_to_string(dst.join("state.json")).unwrap();
+    std::fs::write(
+        dst.join("state.json"),
+        state.replace("\"step\":6", "\"step\":5"),
+    )
+    .unwrap();
+    let e = train::train(ctx, cfg, &copy, Start::Resume, no_stop(), None).unwrap_err();
+    assert!(format!("{e:#}").contains("disagrees with itself"), "{e:#}");
+    std::fs::write(dst.join("state.json"), state).unwrap();
+    std::fs::remove_file(dst.join(rundir::TOKENIZERS_FILE)).unwrap();
+    let e = train::train(ctx, cfg, &copy, Start::Resume, no_stop(), None).unwrap_err();
+    assert!(format!("{e:#}").contains("tokenizers.txt"), "{e:#}");
 }
