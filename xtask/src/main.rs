@@ -67,7 +67,11 @@ fn main() -> Result<()> {
             println!("libtorch         {}", libtorch.display());
             match setup::torch_version(&libtorch) {
                 Ok(v) => println!("libtorch version {v}"),
-                Err(e) => println!("libtorch version unknown ({e:#}): run `cargo xtask setup`"),
+                // Building the CLI without libtorch ends in a wall of C++ errors: say it here.
+                Err(e) => bail!(
+                    "libtorch is not installed at {} ({e:#}): `cargo xtask setup` installs it",
+                    libtorch.display()
+                ),
             }
             println!("cache            {}", cache::cache_root().display());
             println!("data             {}", cache::data_dir().display());

@@ -157,11 +157,36 @@ impl ModelConfig {
                 "must divide n_heads",
             );
         }
-        if self.n_layers == 0 {
-            return bad("n_layers", "0".into(), "must be at least 1");
+        if self.d_model > 65_536 || self.n_heads > 1024 {
+            return bad(
+                "d_model",
+                format!("{} with {} heads", self.d_model, self.n_heads),
+                "d_model must be at most 65536 and n_heads at most 1024",
+            );
         }
-        if self.d_ffn <= 0 {
-            return bad("d_ffn", self.d_ffn.to_string(), "must be positive");
+        if self.n_layers == 0 || self.n_layers > 1024 {
+            return bad(
+                "n_layers",
+                self.n_layers.to_string(),
+                "must be in [1, 1024]",
+            );
+        }
+        if self.d_ffn <= 0 || self.d_ffn > 1 << 20 {
+            return bad("d_ffn", self.d_ffn.to_string(), "must be in [1, 1048576]");
+        }
+        if self.max_seq_len <= 0 || self.max_seq_len > 1 << 20 {
+            return bad(
+                "max_seq_len",
+                self.max_seq_len.to_string(),
+                "must be in [1, 1048576]; sequences longer than it are refused",
+            );
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            return bad(
+                "rope_theta",
+                self.rope_theta.to_string(),
+                "must be a finite number above 1",
+            );
         }
         if !(0.0..=1.0).contains(&self.rotary_fraction) {
             return bad(
@@ -170,11 +195,14 @@ impl ModelConfig {
                 "must be in [0, 1]",
             );
         }
-        if self.vocab.n_text < unimod_tok::Special::ALL.len() || self.vocab.n_codes == 0 {
+        if self.vocab.n_text < unimod_tok::Special::ALL.len()
+            || self.vocab.n_codes == 0
+            || self.vocab.size() > 1 << 24
+        {
             return bad(
                 "vocab",
                 format!("{:?}", self.vocab),
-                "needs the special tokens and at least one code",
+                "needs the special tokens and at least one code, and at most 16777216 tokens",
             );
         }
         match self.routing.causal_mode {

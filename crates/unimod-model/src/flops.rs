@@ -71,6 +71,26 @@ pub fn linear_per_token(cfg: &ModelConfig) -> f64 {
     2.0 * d * (2.0 * d + 2.0 * kv) + 2.0 * d * cfg.d_ffn as f64 * mlp_mats
 }
 
+/// Parameters of the dense model (blocks, embedding and head; norms, biases and routers are
+/// negligible), for memory estimates.
+pub fn parameters(cfg: &ModelConfig) -> f64 {
+    cfg.n_layers as f64 * linear_per_token(cfg) / 2.0
+        + 2.0 * cfg.vocab.size() as f64 * cfg.d_model as f64
+}
+
+/// Bytes a training step needs at least: f32 weights, gradients and two AdamW moments, and the
+/// activations kept for the backward pass of `sequences` sequences of `seq_len` tokens (per
+/// layer and token: the block's inputs and projections, the MLP's hidden units, one attention
+/// row per head; plus logits and their gradient).
+pub fn training_bytes(cfg: &ModelConfig, sequences: usize, seq_len: usize) -> f64 {
+    let tokens = sequences as f64 * seq_len as f64;
+    let per_layer = 12.0 * cfg.d_model as f64
+        + 4.0 * cfg.d_ffn as f64
+        + 3.0 * cfg.n_heads as f64 * seq_len as f64;
+    4.0 * (4.0 * parameters(cfg)
+        + tokens * (cfg.n_layers as f64 * per_layer + 3.0 * cfg.vocab.size() as f64))
+}
+
 /// Forward FLOPs of one layer's work.
 pub fn layer(cfg: &ModelConfig, w: &Work) -> Flops {
     let d = cfg.d_model as f64;

@@ -137,6 +137,37 @@ impl UnifiedTransformer {
         })
     }
 
+    /// Sets the image codes' rows of the embedding and of the output head from the image
+    /// tokenizer's codebook `[n_codes, code_dim]`, through one fixed random projection, so codes
+    /// that look alike (one colour, one part of a shape) start alike instead of as unrelated
+    /// random vectors. Each row keeps the norm the default initialisation gives it.
+    pub fn init_image_rows(&self, codebook: &Tensor) -> Result<(), ConfigError> {
+        let n = self.cfg.vocab.n_codes as i64;
+        if codebook.dim() != 2 || codebook.size()[0] != n {
+            return Err(ConfigError::Invalid {
+                field: "vocab.n_codes",
+                value: format!("{n} (codebook {:?})", codebook.size()),
+                why: "the codebook must have one row per image code",
+            });
+        }
+        let start = self.cfg.vocab.n_text as i64;
+        tch::no_grad(|| {
+            let cb = codebook
+                .to_kind(Kind::Float)
+                .to_device(self.embed.ws.device());
+            let cb = (&cb - cb.mean_dim(0, true, Kind::Float)) / (cb.std_dim(0, true, true) + 1e-6);
+            let proj = Tensor::randn([cb.size()[1], self.cfg.d_model], (Kind::Float, cb.device()));
+            let rows = cb.matmul(&proj);
+            let unit = &rows / rows.norm_scalaropt_dim(2, [1], true).clamp_min(1e-6);
+            for w in [&self.embed.ws, &self.head.ws] {
+                let mut target = w.narrow(0, start, n);
+                let norm = target.norm_scalaropt_dim(2, [1], true).mean(Kind::Float);
+                target.copy_(&(&unit * norm));
+            }
+        });
+        Ok(())
+    }
+
     pub fn layers(&self) -> &[Layer] {
         &self.layers
     }
@@ -167,14 +198,27 @@ impl UnifiedTransformer {
     /// `batch.tokens: [B, S]` → `logits: [B, S, V]`.
     ///
     /// # Errors
-    /// `opts.mode` is the causal predictor's on a routed model trained without one.
+    /// `opts.mode` is the causal predictor's on a routed model trained without one, or the
+    /// batch is longer than `max_seq_len`.
     pub fn forward(
         &self,
         batch: &Batch,
         opts: &ForwardOptions,
     ) -> Result<ModelOutput, ConfigError> {
         self.check_mode(opts.mode, false)?;
+        self.check_length(batch.seq_len())?;
         Ok(self.run(batch, opts, None))
+    }
+
+    fn check_length(&self, len: i64) -> Result<(), ConfigError> {
+        if len > self.cfg.max_seq_len {
+            return Err(ConfigError::Invalid {
+                field: "max_seq_len",
+                value: format!("{} (a sequence of {len} tokens)", self.cfg.max_seq_len),
+                why: "sequences longer than max_seq_len are refused",
+            });
+        }
+        Ok(())
     }
 
     /// Refuses a routing mode the model cannot honour, instead of quietly deciding another way.
@@ -213,6 +257,7 @@ impl UnifiedTransformer {
         cache: &mut KvCache,
     ) -> Result<ModelOutput, ConfigError> {
         self.check_mode(opts.mode, true)?;
+        self.check_length(cache.len() + batch.seq_len())?;
         if cache.layers.is_empty() {
             cache.layers = (0..self.layers.len())
                 .map(|_| LayerCache::default())

@@ -15,6 +15,7 @@
 //! grid of `format.image_side`, so the header would carry no information and is left out.
 
 use crate::batch::{IGNORE, Sequence};
+use crate::check::{self, InvalidValue};
 use crate::task::{Segment, Task};
 use crate::vocab::{Special, VocabLayout};
 use rand::Rng;
@@ -52,6 +53,16 @@ impl Default for FormatConfig {
             image_side: 8,
             cond_dropout: 0.1,
         }
+    }
+}
+
+impl FormatConfig {
+    /// `[format]` values in range: `text_len` in [4, 4096] (bos, eos and a token each way),
+    /// `image_side` in [1, 256], `cond_dropout` in [0, 1].
+    pub fn validate(&self) -> Result<(), InvalidValue> {
+        check::int_in("format.text_len", self.text_len, 4, 4096)?;
+        check::int_in("format.image_side", self.image_side, 1, 256)?;
+        check::float_in("format.cond_dropout", self.cond_dropout, 0.0, 1.0)
     }
 }
 

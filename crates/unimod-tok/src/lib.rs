@@ -8,6 +8,7 @@
 
 pub mod batch;
 pub mod cache;
+pub mod check;
 pub mod dataset;
 pub mod format;
 pub mod judge;

@@ -5,6 +5,7 @@
 //!
 //! Sample `i` of a split is a pure function of (seed, split, i): reproducible and parallel.
 
+use crate::check::{self, InvalidValue};
 use crate::dataset::{Example, Image, Qa, QaKind, Split};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -182,6 +183,13 @@ pub struct Scene {
 }
 
 impl ShapesConfig {
+    /// `[data.shapes]` values in range: `image_size` in [12, 512] (a 3×3 grid of cells of at
+    /// least 4 pixels), `max_objects` in [1, 9].
+    pub fn validate(&self) -> Result<(), InvalidValue> {
+        check::int_in("data.shapes.image_size", self.image_size, 12, 512)?;
+        check::int_in("data.shapes.max_objects", self.max_objects, 1, 9)
+    }
+
     fn rng(&self, split: Split, index: u64) -> ChaCha8Rng {
         let mut seed = [0u8; 32];
         seed[..8].copy_from_slice(&self.seed.to_le_bytes());

@@ -4,6 +4,7 @@
 //! keeps it from collapsing. 32×32 → 8×8 = 64 tokens by default (4× downsampling per side);
 //! 64×64 → 16×16 = 256 tokens as in Show-o at 256 px.
 
+use crate::check::{self, InvalidValue};
 use crate::dataset::Image;
 use crate::tensorfile::{CheckpointError, load_tensors, save_tensors};
 use serde::{Deserialize, Serialize};
@@ -45,6 +46,36 @@ impl Default for VqConfig {
             restart_every: 100,
             seed: 0,
         }
+    }
+}
+
+impl VqConfig {
+    /// `[tokenizer.image]` values in range for images of side `image_size`: the downsampling
+    /// must divide the image into at least one token per side.
+    pub fn validate(&self, image_size: usize) -> Result<(), InvalidValue> {
+        let f = |name: &str| format!("tokenizer.image.{name}");
+        check::int_in(
+            &f("codebook_size"),
+            self.codebook_size.max(0) as usize,
+            2,
+            65536,
+        )?;
+        check::int_in(&f("code_dim"), self.code_dim.max(0) as usize, 1, 1024)?;
+        check::int_in(&f("channels"), self.channels.max(0) as usize, 1, 1024)?;
+        check::int_in(&f("downsample"), self.downsample, 1, 6)?;
+        let factor = 1usize << self.downsample;
+        if !image_size.is_multiple_of(factor) {
+            return Err(InvalidValue::new(
+                &f("downsample"),
+                self.downsample,
+                format!("2^downsample must divide the image side {image_size}"),
+            ));
+        }
+        check::float_in(&f("commitment"), self.commitment, 0.0, 100.0)?;
+        check::int_in(&f("steps"), self.steps, 1, 1_000_000)?;
+        check::int_in(&f("batch_size"), self.batch_size, 1, 4096)?;
+        check::float_above(&f("lr"), self.lr, 0.0, 1.0)?;
+        check::int_in(&f("restart_every"), self.restart_every, 1, 1_000_000)
     }
 }
 

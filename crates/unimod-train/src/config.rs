@@ -42,10 +42,105 @@ impl RunConfig {
         let cfg: RunConfig = toml::Value::Table(value)
             .try_into()
             .with_context(|| format!("invalid config in {where_}"))?;
-        cfg.model
-            .validate()
+        cfg.validate()
             .with_context(|| format!("invalid config in {where_}"))?;
         Ok(cfg)
+    }
+
+    /// Every value in its accepted range (the ranges are in the errors and in
+    /// docs/conventions.md), and the sections consistent with each other. One place per
+    /// section: the model's, format's and tokenizer's own `validate`, the rest here.
+    pub fn validate(&self) -> Result<()> {
+        use unimod_tok::check::{float_above, float_in, int_in, plain_name};
+        self.model.validate()?;
+        self.format.validate()?;
+        let d = &self.data;
+        let image_size = match d.dataset.as_str() {
+            "shapes" => {
+                d.shapes.validate()?;
+                d.shapes.image_size
+            }
+            "mnist" => d.mnist.image_size,
+            other => bail!("data.dataset = {other:?} is not accepted: \"shapes\" or \"mnist\""),
+        };
+        int_in("data.train_pool", d.train_pool, 1, 1 << 20)?;
+        int_in("data.val_pool", d.val_pool, 1, 1 << 20)?;
+        let t = &self.tokenizer;
+        int_in(
+            "tokenizer.text_vocab",
+            t.text_vocab,
+            unimod_tok::Special::ALL.len() + 1,
+            65_536,
+        )?;
+        int_in(
+            "tokenizer.text_examples",
+            t.text_examples as usize,
+            1,
+            1_000_000,
+        )?;
+        t.image.validate(image_size)?;
+        let side = image_size >> t.image.downsample;
+        if self.format.image_side != side {
+            bail!(
+                "format.image_side = {} is not accepted: images of {image_size} px downsampled \
+                 2^{} times by the tokenizer give {side} tokens per side",
+                self.format.image_side,
+                t.image.downsample
+            );
+        }
+        let tr = &self.train;
+        int_in("train.steps", tr.steps, 1, 100_000_000)?;
+        float_above("train.lr", tr.lr, 0.0, 10.0)?;
+        float_in("train.min_lr", tr.min_lr, 0.0, tr.lr)?;
+        int_in("train.warmup", tr.warmup, 0, 100_000_000)?;
+        float_in("train.weight_decay", tr.weight_decay, 0.0, 10.0)?;
+        float_in("train.grad_clip (0: off)", tr.grad_clip, 0.0, 1e6)?;
+        int_in("train.accumulation", tr.accumulation, 1, 1024)?;
+        int_in("train.log_every", tr.log_every, 1, 1_000_000)?;
+        for (task, n) in [("t2i", tr.mix.t2i), ("mmu", tr.mix.mmu), ("lm", tr.mix.lm)] {
+            int_in(&format!("train.mix.{task}"), n, 0, 65_536)?;
+        }
+        let e = &self.eval;
+        int_in("eval.val_batches", e.val_batches, 1, 100_000)?;
+        int_in("eval.t2i_samples", e.t2i_samples, 1, 100_000)?;
+        int_in("eval.mmu_samples", e.mmu_samples, 1, 100_000)?;
+        int_in(
+            "eval.max_answer_tokens",
+            e.max_answer_tokens,
+            1,
+            self.format.text_len,
+        )?;
+        let sm = &e.sampling;
+        int_in("eval.sampling.steps", sm.steps, 1, 1024)?;
+        float_in(
+            "eval.sampling.temperature (0: greedy)",
+            sm.temperature,
+            0.0,
+            100.0,
+        )?;
+        float_in("eval.sampling.guidance", sm.guidance, 0.0, 100.0)?;
+        float_in(
+            "eval.sampling.choice_temperature",
+            sm.choice_temperature,
+            0.0,
+            100.0,
+        )?;
+        let a = &self.analysis;
+        int_in("analysis.samples", a.samples, 1, 4096)?;
+        for f in &a.fractions {
+            float_above("analysis.fractions", *f, 0.0, 1.0)?;
+        }
+        float_above(
+            "analysis.competition_capacity",
+            a.competition_capacity,
+            0.0,
+            1.0,
+        )?;
+        plain_name("experiment.name", &self.experiment.name)?;
+        for v in &self.experiment.variants {
+            plain_name("experiment.variants.name", &v.name)?;
+        }
+        Ok(())
     }
 
     pub fn to_toml(&self) -> String {

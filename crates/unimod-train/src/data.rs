@@ -212,7 +212,7 @@ pub fn tokenizers(
     // Written last, and atomically (other runs may be reading it): its presence marks a
     // complete cache entry.
     let partial = dir.join(format!("report.json.{}.partial", std::process::id()));
-    std::fs::write(&partial, serde_json::to_string_pretty(&report)?)?;
+    crate::write(&partial, serde_json::to_string_pretty(&report)?)?;
     std::fs::rename(&partial, &report_path)?;
     let files = [&text_path, &vq_path]
         .map(|path| std::fs::read(path).with_context(|| format!("reading {}", path.display())));
@@ -325,8 +325,24 @@ pub fn pool(
         )?;
         codes
     };
-    let t = codes.size()[1] as usize;
+    // A cached pool is checked as any file read back: its shape and every code in range.
+    let k = tk.vq.cfg.codebook_size;
+    let size = codes.size();
+    if size.len() != 2 || size[0] as usize != n || size[1] <= 0 {
+        bail!(
+            "{} holds codes of shape {size:?}, expected [{n}, tokens per image]; delete it to re-encode",
+            path.display()
+        );
+    }
+    let t = size[1] as usize;
     let flat = Vec::<i64>::try_from(codes.to_kind(Kind::Int64).flatten(0, -1))?;
+    if let Some(bad) = flat.iter().find(|&&c| !(0..k).contains(&c)) {
+        bail!(
+            "{} holds code {bad}, outside the codebook's [0, {}]; delete it to re-encode",
+            path.display(),
+            k - 1
+        );
+    }
     Ok(Pool {
         split,
         codes: flat

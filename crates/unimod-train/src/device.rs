@@ -38,6 +38,36 @@ pub fn parse(spec: &str) -> Result<Device> {
     }
 }
 
+/// Refuses work that needs more memory than the device has, before it is allocated (an
+/// allocation failure inside libtorch aborts instead of returning an error). CPU: compared with
+/// `MemAvailable` of /proc/meminfo; CUDA: with the GPU's total memory as PyTorch reports it
+/// is not reachable through tch, so only the CPU is checked there.
+pub fn check_memory(bytes: f64, device: Device, what: &str) -> Result<()> {
+    if device != Device::Cpu {
+        return Ok(());
+    }
+    let Some(available) = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map(|kb| kb * 1024.0)
+    else {
+        return Ok(());
+    };
+    if !bytes.is_finite() || bytes > available {
+        bail!(
+            "{what} needs about {:.1} GiB of memory, but {:.1} GiB are available: lower the \
+             sizes (model dimensions, batch mix, samples)",
+            bytes / f64::from(1u32 << 30),
+            available / f64::from(1u32 << 30)
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

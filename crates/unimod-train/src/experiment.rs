@@ -77,7 +77,7 @@ fn arank_schedule(ctx: &RunContext, base_dir: &Path, out: &Path) -> Result<Sched
         out: out.to_path_buf(),
     };
     let section = a.importance()?.1;
-    std::fs::write(out.join("schedule.md"), a.schedule(&section)?)?;
+    crate::write(out.join("schedule.md"), a.schedule(&section)?)?;
     Ok(Schedule::File {
         path: out.join("schedule.json"),
     })
@@ -117,7 +117,7 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device) -> Result<Vec<Outco
     check_variants(&exp.variants)?;
     let dir = exp.out_dir.join(&exp.name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::write(dir.join("config.toml"), cfg.to_toml())?;
+    crate::write(dir.join("config.toml"), cfg.to_toml())?;
     let ctx = RunContext::new(cfg, device)?;
     let stop = train::ctrl_c_flag();
     let mut outcomes = Vec::new();
@@ -155,7 +155,7 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device) -> Result<Vec<Outco
             }
             let (_vs, model) = crate::load::model_from_run(&run_dir, &ctx)?;
             let report = eval::evaluate(&ctx, &c, &model, &run_dir)?;
-            std::fs::write(
+            crate::write(
                 run_dir.join("eval.json"),
                 serde_json::to_string_pretty(&report)?,
             )?;
@@ -167,7 +167,7 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device) -> Result<Vec<Outco
             });
         }
     }
-    std::fs::write(
+    crate::write(
         dir.join("outcomes.json"),
         serde_json::to_string_pretty(&outcomes)?,
     )?;
@@ -546,7 +546,7 @@ fn write_report(
             o.variant, o.variant, o.variant, o.seed
         )?;
     }
-    std::fs::write(dir.join("report.md"), r)?;
+    crate::write(dir.join("report.md"), r)?;
     Ok(())
 }
 

@@ -56,9 +56,19 @@ pub fn parse_mix(arg: &str) -> Result<Vec<(Task, f64)>> {
                 .trim()
                 .parse()
                 .with_context(|| format!("--mix: weight `{v}` is not a number"))?;
+            if !(w.is_finite() && w >= 0.0) {
+                bail!("--mix: weight {k}={v} is not accepted: a finite number ≥ 0");
+            }
             Ok((task, w))
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()
+        .and_then(|m| {
+            if m.iter().map(|(_, w)| w).sum::<f64>() > 0.0 {
+                Ok(m)
+            } else {
+                bail!("--mix {arg}: the weights sum to 0; give at least one task a positive weight")
+            }
+        })
 }
 
 /// Forward FLOPs of one sequence of each task, dense and under `schedule`.

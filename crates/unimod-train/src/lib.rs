@@ -19,3 +19,10 @@ pub mod rundir;
 pub mod train;
 
 pub use config::RunConfig;
+
+/// `std::fs::write` whose error names the file.
+pub fn write(path: impl AsRef<std::path::Path>, contents: impl AsRef<[u8]>) -> anyhow::Result<()> {
+    let path = path.as_ref();
+    std::fs::write(path, contents)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+}

@@ -37,6 +37,12 @@ pub fn run_from_checkpoint(
             checkpoint::describe_difference(&expected, &saved)
         );
     }
+    cfg.model.validate()?;
+    crate::device::check_memory(
+        4.0 * unimod_model::flops::parameters(&cfg.model),
+        device,
+        &format!("the model of {}", weights.display()),
+    )?;
     let mut vs = VarStore::new(device);
     let model = UnifiedTransformer::new(&vs.root(), &cfg.model)?;
     checkpoint::load_into(&mut vs, &loaded, &weights)?;

@@ -53,7 +53,7 @@ enum DataCommand {
     Show {
         #[command(flatten)]
         config: ConfigArgs,
-        #[arg(short = 'n', long, default_value_t = 16)]
+        #[arg(short = 'n', long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
         count: u64,
         #[arg(long, default_value = "runs/data-show")]
         out: PathBuf,
@@ -62,10 +62,10 @@ enum DataCommand {
     Throughput {
         #[command(flatten)]
         config: ConfigArgs,
-        #[arg(long, default_value_t = 50)]
-        batches: usize,
-        #[arg(long, default_value_t = 5)]
-        steps: usize,
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        batches: u32,
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        steps: u32,
     },
 }
 
@@ -151,7 +151,7 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
         /// Repeat with this many seeds and report mean ± spread.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
         seeds: u32,
     },
     /// Image and text tokenizers.
@@ -214,8 +214,20 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().command {
+/// Errors print as one chain of causes and exit 1: `RUST_BACKTRACE=1` must not dress an
+/// ordinary refusal up as a crash.
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
         Command::Doctor => {
             println!("tch / libtorch    {}", unimod_tok::cache::TORCH_VERSION);
             println!("CUDA available    {}", tch::Cuda::is_available());
@@ -267,7 +279,7 @@ fn main() -> Result<()> {
             };
             let r = eval::evaluate(&ctx, &cfg, &model, &out)?;
             let json = serde_json::to_string_pretty(&r)?;
-            std::fs::write(out.join("eval.json"), &json)?;
+            unimod_train::write(out.join("eval.json"), &json)?;
             println!("{json}");
         }
         Command::Generate {
@@ -278,6 +290,9 @@ fn main() -> Result<()> {
             overrides,
             out,
         } => {
+            if prompts.is_empty() && questions.is_empty() {
+                anyhow::bail!("nothing to generate: give at least one --prompt or --question");
+            }
             let cfg = run_config(&checkpoint, &overrides)?;
             let device = unimod_train::device::parse(&cfg.train.device)?;
             let ctx = train::RunContext::new(&cfg, device)?;
@@ -334,7 +349,7 @@ fn main() -> Result<()> {
             let (vs, model) = unimod_train::load::model_from_run(&checkpoint, &ctx)?;
             let out = out.unwrap_or_else(|| checkpoint.join("analysis"));
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            std::fs::write(out.join("config.toml"), cfg.to_toml())?;
+            unimod_train::write(out.join("config.toml"), cfg.to_toml())?;
             let probe = match &probe {
                 None => None,
                 Some(p) => {
@@ -365,7 +380,7 @@ fn main() -> Result<()> {
                 }
             };
             let path = out.join("section.md");
-            std::fs::write(&path, &md)?;
+            unimod_train::write(&path, &md)?;
             println!("{md}\n(written to {})", path.display());
         }
         Command::Experiment { config, seeds } => {
@@ -425,7 +440,7 @@ fn main() -> Result<()> {
                     md.push_str(&format!("   - {} → {}\n", q.question, q.answer));
                 }
             }
-            std::fs::write(out.join("examples.md"), md)?;
+            unimod_train::write(out.join("examples.md"), md)?;
             println!(
                 "wrote {} and {}",
                 png.display(),
@@ -444,7 +459,7 @@ fn main() -> Result<()> {
             let device = unimod_train::device::parse(&cfg.train.device)?;
             let ctx = train::RunContext::new(&cfg, device)?;
             let cfg = ctx.resolve(&cfg)?;
-            let t = train::data_throughput(&ctx, &cfg, batches, steps)?;
+            let t = train::data_throughput(&ctx, &cfg, batches as usize, steps as usize)?;
             println!(
                 "{:.1} batches/s ({:.0} sequences/s) vs {:.2} dense training steps/s on {device:?}: headroom {:.1}×",
                 t.batches_per_s, t.sequences_per_s, t.steps_per_s, t.headroom
@@ -544,8 +559,22 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// The config a run was trained with, with `--set` overrides applied on top.
+/// The config a run was trained with, with `--set` overrides applied on top. The checkpoint
+/// fixes the model, the sequence format and the tokenizers, so overrides of those are refused
+/// rather than ignored.
 fn run_config(checkpoint: &std::path::Path, overrides: &[String]) -> Result<RunConfig> {
+    for o in overrides {
+        let key = o.split('=').next().unwrap_or_default().trim();
+        if ["model", "format", "tokenizer"]
+            .iter()
+            .any(|s| key == *s || key.starts_with(&format!("{s}.")))
+        {
+            anyhow::bail!(
+                "--set {o}: the checkpoint fixes the model, format and tokenizer sections; only \
+                 data, train.device, eval and analysis settings can be changed here"
+            );
+        }
+    }
     let run_toml = unimod_train::rundir::latest_checkpoint(checkpoint)?.join("run.toml");
     RunConfig::load(Some(&run_toml), overrides)
 }

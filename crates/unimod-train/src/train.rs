@@ -41,6 +41,19 @@ pub struct TrainConfig {
     pub log_every: usize,
     /// Checkpoint every N steps (0: only at the end and on Ctrl-C).
     pub checkpoint_every: usize,
+    /// How the image codes' embedding and output rows start.
+    pub image_init: ImageInit,
+}
+
+/// `train.image_init`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageInit {
+    /// Independent random rows, as for text tokens.
+    #[default]
+    Random,
+    /// From the image tokenizer's codebook, projected (`UnifiedTransformer::init_image_rows`).
+    Codebook,
 }
 
 impl Default for TrainConfig {
@@ -58,6 +71,7 @@ impl Default for TrainConfig {
             device: "auto".into(),
             log_every: 10,
             checkpoint_every: 0,
+            image_init: ImageInit::Random,
         }
     }
 }
@@ -146,11 +160,29 @@ impl RunContext {
         let mut c = cfg.clone();
         c.model.vocab = self.tokenizers.layout();
         c.model.flavour = c.format.flavour;
-        c.model.max_seq_len = c.model.max_seq_len.max(c.format.seq_len() as i64);
-        if c.train.mix.get(Task::T2i) + c.train.mix.get(Task::Mmu) + c.train.mix.get(Task::Lm) == 0
-        {
+        if c.format.seq_len() as i64 > c.model.max_seq_len {
+            bail!(
+                "model.max_seq_len = {} is below the format's sequence length {} \
+                 (format.text_len {} + image tokens + specials); raise it",
+                c.model.max_seq_len,
+                c.format.seq_len(),
+                c.format.text_len
+            );
+        }
+        c.model.validate()?;
+        let sequences =
+            c.train.mix.get(Task::T2i) + c.train.mix.get(Task::Mmu) + c.train.mix.get(Task::Lm);
+        if sequences == 0 {
             bail!("train.mix: every task has ratio 0");
         }
+        crate::device::check_memory(
+            flops::training_bytes(&c.model, sequences, c.format.seq_len()),
+            self.device,
+            &format!(
+                "training this model ({:.3e} parameters) on batches of {sequences} sequences",
+                flops::parameters(&c.model)
+            ),
+        )?;
         for (layer, plan) in c
             .model
             .routing
@@ -258,6 +290,8 @@ pub fn train(
     let mut state = State::default();
     if start == Start::Resume {
         state = load_checkpoint(ctx, dir, cfg, &mut vs, &mut opt)?;
+    } else if cfg.train.image_init == ImageInit::Codebook {
+        model.init_image_rows(&ctx.tokenizers.vq.codebook)?;
     }
     std::fs::write(dir.join("config.toml"), cfg.to_toml())
         .with_context(|| format!("writing {}", dir.join("config.toml").display()))?;
@@ -437,7 +471,7 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     if !out.is_empty() {
         out.push('\n');
     }
-    std::fs::write(path, out)?;
+    crate::write(path, out)?;
     Ok(())
 }
 
@@ -485,15 +519,15 @@ fn save_checkpoint(
         ),
         (
             "state.json",
-            Box::new(|p: &Path| Ok(std::fs::write(p, serde_json::to_string(state)?)?)),
+            Box::new(|p: &Path| crate::write(p, serde_json::to_string(state)?)),
         ),
         (
             "run.toml",
-            Box::new(|p: &Path| Ok(std::fs::write(p, cfg.to_toml())?)),
+            Box::new(|p: &Path| crate::write(p, cfg.to_toml())),
         ),
         (
             TOKENIZERS_FILE,
-            Box::new(|p: &Path| Ok(std::fs::write(p, tokenizers)?)),
+            Box::new(|p: &Path| crate::write(p, tokenizers)),
         ),
     ];
     rundir::save_checkpoint(dir, state.step, &parts, &mut |_| Ok(()))?;
