@@ -6,7 +6,7 @@
 use crate::RunConfig;
 use crate::data;
 use crate::train::RunContext;
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -25,7 +25,23 @@ pub struct EvalConfig {
     pub t2i_samples: usize,
     pub mmu_samples: usize,
     pub max_answer_tokens: usize,
+    /// Which caption of each validation example prompts T2I.
+    pub t2i_caption: CaptionChoice,
     pub sampling: SamplingConfig,
+}
+
+/// `eval.t2i_caption`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaptionChoice {
+    /// Example `i` takes phrasing `i mod n` of its `n` fitting captions, so every phrasing of
+    /// the world is scored in turn (in `shapes`: every object with its position; a count; a
+    /// relation), as GenEval mixes prompt categories.
+    #[default]
+    Rotate,
+    /// Always the first fitting caption (in `shapes`: every object with its position, 3–9
+    /// facts).
+    First,
 }
 
 impl Default for EvalConfig {
@@ -35,6 +51,7 @@ impl Default for EvalConfig {
             t2i_samples: 64,
             mmu_samples: 128,
             max_answer_tokens: 6,
+            t2i_caption: CaptionChoice::Rotate,
             sampling: SamplingConfig::default(),
         }
     }
@@ -68,6 +85,9 @@ pub struct EvalReport {
     pub t2i_overall_scrambled: Option<f64>,
     #[serde(default)]
     pub t2i_facts_scrambled: Option<f64>,
+    /// `t2i_per_category` of the same prompt-scrambled control.
+    #[serde(default)]
+    pub t2i_per_category_scrambled: BTreeMap<String, f64>,
     /// Fréchet distance of the judge's features, generated vs the validation images of the
     /// same captions, where the judge has features (MNIST). With fewer samples than feature
     /// dimensions (128) it is biased upwards: compare runs with the same `t2i_samples`.
@@ -118,6 +138,7 @@ pub fn evaluate(
         t2i_facts_prompt_blind,
         t2i_overall_scrambled: scrambled.as_ref().map(JudgeReport::overall),
         t2i_facts_scrambled: scrambled.as_ref().map(JudgeReport::facts),
+        t2i_per_category_scrambled: scrambled.as_ref().map_or_else(BTreeMap::new, per_category),
         t2i_frechet,
         mmu_accuracy,
         mmu_per_kind,
@@ -287,6 +308,14 @@ struct T2i {
     frechet: Option<f64>,
 }
 
+fn per_category(report: &JudgeReport) -> BTreeMap<String, f64> {
+    report
+        .per_category
+        .keys()
+        .map(|k| (k.clone(), report.category(k).unwrap_or(0.0)))
+        .collect()
+}
+
 fn text_to_image(
     ctx: &RunContext,
     cfg: &RunConfig,
@@ -295,14 +324,16 @@ fn text_to_image(
 ) -> Result<T2i> {
     let world = &ctx.world;
     let n = cfg.eval.t2i_samples.min(ctx.val.codes.len());
-    // Each validation example with its first caption that fits the text segment.
+    // Each validation example with one of its captions that fit the text segment.
     let mut examples = Vec::new();
     for i in 0..n as u64 {
         let e = world.example(Split::Val, i);
-        if let Some((c, ids)) = data::fitting_captions(&ctx.tokenizers.text, &cfg.format, &e)?
-            .into_iter()
-            .next()
-        {
+        let fitting = data::fitting_captions(&ctx.tokenizers.text, &cfg.format, &e)?;
+        let pick = match cfg.eval.t2i_caption {
+            CaptionChoice::First => 0,
+            CaptionChoice::Rotate => i as usize % fitting.len().max(1),
+        };
+        if let Some((c, ids)) = fitting.into_iter().nth(pick) {
             examples.push((e.captions[c].clone(), ids, e.image));
         }
     }
@@ -315,17 +346,14 @@ fn text_to_image(
         report.add(ctx.judge.as_ref(), &captions, &decoded);
         generated.extend(decoded);
     }
-    let shown = &generated[..generated.len().min(16)];
-    if !shown.is_empty() {
-        let path = out.join("t2i-samples.png");
-        Image::save_grid(shown, 8, 3, &path)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    let per: BTreeMap<String, f64> = report
-        .per_category
-        .keys()
-        .map(|k| (k.clone(), report.category(k).unwrap_or(0.0)))
+    let shown: Vec<(&Image, &Image, &str)> = generated
+        .iter()
+        .zip(&examples)
+        .take(16)
+        .map(|(g, (c, _, real))| (g, real, c.text.as_str()))
         .collect();
+    crate::plots::captioned_samples(&out.join("t2i-samples.png"), &shown, 4)?;
+    let per = per_category(&report);
     let real: Vec<Image> = examples.iter().map(|(_, _, img)| img.clone()).collect();
     let captions: Vec<_> = examples.iter().map(|(c, _, _)| c).collect();
     let judge = ctx.judge.as_ref();

@@ -296,6 +296,66 @@ pub fn table(outcomes: &[Outcome], variants: &[Variant]) -> String {
     t
 }
 
+/// Per T2I category and MMU question kind, each variant's accuracy (mean over seeds) and, in
+/// the last rows, the controls a model that learned nothing reaches: the prompt-scrambled
+/// generations of the baseline for T2I, the image-blind answerer for MMU.
+pub fn breakdown(outcomes: &[Outcome], variants: &[Variant]) -> String {
+    let keys = |f: &dyn Fn(&Outcome) -> Vec<String>| {
+        let mut k: Vec<String> = outcomes.iter().flat_map(f).collect();
+        k.sort();
+        k.dedup();
+        k
+    };
+    let t2i = keys(&|o| o.eval.t2i_per_category.keys().cloned().collect());
+    let mmu = keys(&|o| o.eval.mmu_per_kind.keys().cloned().collect());
+    let mut t = String::new();
+    let head: Vec<String> = t2i
+        .iter()
+        .map(|k| format!("T2I {k}"))
+        .chain(mmu.iter().map(|k| format!("MMU {k}")))
+        .collect();
+    let _ = writeln!(t, "| variant | {} |", head.join(" | "));
+    let _ = writeln!(t, "|---|{}", "---|".repeat(head.len()));
+    let row = |name: &str, of: &[&Outcome], t2i_map: Score2, mmu_map: Score2| {
+        let mean = |k: &String, f: Score2| {
+            let v: Vec<f64> = of.iter().filter_map(|o| f(o).get(k).copied()).collect();
+            cell(if v.is_empty() { &[f64::NAN] } else { &v }, 100.0, 0)
+        };
+        let cells: Vec<String> = t2i
+            .iter()
+            .map(|k| mean(k, t2i_map))
+            .chain(mmu.iter().map(|k| mean(k, mmu_map)))
+            .collect();
+        format!("| {name} | {} |\n", cells.join(" | "))
+    };
+    for v in variants {
+        let of: Vec<&Outcome> = outcomes.iter().filter(|o| o.variant == v.name).collect();
+        t.push_str(&row(
+            &v.name,
+            &of,
+            |o| &o.eval.t2i_per_category,
+            |o| &o.eval.mmu_per_kind,
+        ));
+    }
+    let base: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|o| variants.first().is_some_and(|v| v.name == o.variant))
+        .collect();
+    t.push_str(&row(
+        &format!(
+            "*control: {} under scrambled prompts; image-blind answers*",
+            variants.first().map_or("", |v| v.name.as_str())
+        ),
+        &base,
+        |o| &o.eval.t2i_per_category_scrambled,
+        |o| &o.eval.mmu_blind_per_kind,
+    ));
+    t
+}
+
+/// A per-key table of one outcome.
+type Score2 = fn(&Outcome) -> &std::collections::BTreeMap<String, f64>;
+
 /// NaN for a task the variant has no validation loss of (it never trained on it).
 fn val_loss(o: &Outcome, task: &str) -> f64 {
     o.eval.val_loss.get(task).copied().unwrap_or(f64::NAN)
@@ -466,6 +526,12 @@ fn write_report(
         cfg.format.image_tokens()
     )?;
     writeln!(r, "{table}")?;
+    writeln!(
+        r,
+        "Accuracy % per T2I fact category and MMU question kind (a fact category counts the facts of that kind \
+         that hold; MMU kinds are exact match):\n\n{}",
+        breakdown(outcomes, &cfg.experiment.variants)
+    )?;
     if let Some(blind) = outcomes.first().and_then(|o| o.eval.t2i_facts_prompt_blind) {
         writeln!(
             r,
@@ -592,6 +658,32 @@ mod tests {
             .find(|l| l.contains("MMU accuracy"))
             .unwrap()
             .to_string()
+    }
+
+    #[test]
+    fn breakdown_shows_every_kind_with_its_control() {
+        let mut d = outcome("dense", 0, 0.8, 0.3);
+        d.eval.mmu_per_kind.insert("color".into(), 0.9);
+        d.eval.mmu_blind_per_kind.insert("color".into(), 0.125);
+        d.eval.t2i_per_category.insert("position".into(), 0.5);
+        d.eval
+            .t2i_per_category_scrambled
+            .insert("position".into(), 0.02);
+        let mut m = outcome("mod", 0, 0.7, 0.3);
+        m.eval.mmu_per_kind.insert("count".into(), 0.6);
+        let t = breakdown(&[d, m], &variants());
+        let rows: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            rows[0],
+            "| variant | T2I position | MMU color | MMU count |"
+        );
+        assert_eq!(rows[2], "| dense | 50 | 90 | - |");
+        assert_eq!(rows[3], "| mod | - | - | 60 |");
+        assert!(
+            rows[4].contains("control") && rows[4].ends_with("| 2 | 12 | - |"),
+            "{}",
+            rows[4]
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use anyhow::{Context, Result, anyhow};
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
+use unimod_tok::dataset::Image;
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 const COLORS: [RGBColor; 6] = [BLACK, RED, BLUE, GREEN, MAGENTA, CYAN];
@@ -107,6 +108,70 @@ pub(crate) fn line_chart(
         .map_err(|e| anyhow!("{e}"))?;
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
+}
+
+/// A grid of generated images, each beside the real image of its caption and above the caption
+/// (wrapped to three lines): what a reader needs to judge a T2I sample by eye.
+pub fn captioned_samples(
+    path: &Path,
+    samples: &[(&Image, &Image, &str)],
+    cols: usize,
+) -> Result<()> {
+    let Some((first, _, _)) = samples.first() else {
+        return Ok(());
+    };
+    register_font()?;
+    let scale = (144 / first.width.max(1)).max(1);
+    let (w, h) = (first.width * scale, first.height * scale);
+    let (gap, text_h) = (6, 42);
+    let line_chars = (2 * w + gap) / 6;
+    let (tile_w, tile_h) = (2 * w + 3 * gap, h + text_h + gap);
+    let rows = samples.len().div_ceil(cols);
+    let (width, height) = (cols * tile_w + gap, rows * tile_h + gap);
+    let mut buf = vec![255u8; width * height * 3];
+    for (k, (generated, real, _)) in samples.iter().enumerate() {
+        let (ox, oy) = (gap + (k % cols) * tile_w, gap + (k / cols) * tile_h);
+        for (dx, img) in [(0, generated), (w + gap, real)] {
+            for y in 0..h {
+                for x in 0..w {
+                    let at = ((oy + y) * width + ox + dx + x) * 3;
+                    buf[at..at + 3].copy_from_slice(&img.get(x / scale, y / scale));
+                }
+            }
+        }
+    }
+    {
+        let root =
+            BitMapBackend::with_buffer(&mut buf, (width as u32, height as u32)).into_drawing_area();
+        for (k, (_, _, caption)) in samples.iter().enumerate() {
+            let (ox, oy) = (gap + (k % cols) * tile_w, gap + (k / cols) * tile_h + h + 2);
+            let mut lines = vec![String::new()];
+            for word in caption.split_whitespace() {
+                let last = lines.last_mut().expect("one line at least");
+                if !last.is_empty() && last.len() + 1 + word.len() > line_chars {
+                    lines.push(word.to_string());
+                } else {
+                    if !last.is_empty() {
+                        last.push(' ');
+                    }
+                    last.push_str(word);
+                }
+            }
+            for (i, line) in lines.iter().take(3).enumerate() {
+                root.draw_text(
+                    line,
+                    &("sans-serif", 12).into_font().color(&BLACK),
+                    (ox as i32, (oy + 13 * i) as i32),
+                )
+                .map_err(|e| anyhow!("{e}"))?;
+            }
+        }
+        root.present().map_err(|e| anyhow!("{e}"))?;
+    }
+    image::RgbImage::from_raw(width as u32, height as u32, buf)
+        .context("sample grid buffer")?
+        .save(path)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Writes the experiment's figures into `dir`; returns (title, path) pairs.
