@@ -79,7 +79,14 @@ impl Image {
         scale: usize,
         path: &Path,
     ) -> Result<(), image::ImageError> {
-        let (w, h) = (images[0].width * scale, images[0].height * scale);
+        let Some(first) = images.first().filter(|_| cols > 0 && scale > 0) else {
+            return Err(image::ImageError::Parameter(
+                image::error::ParameterError::from_kind(image::error::ParameterErrorKind::Generic(
+                    "a grid needs at least one image, one column and a scale of 1 or more".into(),
+                )),
+            ));
+        };
+        let (w, h) = (first.width * scale, first.height * scale);
         let rows = images.len().div_ceil(cols);
         let gap = 2;
         let mut out = image::RgbImage::from_pixel(

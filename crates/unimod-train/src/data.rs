@@ -213,7 +213,13 @@ pub fn tokenizers(
     // complete cache entry.
     let partial = dir.join(format!("report.json.{}.partial", std::process::id()));
     crate::write(&partial, serde_json::to_string_pretty(&report)?)?;
-    std::fs::rename(&partial, &report_path)?;
+    std::fs::rename(&partial, &report_path).with_context(|| {
+        format!(
+            "renaming {} to {}",
+            partial.display(),
+            report_path.display()
+        )
+    })?;
     let files = [&text_path, &vq_path]
         .map(|path| std::fs::read(path).with_context(|| format!("reading {}", path.display())));
     let digest = short_hash(files.into_iter().collect::<Result<Vec<_>>>()?);

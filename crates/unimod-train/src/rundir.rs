@@ -236,7 +236,9 @@ pub fn save_checkpoint(
     std::fs::rename(&latest_tmp, root.join("latest"))
         .with_context(|| format!("replacing {}", root.join("latest").display()))?;
     // Older checkpoints (and partial folders of crashed saves) go once the new one is latest.
-    for e in std::fs::read_dir(&root)?.flatten() {
+    let entries =
+        std::fs::read_dir(&root).with_context(|| format!("listing {}", root.display()))?;
+    for e in entries.flatten() {
         let n = e.file_name().to_string_lossy().to_string();
         if n.starts_with("step-") && n != name && e.path().is_dir() {
             point("remove old")?;
