@@ -696,7 +696,7 @@ fn every_baseline_schedule_trains() {
             "γ-MoD",
             Schedule::GammaMod {
                 capacity: 0.5,
-                layers: LayerSet::List(vec![1, 2, 3]),
+                layers: LayerSet::Named(NamedLayers::AllButEnds),
             },
         ),
         (
@@ -713,8 +713,13 @@ fn every_baseline_schedule_trains() {
         ),
     ];
     for (name, schedule) in schedules {
+        let gamma = matches!(schedule, Schedule::GammaMod { .. });
         let mut cfg = config(Flavour::Showo, schedule);
-        cfg.n_layers = 4;
+        cfg.n_layers = 5;
+        if gamma {
+            // γ-MoD's masked routing: questions are never pruned.
+            cfg.routing.routable.retain(|s| *s != Segment::Question);
+        }
         let (vs, model) = build(&cfg, 0);
         let b = batch(&sequences(Flavour::Showo, false));
         let out = model.forward(&b, &ForwardOptions::default()).unwrap();

@@ -113,7 +113,8 @@ impl Ramp {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", untagged)]
 pub enum LayerSet {
-    /// `"last_half"`, `"interleaved"` (every other layer, starting with layer 1).
+    /// `"last_half"`, `"interleaved"` (every other layer, starting with layer 1),
+    /// `"all_but_ends"` (every layer but the first three and the last).
     Named(NamedLayers),
     /// Explicit layer indices.
     List(Vec<usize>),
@@ -124,6 +125,9 @@ pub enum LayerSet {
 pub enum NamedLayers {
     LastHalf,
     Interleaved,
+    /// γ-MoD's deployed choice (`arank_mod` in its code): its ARank analysis left the first three
+    /// layers and the last with high rank, so those stay dense and every other layer routes.
+    AllButEnds,
 }
 
 impl LayerSet {
@@ -131,6 +135,7 @@ impl LayerSet {
         match self {
             LayerSet::Named(NamedLayers::LastHalf) => (n_layers / 2..n_layers).collect(),
             LayerSet::Named(NamedLayers::Interleaved) => (1..n_layers).step_by(2).collect(),
+            LayerSet::Named(NamedLayers::AllButEnds) => (3..n_layers.saturating_sub(1)).collect(),
             LayerSet::List(v) => v.clone(),
         }
     }
@@ -167,10 +172,17 @@ pub enum Schedule {
         #[serde(default)]
         routers: Routers,
     },
-    /// γ-MoD: one router shared across layers and tasks on chosen layers.
+    /// γ-MoD (Luo et al.): one router shared across layers and tasks (`Routers::Global`), on
+    /// every layer but the first three and the last by default. Its router is a two-class
+    /// softmax over (skip, keep) trained with cross-entropy against top-k membership; the
+    /// softmax's keep probability is the sigmoid of the difference of the two logits, which is a
+    /// `d → 1` linear router, so the linear router and its BCE auxiliary loss
+    /// (`routing.aux_loss`, γ-MoD's 0.01) are that router. Its masked routing (questions never
+    /// pruned) is `routing.routable` without `"question"`; configs/gamma-mod.toml sets both.
     GammaMod {
         #[serde(default = "default_gamma_capacity")]
         capacity: f64,
+        #[serde(default = "all_but_ends")]
         layers: LayerSet,
     },
     /// One plan per layer, spelled out (what `unimod analyze schedule` writes).
@@ -187,6 +199,9 @@ fn default_gamma_capacity() -> f64 {
 }
 fn interleaved() -> LayerSet {
     LayerSet::Named(NamedLayers::Interleaved)
+}
+fn all_but_ends() -> LayerSet {
+    LayerSet::Named(NamedLayers::AllButEnds)
 }
 fn last_half() -> LayerSet {
     LayerSet::Named(NamedLayers::LastHalf)
@@ -207,6 +222,10 @@ pub enum ScheduleError {
     LayerCount { got: usize, n_layers: usize },
     #[error("routing.schedule: exit_after = {0} leaves no layer")]
     NoLayers(usize),
+    #[error(
+        "routing.schedule: its layer set routes no layer of a {n_layers}-layer model (the model would be dense)"
+    )]
+    NothingRouted { n_layers: usize },
     #[error("routing.schedule: cannot read schedule file {path}: {source}")]
     Read {
         path: PathBuf,
@@ -254,6 +273,9 @@ impl Schedule {
     pub fn resolve(&self, n_layers: usize) -> Result<Vec<LayerPlan>, ScheduleError> {
         let mut plans = vec![LayerPlan::Dense; n_layers];
         let mut route = |layers: &[usize], cap: &dyn Fn(usize, usize) -> Capacities, routers| {
+            if layers.is_empty() {
+                return Err(ScheduleError::NothingRouted { n_layers });
+            }
             for (i, &l) in layers.iter().enumerate() {
                 if l >= n_layers {
                     return Err(ScheduleError::NoSuchLayer { layer: l, n_layers });
@@ -383,6 +405,30 @@ mod tests {
         assert!((caps[11].mmu.unwrap() - 0.2).abs() < 1e-12);
         assert!(caps.iter().all(|c| c.t2i == Some(0.8) && c.lm.is_none()));
         assert_eq!(plans[12].label(), "shared-MoD");
+    }
+
+    #[test]
+    fn gamma_mod_routes_all_but_the_first_three_and_the_last_with_one_router() {
+        let plans = parse("schedule = { kind = 'gamma_mod' }")
+            .resolve(8)
+            .unwrap();
+        for (l, p) in plans.iter().enumerate() {
+            match p {
+                LayerPlan::Routed {
+                    routers: Routers::Global,
+                    capacity,
+                } => {
+                    assert!((3..7).contains(&l), "layer {l} routed");
+                    assert_eq!(capacity.t2i, Some(0.5));
+                }
+                LayerPlan::Dense => assert!(!(3..7).contains(&l), "layer {l} dense"),
+                other => panic!("{other:?}"),
+            }
+        }
+        let e = parse("schedule = { kind = 'gamma_mod' }")
+            .resolve(4)
+            .unwrap_err();
+        assert!(e.to_string().contains("routes no layer"), "{e}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use unimod_model::bench;
 use unimod_router::Schedule;
+use unimod_tok::Segment;
 
 /// One compared variant: a name, and what replaces the config's routing schedule and task mix.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,6 +33,23 @@ pub struct Variant {
     /// MMU-only and joint models on one budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mix: Option<TaskMix>,
+    /// Segments this variant's routers may prune (default `model.routing.routable`): γ-MoD's
+    /// masked routing leaves questions out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routable: Option<Vec<Segment>>,
+}
+
+impl Variant {
+    /// `cfg` with this variant's schedule, task mix and routable segments.
+    fn apply(&self, cfg: &RunConfig, schedule: Schedule) -> RunConfig {
+        let mut c = cfg.clone();
+        c.model.routing.schedule = schedule;
+        c.train.mix = self.mix.unwrap_or(cfg.train.mix);
+        if let Some(r) = &self.routable {
+            c.model.routing.routable = r.clone();
+        }
+        c
+    }
 }
 
 /// Every variant names a schedule or an earlier variant to derive one from, and names are unique.
@@ -123,19 +141,19 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device) -> Result<Vec<Outco
     let mut outcomes = Vec::new();
     for s in 0..seeds as u64 {
         for v in &exp.variants {
-            let mut c = cfg.clone();
-            c.train.seed = cfg.train.seed + s;
-            let run_dir = run_dir(&dir, &v.name, c.train.seed);
-            c.model.routing.schedule = match &v.arank_of {
+            let seed = cfg.train.seed + s;
+            let run_dir = run_dir(&dir, &v.name, seed);
+            let schedule = match &v.arank_of {
                 Some(base) => arank_schedule(
                     &ctx,
-                    &self::run_dir(&dir, base, c.train.seed),
+                    &self::run_dir(&dir, base, seed),
                     &run_dir.join("arank"),
                 )
                 .with_context(|| format!("variant {}: ARank schedule of {base}", v.name))?,
                 None => v.schedule.clone().unwrap_or_default(),
             };
-            c.train.mix = v.mix.unwrap_or(cfg.train.mix);
+            let mut c = v.apply(cfg, schedule);
+            c.train.seed = seed;
             let c = ctx
                 .resolve(&c)
                 .with_context(|| format!("variant {}", v.name))?;
@@ -190,12 +208,9 @@ pub fn bench_variants(
 ) -> Result<(unimod_tok::Batch, Vec<bench::Variant>, Vec<String>)> {
     let exp = &cfg.experiment;
     check_variants(&exp.variants)?;
-    let with = |schedule: Schedule| -> Result<RunConfig> {
-        let mut c = cfg.clone();
-        c.model.routing.schedule = schedule;
-        ctx.resolve(&c)
-    };
-    let dense = with(Schedule::Dense)?;
+    let mut dense = cfg.clone();
+    dense.model.routing.schedule = Schedule::Dense;
+    let dense = ctx.resolve(&dense)?;
     let b = ctx.batch(&dense, unimod_tok::dataset::Split::Train, 0, true)?;
     let mut variants = Vec::new();
     let mut skipped = Vec::new();
@@ -210,7 +225,9 @@ pub fn bench_variants(
     for v in &exp.variants {
         match (&v.schedule, v.mix) {
             (Some(s), None) => {
-                let c = with(s.clone()).with_context(|| format!("variant {}", v.name))?;
+                let c = ctx
+                    .resolve(&v.apply(cfg, s.clone()))
+                    .with_context(|| format!("variant {}", v.name))?;
                 variants.push(bench::variant(v.name.clone(), &c.model, &b, ctx.device)?);
             }
             _ => skipped.push(v.name.clone()),
@@ -645,6 +662,7 @@ mod tests {
                 schedule: Some(Schedule::Dense),
                 arank_of: None,
                 mix: None,
+                routable: None,
             })
             .to_vec()
     }

@@ -145,7 +145,7 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
     let exp = config(
         &root,
         &[
-            "experiment.variants=[{ name = 'unimod', schedule = { kind = 'unimod', layers = [1], t2i = 0.25, mmu = 0.25 } }, \
+            "experiment.variants=[{ name = 'unimod', schedule = { kind = 'unimod', layers = [1], t2i = 0.25, mmu = 0.25 }, routable = ['prompt', 'image', 'answer'] }, \
              { name = 'from-arank', arank_of = 'unimod' }, \
              { name = 't2i-only', schedule = { kind = 'dense' }, mix = { t2i = 2, mmu = 0, lm = 0 } }]",
         ],
