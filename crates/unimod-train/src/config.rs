@@ -148,53 +148,50 @@ impl RunConfig {
     }
 }
 
-/// The fields where two configs differ, as (dotted key, value in `a`, value in `b`), in key
-/// order; arrays and inline values compare whole.
-pub fn differences(a: &RunConfig, b: &RunConfig) -> Vec<(String, String, String)> {
-    fn flatten(
+/// Every leaf value of a config under its dotted key (`train.lr`, `model.routing.schedule.kind`),
+/// in key order; arrays are leaves.
+pub fn leaves(c: &RunConfig) -> std::collections::BTreeMap<String, toml::Value> {
+    fn walk(
         prefix: &str,
-        v: &toml::Value,
-        out: &mut std::collections::BTreeMap<String, String>,
+        v: toml::Value,
+        out: &mut std::collections::BTreeMap<String, toml::Value>,
     ) {
         match v {
             toml::Value::Table(t) => {
                 for (k, v) in t {
                     let key = if prefix.is_empty() {
-                        k.clone()
+                        k
                     } else {
                         format!("{prefix}.{k}")
                     };
-                    flatten(&key, v, out);
+                    walk(&key, v, out);
                 }
             }
             v => {
-                out.insert(prefix.to_string(), v.to_string());
+                out.insert(prefix.to_string(), v);
             }
         }
     }
-    let table = |c: &RunConfig| {
-        let mut out = std::collections::BTreeMap::new();
-        flatten(
-            "",
-            &toml::Value::try_from(c).expect("a config always serialises"),
-            &mut out,
-        );
-        out
-    };
-    let (ta, tb) = (table(a), table(b));
-    let missing = "(none)".to_string();
+    let mut out = std::collections::BTreeMap::new();
+    walk(
+        "",
+        toml::Value::try_from(c).expect("a config always serialises"),
+        &mut out,
+    );
+    out
+}
+
+/// The fields where two configs differ, as (dotted key, value in `a`, value in `b`), in key
+/// order; arrays and inline values compare whole.
+pub fn differences(a: &RunConfig, b: &RunConfig) -> Vec<(String, String, String)> {
+    let (ta, tb) = (leaves(a), leaves(b));
+    let show = |v: Option<&toml::Value>| v.map_or("(none)".to_string(), ToString::to_string);
     let mut keys: Vec<&String> = ta.keys().chain(tb.keys()).collect();
     keys.sort();
     keys.dedup();
     keys.into_iter()
         .filter(|k| ta.get(*k) != tb.get(*k))
-        .map(|k| {
-            (
-                k.clone(),
-                ta.get(k).unwrap_or(&missing).clone(),
-                tb.get(k).unwrap_or(&missing).clone(),
-            )
-        })
+        .map(|k| (k.clone(), show(ta.get(k)), show(tb.get(k))))
         .collect()
 }
 
