@@ -38,7 +38,10 @@ impl RunConfig {
         for o in overrides {
             apply_override(&mut value, o)?;
         }
-        let where_ = path.map_or("the defaults".to_string(), |p| p.display().to_string());
+        let mut where_ = path.map_or("the defaults".to_string(), |p| p.display().to_string());
+        if !overrides.is_empty() {
+            where_.push_str(" with its --set overrides");
+        }
         let cfg: RunConfig = toml::Value::Table(value)
             .try_into()
             .with_context(|| format!("invalid config in {where_}"))?;
