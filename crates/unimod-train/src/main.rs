@@ -211,6 +211,10 @@ enum Command {
         /// Task mix the total is averaged over.
         #[arg(long, default_value = "t2i=1,mmu=1")]
         mix: String,
+        /// Also predict over this many of the config's real training batches (their text
+        /// lengths and padding; needs its tokenizers): what an experiment counts.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
+        batches: u32,
     },
 }
 
@@ -546,6 +550,7 @@ fn run(cli: Cli) -> Result<()> {
             config,
             schedule,
             mix,
+            batches,
         } => {
             let cfg = config.load()?;
             let schedule = match schedule {
@@ -554,6 +559,14 @@ fn run(cli: Cli) -> Result<()> {
             };
             let r = flops_report::report(&cfg, &schedule, &flops_report::parse_mix(&mix)?)?;
             print!("{}", r.table);
+            if batches > 0 {
+                let ctx = train::RunContext::new(&cfg, tch::Device::Cpu)?;
+                let cfg = ctx.resolve(&cfg)?;
+                let real = (0..batches as u64)
+                    .map(|s| ctx.batch(&cfg, Split::Train, s, true))
+                    .collect::<Result<Vec<_>>>()?;
+                print!("{}", flops_report::over_batches(&cfg, &schedule, &real)?);
+            }
         }
     }
     Ok(())

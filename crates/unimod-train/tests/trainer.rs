@@ -156,6 +156,34 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
     assert!(vs[1].train_flops < vs[0].train_flops);
     assert_eq!(skipped, ["from-arank", "t2i-only"]);
 
+    // The FLOPs predicted over real (padded, mixed) batches are the FLOPs a forward counts.
+    let (_vs, routed) = train::build_model(&cfg, tch::Device::Cpu).unwrap();
+    let batches: Vec<_> = (0..3)
+        .map(|s| {
+            ctx.batch(&cfg, unimod_tok::dataset::Split::Train, s, true)
+                .unwrap()
+        })
+        .collect();
+    let counted = batches
+        .iter()
+        .map(|b| {
+            let out = routed
+                .forward(b, &unimod_model::ForwardOptions::default())
+                .unwrap();
+            let n = (b.size() as i64 * b.seq_len()) as f64;
+            unimod_model::flops::forward(&cfg.model, &out.work, n).total()
+        })
+        .sum::<f64>();
+    let predicted =
+        unimod_train::flops_report::over_batches(&cfg, &cfg.model.routing.schedule, &batches)
+            .unwrap();
+    assert!(predicted.padding > 0.0, "the test batches have no padding");
+    assert!(
+        (predicted.routed.total() - counted).abs() <= 1e-9 * counted,
+        "predicted {} vs counted {counted}",
+        predicted.routed.total()
+    );
+
     let t = train::data_throughput(&ctx, &cfg, 3, 1).unwrap();
     assert!(t.batches_per_s > 0.0 && t.steps_per_s > 0.0);
     assert!((t.headroom - t.batches_per_s / t.steps_per_s).abs() < 1e-9 * t.headroom.max(1.0));
