@@ -516,7 +516,76 @@ fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> Stri
             );
         }
     }
+    md.push_str(&equal_flops(outcomes, variants, &metrics[..3]));
     md.push('\n');
+    md
+}
+
+/// Variants of (nearly) equal training FLOPs compared with each other, not only with the
+/// baseline: the comparison the paper's claims are about (UniMoD vs plain MoD at one budget).
+/// Pairs whose mean FLOPs differ by less than 2 % of the baseline's; a difference is **shown**
+/// when it exceeds two standard errors of the difference (spread over seeds, at least the
+/// binomial error of the samples scored).
+fn equal_flops(outcomes: &[Outcome], variants: &[Variant], metrics: &[Metric]) -> String {
+    let of = |name: &str, f: Score| -> Vec<f64> {
+        outcomes
+            .iter()
+            .filter(|o| o.variant == name)
+            .map(f)
+            .collect()
+    };
+    let flops = |name: &str| mean_spread(&of(name, |o| o.train.train_flops)).0;
+    let budget = flops(&variants[0].name);
+    let mut md = String::new();
+    for (i, a) in variants.iter().enumerate().skip(1) {
+        for b in &variants[i + 1..] {
+            let (fa, fb) = (flops(&a.name), flops(&b.name));
+            // NaN FLOPs (a variant without outcomes) never pair.
+            let close = (fa - fb).abs() < 0.02 * budget;
+            if !close {
+                continue;
+            }
+            let _ = writeln!(
+                md,
+                "- **{} vs {}** at equal FLOPs ({:.1} vs {:.1} % saved):",
+                b.name,
+                a.name,
+                100.0 * (1.0 - fb / budget),
+                100.0 * (1.0 - fa / budget)
+            );
+            for m in metrics {
+                let (xa, xb) = (of(&a.name, m.score), of(&b.name, m.score));
+                let ((ma, sa), (mb, sb)) = (mean_spread(&xa), mean_spread(&xb));
+                let seeds = xa.len().min(xb.len()).max(1) as f64;
+                let binomial = m.samples.map_or(0.0, |n| {
+                    let p = ((ma + mb) / 2.0).clamp(0.0, 1.0);
+                    (p * (1.0 - p) / n.max(1) as f64).sqrt()
+                });
+                let se = ((sa * sa + sb * sb) / seeds)
+                    .sqrt()
+                    .max(binomial * (2.0 / seeds).sqrt());
+                let d = mb - ma;
+                let verdict = if d.abs() > 2.0 * se {
+                    format!(
+                        "**shown**: {} {}",
+                        b.name,
+                        if d > 0.0 { "higher" } else { "lower" }
+                    )
+                } else {
+                    "**not shown** (within two standard errors); more seeds would settle it".into()
+                };
+                let _ = writeln!(
+                    md,
+                    "  - {}: {:.1} vs {:.1} (Δ {:+.1} points, standard error {:.1}) → {verdict}",
+                    m.label,
+                    100.0 * mb,
+                    100.0 * ma,
+                    100.0 * d,
+                    100.0 * se
+                );
+            }
+        }
+    }
     md
 }
 
@@ -676,6 +745,56 @@ mod tests {
             .find(|l| l.contains("MMU accuracy"))
             .unwrap()
             .to_string()
+    }
+
+    #[test]
+    fn variants_at_equal_flops_are_compared_with_each_other() {
+        let names = ["dense", "unimod", "mod-equal", "mod"];
+        let vs: Vec<Variant> = names
+            .iter()
+            .map(|n| Variant {
+                name: (*n).into(),
+                schedule: Some(Schedule::Dense),
+                arank_of: None,
+                mix: None,
+                routable: None,
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for s in 0..3 {
+            for (name, flops, mmu) in [
+                ("dense", 2.0, 0.8),
+                ("unimod", 1.5, 0.78 + 0.01 * s as f64),
+                ("mod-equal", 1.51, 0.60 + 0.01 * s as f64),
+                ("mod", 1.2, 0.5),
+            ] {
+                let mut o = outcome(name, s, mmu, 0.3);
+                o.train.train_flops = flops;
+                outcomes.push(o);
+            }
+        }
+        let mut cfg = RunConfig::default();
+        cfg.eval.mmu_samples = 10_000;
+        let md = verdicts(&outcomes, &vs, &cfg);
+        let pair = md
+            .lines()
+            .skip_while(|l| !l.contains("mod-equal vs unimod"))
+            .collect::<Vec<_>>();
+        assert!(!pair.is_empty(), "{md}");
+        assert!(!md.contains("vs mod**"), "unequal FLOPs paired: {md}");
+        let mmu = pair.iter().find(|l| l.contains("MMU accuracy")).unwrap();
+        assert!(mmu.contains("**shown**: mod-equal lower"), "{mmu}");
+        // The same pair one point apart is not shown.
+        for o in outcomes.iter_mut().filter(|o| o.variant == "mod-equal") {
+            o.eval.mmu_accuracy += 0.17;
+        }
+        let md = verdicts(&outcomes, &vs, &cfg);
+        let line = md
+            .lines()
+            .skip_while(|l| !l.contains("mod-equal vs unimod"))
+            .find(|l| l.contains("MMU accuracy"))
+            .unwrap();
+        assert!(line.contains("**not shown**"), "{line}");
     }
 
     #[test]
