@@ -437,13 +437,7 @@ fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> Stri
             samples: None,
         },
     ];
-    let of = |name: &str, f: Score| -> Vec<f64> {
-        outcomes
-            .iter()
-            .filter(|o| o.variant == name)
-            .map(f)
-            .collect()
-    };
+    let of = |name: &str, f: Score| scores(outcomes, name, f);
     let base = &variants[0].name;
     let mut md = String::new();
     for v in &variants[1..] {
@@ -521,19 +515,22 @@ fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> Stri
     md
 }
 
+/// One score of every outcome (seed) of variant `name`.
+fn scores(outcomes: &[Outcome], name: &str, f: Score) -> Vec<f64> {
+    outcomes
+        .iter()
+        .filter(|o| o.variant == name)
+        .map(f)
+        .collect()
+}
+
 /// Variants of (nearly) equal training FLOPs compared with each other, not only with the
 /// baseline: the comparison the paper's claims are about (UniMoD vs plain MoD at one budget).
 /// Pairs whose mean FLOPs differ by less than 2 % of the baseline's; a difference is **shown**
 /// when it exceeds two standard errors of the difference (spread over seeds, at least the
 /// binomial error of the samples scored).
 fn equal_flops(outcomes: &[Outcome], variants: &[Variant], metrics: &[Metric]) -> String {
-    let of = |name: &str, f: Score| -> Vec<f64> {
-        outcomes
-            .iter()
-            .filter(|o| o.variant == name)
-            .map(f)
-            .collect()
-    };
+    let of = |name: &str, f: Score| scores(outcomes, name, f);
     let flops = |name: &str| mean_spread(&of(name, |o| o.train.train_flops)).0;
     let budget = flops(&variants[0].name);
     let mut md = String::new();
