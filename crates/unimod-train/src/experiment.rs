@@ -457,16 +457,11 @@ fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> Stri
         } in metrics
         {
             let (b, x) = (of(base, f), of(&v.name, f));
-            let ((mb, sb), (mx, sx)) = (mean_spread(&b), mean_spread(&x));
+            let ((mb, _), (mx, _)) = (mean_spread(&b), mean_spread(&x));
             if mb.is_nan() || mx.is_nan() {
                 continue;
             }
-            let seeds = b.len().min(x.len()).max(1) as f64;
-            let binomial = samples.map_or(0.0, |n| {
-                let p = ((mb + mx) / 2.0).clamp(0.0, 1.0);
-                (p * (1.0 - p) / n.max(1) as f64).sqrt()
-            });
-            let noise = ((sb * sb + sx * sx) / 2.0).sqrt().max(binomial);
+            let (noise, seeds) = seed_noise(&b, &x, samples);
             let tolerance = 2.0 * noise * (2.0 / seeds).sqrt();
             let floor = floor.map_or(uniform, |fl| mean_spread(&of(base, fl)).0);
             // Worse is lower for an accuracy, higher for a loss.
@@ -515,6 +510,19 @@ fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> Stri
     md
 }
 
+/// One seed's noise of a metric compared between two variants' scores `a` and `b` (the spread
+/// over seeds, at least the binomial error of the `samples` scored, for an accuracy), and the
+/// number of seeds both have.
+fn seed_noise(a: &[f64], b: &[f64], samples: Option<usize>) -> (f64, f64) {
+    let ((ma, sa), (mb, sb)) = (mean_spread(a), mean_spread(b));
+    let binomial = samples.map_or(0.0, |n| {
+        let p = ((ma + mb) / 2.0).clamp(0.0, 1.0);
+        (p * (1.0 - p) / n.max(1) as f64).sqrt()
+    });
+    let noise = ((sa * sa + sb * sb) / 2.0).sqrt().max(binomial);
+    (noise, a.len().min(b.len()).max(1) as f64)
+}
+
 /// One score of every outcome (seed) of variant `name`.
 fn scores(outcomes: &[Outcome], name: &str, f: Score) -> Vec<f64> {
     outcomes
@@ -552,15 +560,10 @@ fn equal_flops(outcomes: &[Outcome], variants: &[Variant], metrics: &[Metric]) -
             );
             for m in metrics {
                 let (xa, xb) = (of(&a.name, m.score), of(&b.name, m.score));
-                let ((ma, sa), (mb, sb)) = (mean_spread(&xa), mean_spread(&xb));
-                let seeds = xa.len().min(xb.len()).max(1) as f64;
-                let binomial = m.samples.map_or(0.0, |n| {
-                    let p = ((ma + mb) / 2.0).clamp(0.0, 1.0);
-                    (p * (1.0 - p) / n.max(1) as f64).sqrt()
-                });
-                let se = ((sa * sa + sb * sb) / seeds)
-                    .sqrt()
-                    .max(binomial * (2.0 / seeds).sqrt());
+                let (ma, mb) = (mean_spread(&xa).0, mean_spread(&xb).0);
+                let (noise, seeds) = seed_noise(&xa, &xb, m.samples);
+                // Standard error of the difference of two means over `seeds` seeds each.
+                let se = noise * (2.0 / seeds).sqrt();
                 let d = mb - ma;
                 let verdict = if d.abs() > 2.0 * se {
                     format!(
