@@ -46,6 +46,23 @@ enum Task {
         /// `key=value` overrides of the config (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
+        /// Train every variant again instead of reusing finished runs.
+        #[arg(long)]
+        fresh: bool,
+    },
+    /// The paper's tables and figures regenerated beside the paper's numbers, with verdicts,
+    /// into `runs/reproduce/REPORT.md` (finished runs of the same config and program reused).
+    Reproduce {
+        /// table2, table3, table4, table5, fig3, fig4, attention, redundancy (default: all).
+        what: Vec<String>,
+        /// quick (minutes, checks the command), cpu (about an hour) or gpu.
+        #[arg(long, default_value = "cpu")]
+        scale: String,
+        #[arg(long, default_value_t = 3)]
+        seeds: u32,
+        /// `key=value` overrides of configs/reproduce.toml (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
     },
 }
 
@@ -82,6 +99,7 @@ fn main() -> Result<()> {
             config,
             seeds,
             overrides,
+            fresh,
         } => {
             setup::run(&root)?;
             let mut args = vec![
@@ -90,14 +108,34 @@ fn main() -> Result<()> {
                 config.display().to_string(),
             ];
             args.extend(["--seeds".to_string(), seeds.to_string()]);
-            for o in overrides {
-                args.extend(["--set".to_string(), o]);
+            if fresh {
+                args.push("--fresh".into());
             }
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            unimod(&root, &args)?;
+            unimod_with(&root, args, overrides)?;
+        }
+        Task::Reproduce {
+            what,
+            scale,
+            seeds,
+            overrides,
+        } => {
+            setup::run(&root)?;
+            let mut args = vec!["reproduce".to_string()];
+            args.extend(what);
+            args.extend(["--scale".into(), scale, "--seeds".into(), seeds.to_string()]);
+            unimod_with(&root, args, overrides)?;
         }
     }
     Ok(())
+}
+
+/// `unimod ARGS --set O…`.
+fn unimod_with(root: &Path, mut args: Vec<String>, overrides: Vec<String>) -> Result<()> {
+    for o in overrides {
+        args.extend(["--set".to_string(), o]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    unimod(root, &args)
 }
 
 /// Runs the `unimod` CLI through cargo (release build), so xtask never duplicates its logic.

@@ -35,6 +35,20 @@ pub enum BlockStyle {
     Sequential,
 }
 
+/// Where an image token's place in the image grid enters the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ImagePositions {
+    /// Only the sequence's 1D RoPE (Show-o, Emu3): the model must learn a token's row and
+    /// column (index mod side) from rotations, which small models learn slowly.
+    #[default]
+    Rope,
+    /// RoPE plus learned row and column embeddings added to every image token's input (as
+    /// MaskGIT-style generators use), so its cell in the grid is given.
+    #[serde(rename = "learned_2d")]
+    Learned2d,
+}
+
 /// Weights of the per-task losses in the total.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -86,6 +100,10 @@ pub struct ModelConfig {
     pub rotary_fraction: f64,
     pub rope_theta: f64,
     pub max_seq_len: i64,
+    pub image_positions: ImagePositions,
+    /// Image tokens per side (set from `format.image_side` by the trainer); the grid of
+    /// `image_positions = "learned_2d"`. Emu3 rows have one more token, the row end.
+    pub image_side: i64,
     pub loss: LossWeights,
     pub routing: RoutingConfig,
 }
@@ -107,6 +125,8 @@ impl Default for ModelConfig {
             rotary_fraction: 0.5,
             rope_theta: 10_000.0,
             max_seq_len: 256,
+            image_positions: ImagePositions::Rope,
+            image_side: 0,
             loss: LossWeights::default(),
             routing: RoutingConfig::default(),
         }
@@ -179,6 +199,15 @@ impl ModelConfig {
                 "max_seq_len",
                 self.max_seq_len.to_string(),
                 "must be in [1, 1048576]; sequences longer than it are refused",
+            );
+        }
+        if self.image_positions == ImagePositions::Learned2d
+            && !(1..=4096).contains(&self.image_side)
+        {
+            return bad(
+                "image_side",
+                self.image_side.to_string(),
+                "image_positions = \"learned_2d\" needs the image grid's side, in [1, 4096]",
             );
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {

@@ -16,5 +16,7 @@ pub mod generate;
 pub mod layer;
 pub mod model;
 
-pub use config::{BlockStyle, ConfigError, FfnKind, Flavour, LossWeights, ModelConfig, NormKind};
+pub use config::{
+    BlockStyle, ConfigError, FfnKind, Flavour, ImagePositions, LossWeights, ModelConfig, NormKind,
+};
 pub use model::{ForwardOptions, KeepTokens, KvCache, Losses, ModelOutput, UnifiedTransformer};

@@ -2,7 +2,7 @@
 //! the per-task losses of its flavour.
 
 use crate::block::{AttentionMaps, LayerCache, Norm, Rope};
-use crate::config::{ConfigError, ModelConfig};
+use crate::config::{ConfigError, Flavour, ImagePositions, ModelConfig};
 use crate::layer::{AuxTargets, Layer, LayerInput, RoutingStats, Work};
 use tch::{Kind, Tensor, nn, nn::Module};
 use unimod_router::{LayerPlan, Router, Routers, RoutingMode, select};
@@ -75,6 +75,7 @@ pub struct UnifiedTransformer {
     pub cfg: ModelConfig,
     pub plans: Vec<LayerPlan>,
     embed: nn::Embedding,
+    grid: Option<GridEmbedding>,
     layers: Vec<Layer>,
     norm: Norm,
     head: nn::Linear,
@@ -85,6 +86,58 @@ pub struct UnifiedTransformer {
 #[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<LayerCache>,
+    /// `[B]` image tokens already decoded per sample: where the grid embedding continues.
+    image_tokens: Option<Tensor>,
+}
+
+/// Learned row and column embeddings added to the image tokens' inputs
+/// (`model.image_positions = "learned_2d"`).
+#[derive(Debug)]
+struct GridEmbedding {
+    rows: nn::Embedding,
+    cols: nn::Embedding,
+    side: i64,
+    /// Tokens per image row: the side, plus Emu3's row end.
+    row_len: i64,
+}
+
+impl GridEmbedding {
+    fn new(p: &nn::Path, cfg: &ModelConfig) -> GridEmbedding {
+        let side = cfg.image_side;
+        let row_len = side + i64::from(cfg.flavour == Flavour::Emu3);
+        // Zero at the start: the model begins as the RoPE-only one, and unit-variance rows
+        // (the token embedding's init) would drown the codes' codebook-initialised likeness.
+        let zero = nn::EmbeddingConfig {
+            ws_init: nn::Init::Const(0.0),
+            ..Default::default()
+        };
+        let emb = |name, n| nn::embedding(p / name, n, cfg.d_model, zero);
+        GridEmbedding {
+            rows: emb("rows", side),
+            cols: emb("cols", row_len),
+            side,
+            row_len,
+        }
+    }
+
+    /// Image tokens are numbered in order of appearance, continuing from `before` (the tokens
+    /// of each sample already in a KV cache), which gives each its row and column.
+    ///
+    /// # Shapes
+    /// `segment: [B, T]`, `before: [B]` → (`[B, T, D]` zero off the image, `[B]` image tokens
+    /// seen after these).
+    fn forward(&self, segment: &Tensor, before: &Tensor) -> (Tensor, Tensor) {
+        let image = segment.eq(Segment::Image as i64);
+        let count = image.cumsum(1, Kind::Int64);
+        let index = (&count - 1 + before.unsqueeze(1)).clamp_min(0);
+        let row = index
+            .divide_scalar_mode(self.row_len, "floor")
+            .clamp_max(self.side - 1);
+        let col = index.remainder(self.row_len);
+        let add = (self.rows.forward(&row) + self.cols.forward(&col))
+            * image.unsqueeze(-1).to_kind(Kind::Float);
+        (add, before + count.select(1, -1))
+    }
 }
 
 impl KvCache {
@@ -122,6 +175,8 @@ impl UnifiedTransformer {
             cfg: cfg.clone(),
             plans,
             embed: nn::embedding(p / "embed", v, cfg.d_model, Default::default()),
+            grid: (cfg.image_positions == ImagePositions::Learned2d)
+                .then(|| GridEmbedding::new(&(p / "image_grid"), cfg)),
             layers,
             norm: Norm::new(p / "norm", cfg),
             head: nn::linear(
@@ -275,6 +330,21 @@ impl UnifiedTransformer {
         let input = self.layer_input(batch, opts);
         let mut aux_targets = Vec::new();
         let mut x = self.embed.forward(&batch.tokens);
+        if let Some(grid) = &self.grid {
+            let before = cache
+                .as_deref()
+                .and_then(|c| c.image_tokens.as_ref())
+                .map_or_else(
+                    || Tensor::zeros([batch.tasks.len() as i64], (Kind::Int64, x.device())),
+                    Tensor::shallow_clone,
+                );
+            let (add, seen) = grid.forward(&batch.segment, &before);
+            let kind = x.kind();
+            x += add.to_kind(kind);
+            if let Some(c) = cache.as_deref_mut() {
+                c.image_tokens = Some(seen);
+            }
+        }
         let mut out = ModelOutput {
             logits: Tensor::new(),
             hidden_states: Vec::new(),

@@ -54,6 +54,7 @@ fn format(flavour: Flavour) -> FormatConfig {
         text_len: 8,
         image_side: 2,
         cond_dropout: 0.0,
+        mmu_turns: 1,
     }
 }
 
@@ -269,6 +270,41 @@ fn cached_decoding_equals_full_forward_emu3() {
         3,
         RoutingMode::TopK,
     );
+}
+
+/// The learned image grid continues across cache steps: row and column of a decoded image token
+/// come from the tokens before it in the cache. Zero-initialised, it changes nothing.
+#[test]
+fn image_grid_embedding_starts_at_zero_and_decodes_cached() {
+    let mut cfg = config(Flavour::Emu3, Schedule::Dense);
+    let seqs = sequences(Flavour::Emu3, true);
+    let b = batch(&seqs);
+    let (_vs, rope_only) = build(&cfg, 0);
+    cfg.image_positions = unimod_model::ImagePositions::Learned2d;
+    cfg.image_side = 2;
+    let (vs, model) = build(&cfg, 0);
+    let opts = ForwardOptions::default();
+    let (a, g) = (
+        rope_only.forward(&b, &opts).unwrap().logits,
+        model.forward(&b, &opts).unwrap().logits,
+    );
+    assert!(a.allclose(&g, 1e-6, 1e-6, false));
+    tch::no_grad(|| {
+        for (name, mut v) in vs.variables() {
+            if name.contains("image_grid") {
+                v.copy_(&Tensor::randn(v.size(), tch::kind::FLOAT_CPU));
+            }
+        }
+    });
+    let moved = model.forward(&b, &opts).unwrap().logits;
+    assert!(
+        !moved.allclose(&g, 1e-3, 1e-3, false),
+        "the grid rows do nothing"
+    );
+    check_cached(&model, &seqs, 3, RoutingMode::TopK);
+    // Too small a grid for the format is refused by the config, not clamped quietly.
+    cfg.image_side = 0;
+    assert!(format!("{}", cfg.validate().unwrap_err()).contains("image_side"));
 }
 
 #[test]

@@ -43,6 +43,9 @@ pub struct FormatConfig {
     pub image_side: usize,
     /// Probability of training T2I without its prompt (classifier-free guidance).
     pub cond_dropout: f64,
+    /// Question–answer turns per MMU training sequence at most (as many of an image's
+    /// questions, in random order, as fit `text_len`); 1 asks one question per image.
+    pub mmu_turns: usize,
 }
 
 impl Default for FormatConfig {
@@ -52,16 +55,18 @@ impl Default for FormatConfig {
             text_len: 24,
             image_side: 8,
             cond_dropout: 0.1,
+            mmu_turns: 1,
         }
     }
 }
 
 impl FormatConfig {
     /// `[format]` values in range: `text_len` in [4, 4096] (bos, eos and a token each way),
-    /// `image_side` in [1, 256], `cond_dropout` in [0, 1].
+    /// `image_side` in [1, 256], `cond_dropout` in [0, 1], `mmu_turns` in [1, 64].
     pub fn validate(&self) -> Result<(), InvalidValue> {
         check::int_in("format.text_len", self.text_len, 4, 4096)?;
         check::int_in("format.image_side", self.image_side, 1, 256)?;
+        check::int_in("format.mmu_turns", self.mmu_turns, 1, 64)?;
         check::float_in("format.cond_dropout", self.cond_dropout, 0.0, 1.0)
     }
 }
@@ -282,11 +287,45 @@ impl FormatConfig {
         question: &[i64],
         answer: Option<&[i64]>,
     ) -> Result<Sequence, FormatError> {
+        match answer {
+            Some(answer) => self.mmu_turns(vocab, codes, &[(question, answer)]),
+            None => self.mmu_sequence(vocab, codes, &[], Some(question)),
+        }
+    }
+
+    /// An MMU training sequence of several question–answer turns about one image (as LLaVA's
+    /// conversations): `bos q₁ a₁ eos q₂ a₂ eos …`, each answer and its closing `eos` labelled,
+    /// so one image teaches several answers. A turn sees the turns before it; the first turn is
+    /// laid out as the single-question sequence evaluation asks.
+    pub fn mmu_turns(
+        &self,
+        vocab: &VocabLayout,
+        codes: &[u32],
+        turns: &[(&[i64], &[i64])],
+    ) -> Result<Sequence, FormatError> {
+        self.mmu_sequence(vocab, codes, turns, None)
+    }
+
+    /// The text tokens `turns` take in an MMU sequence (`bos`, and each turn's `eos`).
+    pub fn mmu_text_len(turns: &[(&[i64], &[i64])]) -> usize {
+        1 + turns
+            .iter()
+            .map(|(q, a)| q.len() + a.len() + 1)
+            .sum::<usize>()
+    }
+
+    fn mmu_sequence(
+        &self,
+        vocab: &VocabLayout,
+        codes: &[u32],
+        turns: &[(&[i64], &[i64])],
+        open: Option<&[i64]>,
+    ) -> Result<Sequence, FormatError> {
         self.check_image(codes)?;
-        let text = question.len() + answer.map_or(0, |a| a.len()) + 2;
+        let text = Self::mmu_text_len(turns) + open.map_or(0, |q| q.len() + 1);
         if text > self.text_len {
             return Err(FormatError::TooLong {
-                what: "the MMU question and answer",
+                what: "the MMU questions and answers",
                 len: text,
                 max: self.text_len,
             });
@@ -298,13 +337,21 @@ impl FormatConfig {
         b.special(Special::Eoi);
         let eoi = b.len() - 1;
         b.special(Special::Bos);
-        b.text(question, Segment::Question);
-        if let Some(answer) = answer {
+        for (question, answer) in turns {
+            b.text(question, Segment::Question);
             b.text(answer, Segment::Answer);
             b.special(Special::Eos);
-            let eos = b.len() - 1;
-            b.pads(self.seq_len() - b.len());
-            b.next_token_labels(|s, j| s.segments[j] == Segment::Answer || j == eos);
+        }
+        match open {
+            Some(question) => b.text(question, Segment::Question),
+            None => {
+                b.pads(self.seq_len() - b.len());
+                b.next_token_labels(|s, j| {
+                    s.segments[j] == Segment::Answer
+                        || (s.tokens[j] == Special::Eos.id()
+                            && s.segments[j - 1] == Segment::Answer)
+                });
+            }
         }
         if self.flavour == Flavour::Showo {
             b.widen(0..eoi + 1, eoi);
@@ -387,6 +434,7 @@ mod tests {
             text_len: 8,
             image_side: 2,
             cond_dropout: 0.0,
+            mmu_turns: 1,
         }
     }
 
@@ -435,6 +483,41 @@ mod tests {
         assert_eq!(s.labels[10], Special::Eos.id()); // the answer predicts eos
         assert_eq!(s.labels.iter().filter(|l| **l != IGNORE).count(), 2);
         assert_eq!(&s.segments[12..], &[Segment::Pad; 3]);
+    }
+
+    #[test]
+    fn mmu_turns_label_every_answer_and_its_eos_and_start_as_one_question() {
+        let f = cfg(Flavour::Showo);
+        let one = f.mmu(&V, &[1, 2, 3, 4], &[30, 31], Some(&[40])).unwrap();
+        let turns = f
+            .mmu_turns(&V, &[1, 2, 3, 4], &[(&[30, 31], &[40]), (&[32], &[41])])
+            .unwrap();
+        // [mmu] soi i i i i eoi bos 30 31 40 eos 32 41 eos
+        assert_eq!(turns.len(), f.seq_len());
+        assert_eq!(&turns.tokens[..12], &one.tokens[..12]);
+        assert_eq!(&turns.labels[..11], &one.labels[..11]);
+        assert_eq!(
+            turns.labels[11], IGNORE,
+            "the next question is not predicted"
+        );
+        assert_eq!(turns.labels[12], 41);
+        assert_eq!(turns.labels[13], Special::Eos.id());
+        assert_eq!(turns.labels.iter().filter(|l| **l != IGNORE).count(), 4);
+        assert_eq!(turns.segments[12], Segment::Question);
+        assert_eq!(
+            FormatConfig::mmu_text_len(&[(&[30, 31], &[40]), (&[32], &[41])]),
+            8
+        );
+        let turn: (&[i64], &[i64]) = (&[30, 31], &[40]);
+        let too_many = f.mmu_turns(&V, &[1, 2, 3, 4], &[turn; 3]);
+        assert!(matches!(
+            too_many,
+            Err(FormatError::TooLong {
+                len: 13,
+                max: 8,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -157,6 +157,18 @@ pub struct Caption {
     pub facts: Vec<Fact>,
 }
 
+/// The sizes objects are drawn at. Captions and questions never name a size, so with `mixed`
+/// a generator must choose one and draw every token of the object at it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Sizes {
+    /// Small or large at random.
+    #[default]
+    Mixed,
+    Small,
+    Large,
+}
+
 /// `[data]` options of the shapes world.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -164,6 +176,7 @@ pub struct ShapesConfig {
     /// Canvas side in pixels: 32 (default) or 64.
     pub image_size: usize,
     pub max_objects: usize,
+    pub sizes: Sizes,
     pub seed: u64,
 }
 
@@ -172,6 +185,7 @@ impl Default for ShapesConfig {
         ShapesConfig {
             image_size: 32,
             max_objects: 3,
+            sizes: Sizes::Mixed,
             seed: 0,
         }
     }
@@ -207,10 +221,10 @@ impl ShapesConfig {
             .map(|&cell| Object {
                 shape: *Shape::ALL.choose(rng).expect("non-empty"),
                 color: *Color::ALL.choose(rng).expect("non-empty"),
-                size: if rng.gen_bool(0.5) {
-                    Size::Small
-                } else {
-                    Size::Large
+                // Drawn whatever `sizes` says, so that one size changes nothing else of a scene.
+                size: match (rng.gen_bool(0.5), self.sizes) {
+                    (_, Sizes::Small) | (true, Sizes::Mixed) => Size::Small,
+                    (_, Sizes::Large) | (false, Sizes::Mixed) => Size::Large,
                 },
                 cell,
             })
@@ -402,6 +416,31 @@ mod tests {
         assert_eq!(c.example(Split::Train, 5), c.example(Split::Train, 5));
         assert_ne!(c.example(Split::Train, 5), c.example(Split::Test, 5));
         assert_ne!(c.example(Split::Train, 5), c.example(Split::Train, 6));
+    }
+
+    #[test]
+    fn one_size_changes_only_the_sizes() {
+        let mixed = ShapesConfig::default();
+        let large = ShapesConfig {
+            sizes: Sizes::Large,
+            ..mixed
+        };
+        let (mut sizes, mut n) = (std::collections::HashSet::new(), 0);
+        for i in 0..50 {
+            let (a, b) = (
+                mixed.example(Split::Train, i),
+                large.example(Split::Train, i),
+            );
+            assert_eq!(a.captions, b.captions);
+            assert_eq!(a.qa, b.qa);
+            for (x, y) in a.objects.iter().zip(&b.objects) {
+                assert_eq!((x.shape, x.color, x.cell), (y.shape, y.color, y.cell));
+                assert_eq!(y.size, Size::Large);
+                sizes.insert(x.size);
+                n += 1;
+            }
+        }
+        assert!(n > 50 && sizes.len() == 2, "mixed draws both sizes");
     }
 
     #[test]

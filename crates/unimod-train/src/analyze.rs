@@ -91,7 +91,8 @@ impl Analyzer<'_> {
         let _ = writeln!(md, "\n![{title}]({file})\n");
     }
 
-    pub fn attention(&self) -> Result<String> {
+    /// Attention mass per modality, per task and layer.
+    pub fn attention(&self) -> Result<(String, Patterns)> {
         let mut md = String::from(
             "## Attention patterns\n\nShare of each query's attention mass on text / image / special keys (and that share ÷ the modality's share of the visible keys), and mean attention entropy, per layer, over the valid queries of validation samples.\n\n| task | layer | text | image | special | text ×count | image ×count | entropy (nats) |\n|---|---|---|---|---|---|---|---|\n",
         );
@@ -163,7 +164,7 @@ impl Analyzer<'_> {
         )?;
         self.figure(&mut md, "attention-share.png", "attention share per layer");
         self.write_json("attention.json", &all)?;
-        Ok(md)
+        Ok((md, all))
     }
 
     pub fn importance(&self) -> Result<(String, Vec<Importance>)> {
@@ -450,15 +451,81 @@ pub fn verdict(diff: f64, se: f64) -> String {
     }
 }
 
-/// One line per finding of the paper: does this model show it? A finding is shown only when
-/// its difference exceeds two standard errors over samples. Layers before `first_routable`
-/// (never routed by the schedule rule) are left out of the redundancy-curve findings.
+/// Which of the paper's analyses a finding checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// ARank per layer and task (the paper's Fig. 3).
+    Arank,
+    /// Loss when layers keep only their most-attended tokens.
+    Redundancy,
+    /// Tokens a router shared by the tasks keeps (the paper's Fig. 4).
+    Competition,
+    /// Attention mass by modality (the paper's Fig. 2).
+    Attention,
+}
+
+/// Attention per layer, of each task.
+pub type Patterns = Vec<(Task, Vec<LayerAttention>)>;
+
+/// The paper's Fig. 2 claim: T2I and MMU queries split their attention between text and image
+/// keys differently. Per layer, the difference of the image keys' share of attention; its
+/// mean over layers with the standard error over layers (the layers as samples).
+pub fn attention_finding(patterns: &Patterns) -> Option<Finding> {
+    let of = |task| patterns.iter().find(|(t, _)| *t == task).map(|(_, p)| p);
+    let (t2i, mmu) = (of(Task::T2i)?, of(Task::Mmu)?);
+    let diff: Vec<f64> = t2i
+        .iter()
+        .zip(mmu)
+        .map(|(a, b)| a.share[1] - b.share[1])
+        .collect();
+    let mean = |p: &[LayerAttention]| p.iter().map(|l| l.share[1]).sum::<f64>() / p.len() as f64;
+    let (d, se) = mean_se(&diff);
+    Some(Finding {
+        source: Source::Attention,
+        claim: "Task-dependent attention (paper's Fig. 2: Show-o's T2I and MMU queries attend to text and image differently)".into(),
+        ours: format!(
+            "image keys receive {:.1} % of T2I queries' attention and {:.1} % of MMU queries' (difference {:+.1} ± {:.1} points, standard error over the {} layers)",
+            100.0 * mean(t2i),
+            100.0 * mean(mmu),
+            100.0 * d,
+            100.0 * se,
+            diff.len()
+        ),
+        verdict: verdict(d.abs(), se),
+    })
+}
+
+/// One of the paper's findings checked on this model.
+#[derive(Debug, Clone)]
+pub struct Finding {
+    pub source: Source,
+    /// The claim, with what the paper reports.
+    pub claim: String,
+    /// What this model gives, with its uncertainty.
+    pub ours: String,
+    pub verdict: String,
+}
+
+/// The findings as markdown, one line each.
+pub fn render_findings(findings: &[Finding]) -> String {
+    let mut md = String::from(
+        "## Findings\n\nShown = the difference exceeds two standard errors over samples (stated); otherwise inconclusive or not shown.\n\n",
+    );
+    for f in findings {
+        let _ = writeln!(md, "- {}: {} → **{}**.", f.claim, f.ours, f.verdict);
+    }
+    md
+}
+
+/// The paper's findings on this model. A finding is shown only when its difference exceeds
+/// two standard errors over samples. Layers before `first_routable` (never routed by the
+/// schedule rule) are left out of the redundancy-curve findings.
 pub fn findings(
     importance: &[Importance],
     redundancy: &[Redundancy],
     competition: Option<&[Competition]>,
     first_routable: usize,
-) -> String {
+) -> Vec<Finding> {
     // ARank as a share of its bound, averaged over `layers`; its standard error treats the
     // layers' sample means as independent.
     let norm = |layers: &[importance::LayerImportance]| {
@@ -473,15 +540,22 @@ pub fn findings(
             / n;
         (mean, se)
     };
-    let mut md = String::from(
-        "## Findings\n\nShown = the difference exceeds two standard errors over samples (stated); otherwise inconclusive or not shown.\n\n",
-    );
+    let mut out = Vec::new();
+    let mut add = |source, claim: String, ours: String, verdict: String| {
+        out.push(Finding {
+            source,
+            claim,
+            ours,
+            verdict,
+        })
+    };
     if let [t2i, mmu] = importance {
         let ((a, sa), (b, sb)) = (norm(&t2i.layers), norm(&mmu.layers));
-        let _ = writeln!(
-            md,
-            "- Task-dependent redundancy by ARank (paper: Show-o's T2I and MMU differ): mean ARank / its bound T2I {a:.3} ± {sa:.3}, MMU {b:.3} ± {sb:.3} → **{}**.",
-            verdict((a - b).abs(), sa.hypot(sb))
+        add(
+            Source::Arank,
+            "Task-dependent redundancy by ARank (paper: Show-o's T2I and MMU differ)".into(),
+            format!("mean ARank / its bound T2I {a:.3} ± {sa:.3}, MMU {b:.3} ± {sb:.3}"),
+            verdict((a - b).abs(), sa.hypot(sb)),
         );
     }
     let curve = |task| {
@@ -496,46 +570,58 @@ pub fn findings(
             mean_se(&t.sensitivity(routable.clone())),
             mean_se(&m.sensitivity(routable.clone())),
         );
-        let _ = writeln!(
-            md,
-            "- Task-dependent redundancy, by loss (layers {}–{}): dropping tokens raises the T2I loss by {:.1} ± {:.1} % and the MMU loss by {:.1} ± {:.1} % on average (relative, per sample) → **{}**.",
-            routable.start,
-            n.saturating_sub(1),
-            100.0 * a,
-            100.0 * sa,
-            100.0 * b,
-            100.0 * sb,
-            verdict((a - b).abs(), sa.hypot(sb))
+        add(
+            Source::Redundancy,
+            format!(
+                "Task-dependent redundancy, by loss (layers {}–{})",
+                routable.start,
+                n.saturating_sub(1)
+            ),
+            format!(
+                "dropping tokens raises the T2I loss by {:.1} ± {:.1} % and the MMU loss by {:.1} ± {:.1} % on average (relative, per sample)",
+                100.0 * a,
+                100.0 * sa,
+                100.0 * b,
+                100.0 * sb
+            ),
+            verdict((a - b).abs(), sa.hypot(sb)),
         );
         for r in [t, m].into_iter().filter(|_| routable.len() >= 2) {
             let mid = routable.start + routable.len() / 2;
             let (early, late) = (r.sensitivity(routable.start..mid), r.sensitivity(mid..n));
             let paired: Vec<f64> = early.iter().zip(&late).map(|(e, l)| e - l).collect();
             let ((e, _), (l, _), (d, sd)) = (mean_se(&early), mean_se(&late), mean_se(&paired));
-            let _ = writeln!(
-                md,
-                "- Later layers more redundant, {}, by loss: relative loss increase when layers {}–{} drop tokens {:.1} %, layers {}–{} {:.1} % (paired difference {:.1} ± {:.1} %) → **{}**.",
-                r.task,
-                routable.start,
-                mid.saturating_sub(1),
-                100.0 * e,
-                mid,
-                n.saturating_sub(1),
-                100.0 * l,
-                100.0 * d,
-                100.0 * sd,
-                verdict(d, sd)
+            add(
+                Source::Redundancy,
+                format!("Later layers more redundant, {}, by loss", r.task),
+                format!(
+                    "relative loss increase when layers {}–{} drop tokens {:.1} %, layers {}–{} {:.1} % (paired difference {:.1} ± {:.1} %)",
+                    routable.start,
+                    mid.saturating_sub(1),
+                    100.0 * e,
+                    mid,
+                    n.saturating_sub(1),
+                    100.0 * l,
+                    100.0 * d,
+                    100.0 * sd
+                ),
+                verdict(d, sd),
             );
         }
     }
     for i in importance {
         let half = i.layers.len() / 2;
         let ((early, se), (late, sl)) = (norm(&i.layers[..half]), norm(&i.layers[half..]));
-        let _ = writeln!(
-            md,
-            "- Later layers more redundant, {} (paper: ARank falls with depth): ARank / its bound first half {early:.3} ± {se:.3}, second half {late:.3} ± {sl:.3} → **{}**.",
-            i.task,
-            verdict(early - late, se.hypot(sl))
+        add(
+            Source::Arank,
+            format!(
+                "Later layers more redundant, {} (paper: ARank falls with depth)",
+                i.task
+            ),
+            format!(
+                "ARank / its bound first half {early:.3} ± {se:.3}, second half {late:.3} ± {sl:.3}"
+            ),
+            verdict(early - late, se.hypot(sl)),
         );
     }
     match competition {
@@ -550,55 +636,64 @@ pub fn findings(
                 mean_se(&per_sample)
             };
             let ((t, st), (m, sm)) = (share(0), share(1));
-            let _ = writeln!(
-                md,
-                "- A shared router favours T2I tokens (paper's Fig. 4), by a post-hoc probe (the `--probe` checkpoint's shared router, trained with per-sample top-k, re-applied as one top-k over the pooled tokens of a mixed batch; the paper trains the router that way): it keeps {:.1} ± {:.1} % of T2I vs {:.1} ± {:.1} % of MMU routable tokens per sample → **{}**.",
-                100.0 * t,
-                100.0 * st,
-                100.0 * m,
-                100.0 * sm,
-                verdict(t - m, st.hypot(sm))
+            add(
+                Source::Competition,
+                "A shared router favours T2I tokens (paper's Fig. 4: ~220 T2I vs ~20–80 MMU tokens kept), by a post-hoc probe (the `--probe` checkpoint's shared router, trained with per-sample top-k, re-applied as one top-k over the pooled tokens of a mixed batch; the paper trains the router that way)".into(),
+                format!(
+                    "it keeps {:.1} ± {:.1} % of T2I vs {:.1} ± {:.1} % of MMU routable tokens per sample",
+                    100.0 * t,
+                    100.0 * st,
+                    100.0 * m,
+                    100.0 * sm
+                ),
+                verdict(t - m, st.hypot(sm)),
             );
         }
-        _ => md.push_str(
-            "- A shared router favours T2I tokens: not tested (no `--probe` checkpoint).\n",
+        _ => add(
+            Source::Competition,
+            "A shared router favours T2I tokens".into(),
+            "not tested (no `--probe` checkpoint)".into(),
+            "inconclusive (no probe)".into(),
         ),
     }
-    md
+    out
 }
 
-/// Every analysis into `out/report.md`.
+/// Every analysis into `out/report.md`; the paper's findings checked on it.
 pub fn all(
     a: &Analyzer,
     probe: Option<(&UnifiedTransformer, &RunContext, &RunConfig)>,
     source: &Path,
-) -> Result<PathBuf> {
+) -> Result<(PathBuf, Vec<Finding>)> {
+    let (attention, patterns) = a.attention()?;
     let (imp_section, imp) = a.importance()?;
     let (redundancy_section, redundancy) = a.redundancy()?;
     let (interaction, competition) = a.interaction(probe)?;
     let sections = [
-        a.attention()?,
+        attention,
         imp_section,
         redundancy_section,
         interaction,
         a.schedule(&imp)?,
     ];
+    let mut found = findings(
+        &imp,
+        &redundancy,
+        competition.as_deref(),
+        a.cfg.analysis.schedule.protect_first,
+    );
+    found.extend(attention_finding(&patterns));
     let mut md = format!(
         "# Analysis of `{}`\n\n{} validation samples per task.\n\n",
         source.display(),
         a.cfg.analysis.samples
     );
-    md.push_str(&findings(
-        &imp,
-        &redundancy,
-        competition.as_deref(),
-        a.cfg.analysis.schedule.protect_first,
-    ));
+    md.push_str(&render_findings(&found));
     for s in sections {
         md.push('\n');
         md.push_str(&s);
     }
     let path = a.out.join("report.md");
     std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
-    Ok(path)
+    Ok((path, found))
 }

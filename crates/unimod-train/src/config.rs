@@ -50,12 +50,20 @@ impl RunConfig {
         Ok(cfg)
     }
 
+    /// `[model]` with what the format decides for it: the flavour and the image grid's side.
+    pub fn model_for_format(&self) -> ModelConfig {
+        let mut m = self.model.clone();
+        m.flavour = self.format.flavour;
+        m.image_side = self.format.image_side as i64;
+        m
+    }
+
     /// Every value in its accepted range (the ranges are in the errors and in
     /// docs/conventions.md), and the sections consistent with each other. One place per
     /// section: the model's, format's and tokenizer's own `validate`, the rest here.
     pub fn validate(&self) -> Result<()> {
         use unimod_tok::check::{float_above, float_in, int_in, plain_name};
-        self.model.validate()?;
+        self.model_for_format().validate()?;
         self.format.validate()?;
         let d = &self.data;
         let image_size = match d.dataset.as_str() {

@@ -5,6 +5,7 @@
 
 use crate::progress;
 use anyhow::{Context, Result, bail};
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -132,7 +133,7 @@ fn key(parts: &impl Serialize) -> String {
 }
 
 /// The first 8 bytes of the SHA-256 of `parts`, in hex.
-fn short_hash<B: AsRef<[u8]>>(parts: impl IntoIterator<Item = B>) -> String {
+pub fn short_hash<B: AsRef<[u8]>>(parts: impl IntoIterator<Item = B>) -> String {
     let mut hasher = Sha256::new();
     for p in parts {
         hasher.update(p);
@@ -421,9 +422,19 @@ pub fn sequence(
             )?
         }
         Task::Mmu => {
-            let qa = &e.qa[rng.gen_range(0..e.qa.len())];
-            let (q, a) = (text.encode(&qa.question)?, text.encode(&qa.answer)?);
-            format.mmu(layout, codes, &q, Some(&a))?
+            let mut encoded = Vec::new();
+            for qa in e.qa.choose_multiple(rng, format.mmu_turns.min(e.qa.len())) {
+                encoded.push((text.encode(&qa.question)?, text.encode(&qa.answer)?));
+            }
+            let mut turns: Vec<(&[i64], &[i64])> = Vec::new();
+            for (q, a) in &encoded {
+                turns.push((q, a));
+                if turns.len() > 1 && FormatConfig::mmu_text_len(&turns) > format.text_len {
+                    turns.pop();
+                    break;
+                }
+            }
+            format.mmu_turns(layout, codes, &turns)?
         }
         Task::Lm => {
             let qa = &e.qa[rng.gen_range(0..e.qa.len())];

@@ -128,9 +128,52 @@ pub struct Outcome {
     pub seed: u64,
     pub train: TrainSummary,
     pub eval: EvalReport,
+    /// What produced it: the digest of the run's resolved config and of the program.
+    #[serde(default)]
+    pub digest: String,
 }
 
-pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device) -> Result<Vec<Outcome>> {
+/// Whether a variant whose run directory already holds a finished run of the same config, by
+/// the same program, is trained again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// Reuse it (training is deterministic on one device: the result would be the same).
+    Finished,
+    /// Train every variant again.
+    Never,
+}
+
+/// The digest of a resolved run config and of the running program's binary: a run made with
+/// both unchanged is the run this one would make. The `[experiment]` section (the other
+/// variants) and `[analysis]` do not change a run's training or evaluation, so they are left out.
+fn run_digest(cfg: &RunConfig) -> Result<String> {
+    let mut cfg = cfg.clone();
+    cfg.experiment = Default::default();
+    cfg.analysis = Default::default();
+    static PROGRAM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let program = match PROGRAM.get() {
+        Some(p) => p,
+        None => {
+            let exe = std::env::current_exe().context("locating the running program")?;
+            let bytes =
+                std::fs::read(&exe).with_context(|| format!("reading {}", exe.display()))?;
+            PROGRAM.get_or_init(|| crate::data::short_hash([bytes]))
+        }
+    };
+    Ok(crate::data::short_hash([
+        cfg.to_toml().as_bytes(),
+        program.as_bytes(),
+    ]))
+}
+
+/// The outcome a finished run left in `run_dir`, when its digest is `digest`.
+fn finished(run_dir: &Path, digest: &str) -> Option<Outcome> {
+    let text = std::fs::read_to_string(run_dir.join("outcome.json")).ok()?;
+    let o: Outcome = serde_json::from_str(&text).ok()?;
+    (o.digest == digest).then_some(o)
+}
+
+pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device, reuse: Reuse) -> Result<Vec<Outcome>> {
     let exp = &cfg.experiment;
     check_variants(&exp.variants)?;
     let dir = exp.out_dir.join(&exp.name);
@@ -157,6 +200,19 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device) -> Result<Vec<Outco
             let c = ctx
                 .resolve(&c)
                 .with_context(|| format!("variant {}", v.name))?;
+            let digest = run_digest(&c)?;
+            if reuse == Reuse::Finished
+                && let Some(o) = finished(&run_dir, &digest)
+            {
+                eprintln!(
+                    "== {} (seed {}): reusing {} (same config and program)",
+                    v.name,
+                    c.train.seed,
+                    run_dir.display()
+                );
+                outcomes.push(o);
+                continue;
+            }
             eprintln!(
                 "== {} (seed {}): {}",
                 v.name,
@@ -177,12 +233,18 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device) -> Result<Vec<Outco
                 run_dir.join("eval.json"),
                 serde_json::to_string_pretty(&report)?,
             )?;
-            outcomes.push(Outcome {
+            let outcome = Outcome {
                 variant: v.name.clone(),
                 seed: c.train.seed,
                 train: summary,
                 eval: report,
-            });
+                digest,
+            };
+            crate::write(
+                run_dir.join("outcome.json"),
+                serde_json::to_string_pretty(&outcome)?,
+            )?;
+            outcomes.push(outcome);
         }
     }
     crate::write(
@@ -378,13 +440,13 @@ fn val_loss(o: &Outcome, task: &str) -> f64 {
     o.eval.val_loss.get(task).copied().unwrap_or(f64::NAN)
 }
 
-type Score = fn(&Outcome) -> f64;
+pub type Score = fn(&Outcome) -> f64;
 
 /// A quality metric of the verdicts.
 #[derive(Clone, Copy)]
-struct Metric {
-    label: &'static str,
-    score: Score,
+pub struct Metric {
+    pub label: &'static str,
+    pub score: Score,
     /// The level of a model that learned nothing (`None`: the uniform loss).
     floor: Option<Score>,
     floor_name: &'static str,
@@ -392,14 +454,10 @@ struct Metric {
     samples: Option<usize>,
 }
 
-/// Per variant: FLOPs saved and, for each quality metric, the difference to the baseline
-/// against its tolerance (see the report's "How to read it").
-fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> String {
-    // The level of a model that learned nothing of what the metric measures: the same
-    // generations with scrambled prompts, an image-blind answerer; for losses (`floor: None`)
-    // a uniform prediction over the vocabulary.
-    let uniform = (cfg.model.vocab.size() as f64).ln();
-    let metrics = [
+/// The quality metrics every comparison reports: T2I whole captions and facts, MMU accuracy
+/// (each with its control), and the validation losses.
+pub fn metrics(cfg: &RunConfig) -> [Metric; 5] {
+    [
         Metric {
             label: "T2I judge",
             score: |o| o.eval.t2i_overall,
@@ -436,78 +494,142 @@ fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> Stri
             floor_name: "a uniform prediction",
             samples: None,
         },
-    ];
-    let of = |name: &str, f: Score| scores(outcomes, name, f);
+    ]
+}
+
+/// Is a variant within its baseline on one metric?
+#[derive(Debug, Clone, PartialEq)]
+pub enum Within {
+    Within,
+    Outside,
+    /// The comparison cannot tell, and what would settle it.
+    Inconclusive(String),
+}
+
+/// A variant's mean on one metric against the baseline's (see the report's "How to read it").
+#[derive(Debug, Clone)]
+pub struct Against {
+    pub base: f64,
+    pub ours: f64,
+    /// The largest loss still "within": two standard errors of a difference of means.
+    pub tolerance: f64,
+    pub verdict: Within,
+    /// 100 for accuracies (reported in points), 1 for losses.
+    pub scale: f64,
+}
+
+/// Variant `name` against `base` on metric `m`, over the seeds both ran; `None` when either has
+/// no score (a task it never trained).
+pub fn against(
+    outcomes: &[Outcome],
+    base: &str,
+    name: &str,
+    m: &Metric,
+    cfg: &RunConfig,
+) -> Option<Against> {
+    let (b, x) = (
+        scores(outcomes, base, m.score),
+        scores(outcomes, name, m.score),
+    );
+    let ((mb, _), (mx, _)) = (mean_spread(&b), mean_spread(&x));
+    if mb.is_nan() || mx.is_nan() || b.is_empty() || x.is_empty() {
+        return None;
+    }
+    let (noise, seeds) = seed_noise(&b, &x, m.samples);
+    let tolerance = 2.0 * noise * (2.0 / seeds).sqrt();
+    // The level of a model that learned nothing of what the metric measures: the same
+    // generations with scrambled prompts, an image-blind answerer; for losses a uniform
+    // prediction over the vocabulary.
+    let floor = m.floor.map_or((cfg.model.vocab.size() as f64).ln(), |fl| {
+        mean_spread(&scores(outcomes, base, fl)).0
+    });
+    // Worse is lower for an accuracy, higher for a loss.
+    let (worse_by, margin) = if m.samples.is_some() {
+        (mb - mx, mb - floor)
+    } else {
+        (mx - mb, floor - mb)
+    };
+    // Two standard errors of the baseline's own mean.
+    let base_se = 2.0 * noise / seeds.sqrt();
+    let scale = if m.samples.is_some() { 100.0 } else { 1.0 };
+    let verdict = if margin <= base_se {
+        Within::Inconclusive(format!(
+            "{base} is not above the level of {} ({:.3}) by two standard errors ({:.3}), so there is nothing to lose; more training steps (`train.steps`) until {base} learns the task would settle it",
+            m.floor_name,
+            scale * floor,
+            scale * base_se
+        ))
+    } else if tolerance == 0.0 {
+        Within::Inconclusive("no tolerance from one seed: run `--seeds 3`".into())
+    } else if tolerance >= margin {
+        Within::Inconclusive(format!(
+            "the tolerance is as wide as {base}'s margin over {} ({:.3}), so a variant that learned nothing would pass; more seeds (`--seeds`) or samples (`eval.*_samples`) would settle it",
+            m.floor_name,
+            scale * margin
+        ))
+    } else if worse_by <= tolerance {
+        Within::Within
+    } else {
+        Within::Outside
+    };
+    Some(Against {
+        base: mb,
+        ours: mx,
+        tolerance,
+        verdict,
+        scale,
+    })
+}
+
+impl std::fmt::Display for Within {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Within::Within => write!(f, "**within**"),
+            Within::Outside => write!(f, "**outside**"),
+            Within::Inconclusive(why) => write!(f, "**inconclusive**: {why}"),
+        }
+    }
+}
+
+/// Per variant: FLOPs saved and, for each quality metric, the difference to the baseline
+/// against its tolerance (see the report's "How to read it").
+fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> String {
+    let metrics = metrics(cfg);
     let base = &variants[0].name;
     let mut md = String::new();
     for v in &variants[1..] {
-        let flops = |name: &str| mean_spread(&of(name, |o| o.train.train_flops)).0;
         let _ = writeln!(
             md,
             "- **{}**: {:.1} % of {base}'s training FLOPs saved",
             v.name,
-            100.0 * (1.0 - flops(&v.name) / flops(base))
+            100.0 * flops_saved(outcomes, base, &v.name)
         );
-        for Metric {
-            label,
-            score: f,
-            floor,
-            floor_name,
-            samples,
-        } in metrics
-        {
-            let (b, x) = (of(base, f), of(&v.name, f));
-            let ((mb, _), (mx, _)) = (mean_spread(&b), mean_spread(&x));
-            if mb.is_nan() || mx.is_nan() {
+        for m in &metrics {
+            let Some(a) = against(outcomes, base, &v.name, m, cfg) else {
                 continue;
-            }
-            let (noise, seeds) = seed_noise(&b, &x, samples);
-            let tolerance = 2.0 * noise * (2.0 / seeds).sqrt();
-            let floor = floor.map_or(uniform, |fl| mean_spread(&of(base, fl)).0);
-            // Worse is lower for an accuracy, higher for a loss.
-            let (worse_by, margin) = if samples.is_some() {
-                (mb - mx, mb - floor)
-            } else {
-                (mx - mb, floor - mb)
             };
-            // Two standard errors of the baseline's own mean.
-            let base_se = 2.0 * noise / seeds.sqrt();
-            let (scale, unit) = if samples.is_some() {
-                (100.0, " points")
-            } else {
-                (1.0, "")
-            };
-            let verdict = if margin <= base_se {
-                format!(
-                    "**inconclusive**: {base} is not above the level of {floor_name} ({:.3}) by two standard errors ({:.3}), so there is nothing to lose; more training steps (`train.steps`) until {base} learns the task would settle it",
-                    scale * floor,
-                    scale * base_se
-                )
-            } else if tolerance == 0.0 {
-                "no tolerance from one seed: run `--seeds 3`".to_string()
-            } else if tolerance >= margin {
-                format!(
-                    "**inconclusive**: the tolerance is as wide as {base}'s margin over {floor_name} ({:.3}), so a variant that learned nothing would pass; more seeds (`--seeds`) or samples (`eval.*_samples`) would settle it",
-                    scale * margin
-                )
-            } else if worse_by <= tolerance {
-                "**within**".to_string()
-            } else {
-                "**outside**".to_string()
-            };
+            let unit = if m.samples.is_some() { " points" } else { "" };
             let _ = writeln!(
                 md,
-                "  - {label}: {:.3} vs {:.3} (Δ {:+.3}{unit}, tolerance {:.3}) → {verdict}",
-                scale * mx,
-                scale * mb,
-                scale * (mx - mb),
-                scale * tolerance,
+                "  - {}: {:.3} vs {:.3} (Δ {:+.3}{unit}, tolerance {:.3}) → {}",
+                m.label,
+                a.scale * a.ours,
+                a.scale * a.base,
+                a.scale * (a.ours - a.base),
+                a.scale * a.tolerance,
+                a.verdict
             );
         }
     }
     md.push_str(&equal_flops(outcomes, variants, &metrics[..3]));
     md.push('\n');
     md
+}
+
+/// Share of `base`'s mean training FLOPs that variant `name` saves (NaN without outcomes).
+pub fn flops_saved(outcomes: &[Outcome], base: &str, name: &str) -> f64 {
+    let flops = |n: &str| mean_spread(&scores(outcomes, n, |o| o.train.train_flops)).0;
+    1.0 - flops(name) / flops(base)
 }
 
 /// One seed's noise of a metric compared between two variants' scores `a` and `b` (the spread
@@ -532,22 +654,47 @@ fn scores(outcomes: &[Outcome], name: &str, f: Score) -> Vec<f64> {
         .collect()
 }
 
+/// The difference of `b` over `a` on one metric with its standard error: shown only beyond two.
+#[derive(Debug, Clone)]
+pub struct Difference {
+    pub a: f64,
+    pub b: f64,
+    pub se: f64,
+}
+
+impl Difference {
+    pub fn new(outcomes: &[Outcome], a: &str, b: &str, m: &Metric) -> Difference {
+        let (xa, xb) = (scores(outcomes, a, m.score), scores(outcomes, b, m.score));
+        let (noise, seeds) = seed_noise(&xa, &xb, m.samples);
+        Difference {
+            a: mean_spread(&xa).0,
+            b: mean_spread(&xb).0,
+            // Standard error of the difference of two means over `seeds` seeds each.
+            se: noise * (2.0 / seeds).sqrt(),
+        }
+    }
+
+    pub fn shown(&self) -> bool {
+        (self.b - self.a).abs() > 2.0 * self.se
+    }
+}
+
 /// Variants of (nearly) equal training FLOPs compared with each other, not only with the
 /// baseline: the comparison the paper's claims are about (UniMoD vs plain MoD at one budget).
 /// Pairs whose mean FLOPs differ by less than 2 % of the baseline's; a difference is **shown**
 /// when it exceeds two standard errors of the difference (spread over seeds, at least the
 /// binomial error of the samples scored).
 fn equal_flops(outcomes: &[Outcome], variants: &[Variant], metrics: &[Metric]) -> String {
-    let of = |name: &str, f: Score| scores(outcomes, name, f);
-    let flops = |name: &str| mean_spread(&of(name, |o| o.train.train_flops)).0;
-    let budget = flops(&variants[0].name);
+    let base = &variants[0].name;
     let mut md = String::new();
     for (i, a) in variants.iter().enumerate().skip(1) {
         for b in &variants[i + 1..] {
-            let (fa, fb) = (flops(&a.name), flops(&b.name));
+            let (sa, sb) = (
+                flops_saved(outcomes, base, &a.name),
+                flops_saved(outcomes, base, &b.name),
+            );
             // NaN FLOPs (a variant without outcomes) never pair.
-            let close = (fa - fb).abs() < 0.02 * budget;
-            if !close {
+            if (sa - sb).abs().is_nan() || (sa - sb).abs() >= 0.02 {
                 continue;
             }
             let _ = writeln!(
@@ -555,21 +702,16 @@ fn equal_flops(outcomes: &[Outcome], variants: &[Variant], metrics: &[Metric]) -
                 "- **{} vs {}** at equal FLOPs ({:.1} vs {:.1} % saved):",
                 b.name,
                 a.name,
-                100.0 * (1.0 - fb / budget),
-                100.0 * (1.0 - fa / budget)
+                100.0 * sb,
+                100.0 * sa
             );
             for m in metrics {
-                let (xa, xb) = (of(&a.name, m.score), of(&b.name, m.score));
-                let (ma, mb) = (mean_spread(&xa).0, mean_spread(&xb).0);
-                let (noise, seeds) = seed_noise(&xa, &xb, m.samples);
-                // Standard error of the difference of two means over `seeds` seeds each.
-                let se = noise * (2.0 / seeds).sqrt();
-                let d = mb - ma;
-                let verdict = if d.abs() > 2.0 * se {
+                let d = Difference::new(outcomes, &a.name, &b.name, m);
+                let verdict = if d.shown() {
                     format!(
                         "**shown**: {} {}",
                         b.name,
-                        if d > 0.0 { "higher" } else { "lower" }
+                        if d.b > d.a { "higher" } else { "lower" }
                     )
                 } else {
                     "**not shown** (within two standard errors); more seeds would settle it".into()
@@ -578,10 +720,10 @@ fn equal_flops(outcomes: &[Outcome], variants: &[Variant], metrics: &[Metric]) -
                     md,
                     "  - {}: {:.1} vs {:.1} (Δ {:+.1} points, standard error {:.1}) → {verdict}",
                     m.label,
-                    100.0 * mb,
-                    100.0 * ma,
-                    100.0 * d,
-                    100.0 * se
+                    100.0 * d.b,
+                    100.0 * d.a,
+                    100.0 * (d.b - d.a),
+                    100.0 * d.se
                 );
             }
         }
@@ -721,6 +863,7 @@ mod tests {
                 ..Default::default()
             },
             eval,
+            digest: String::new(),
         }
     }
 

@@ -15,6 +15,7 @@ pub mod load;
 pub mod optim;
 pub mod plots;
 pub mod progress;
+pub mod reproduce;
 pub mod rundir;
 pub mod train;
 

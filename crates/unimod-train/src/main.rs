@@ -153,6 +153,30 @@ enum Command {
         /// Repeat with this many seeds and report mean ± spread.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
         seeds: u32,
+        /// Train every variant again, even one whose run is finished with the same config and
+        /// program (reused by default).
+        #[arg(long)]
+        fresh: bool,
+    },
+    /// The paper's tables and figures beside the paper's numbers, each row with its tolerance
+    /// and verdict, into `<out>/REPORT.md`; finished runs of the same config and program are
+    /// reused.
+    Reproduce {
+        /// table2, table3, table4, table5, fig3, fig4, attention, redundancy (default: all).
+        what: Vec<String>,
+        /// The runs' config; `showo-1.3b.toml` and `emu3-8b.toml` are read beside it.
+        #[arg(long, default_value = "configs/reproduce.toml")]
+        config: PathBuf,
+        /// quick (minutes: checks the command, not quality), cpu (about an hour) or gpu.
+        #[arg(long, default_value = "cpu")]
+        scale: String,
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+        seeds: u32,
+        #[arg(long, default_value = "runs/reproduce")]
+        out: PathBuf,
+        /// Override a config field after the scale's own (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
     },
     /// Image and text tokenizers.
     Tokenizer {
@@ -372,13 +396,13 @@ fn run(cli: Cli) -> Result<()> {
                 out: out.clone(),
             };
             let md = match what {
-                Analysis::Attention => a.attention()?,
+                Analysis::Attention => a.attention()?.0,
                 Analysis::Importance => a.importance()?.0,
                 Analysis::Redundancy => a.redundancy()?.0,
                 Analysis::Interaction => a.interaction(probe_ref)?.0,
                 Analysis::Schedule => a.schedule(&a.importance()?.1)?,
                 Analysis::All => {
-                    let path = analyze::all(&a, probe_ref, &checkpoint)?;
+                    let (path, _) = analyze::all(&a, probe_ref, &checkpoint)?;
                     println!("report: {}", path.display());
                     return Ok(());
                 }
@@ -387,10 +411,54 @@ fn run(cli: Cli) -> Result<()> {
             unimod_train::write(&path, &md)?;
             println!("{md}\n(written to {})", path.display());
         }
-        Command::Experiment { config, seeds } => {
+        Command::Experiment {
+            config,
+            seeds,
+            fresh,
+        } => {
             let cfg = config.load()?;
             let device = unimod_train::device::parse(&cfg.train.device)?;
-            experiment::run(&cfg, seeds, device)?;
+            let reuse = if fresh {
+                experiment::Reuse::Never
+            } else {
+                experiment::Reuse::Finished
+            };
+            experiment::run(&cfg, seeds, device, reuse)?;
+        }
+        Command::Reproduce {
+            what,
+            config,
+            scale,
+            seeds,
+            out,
+            overrides,
+        } => {
+            use unimod_train::reproduce::{self, Item, Request, Scale};
+            let scale = Scale::parse(&scale)?;
+            let items = if what.is_empty() {
+                Item::ALL.to_vec()
+            } else {
+                what.iter()
+                    .map(|w| Item::parse(w))
+                    .collect::<Result<Vec<_>>>()?
+            };
+            let mut sets = scale.overrides();
+            sets.extend(overrides);
+            let cfg = RunConfig::load(Some(&config), &sets)?;
+            let device = unimod_train::device::parse(&cfg.train.device)?;
+            let configs = config
+                .parent()
+                .map_or_else(|| PathBuf::from("."), |p| p.to_path_buf());
+            let rows = reproduce::run(&Request {
+                cfg: &cfg,
+                configs: &configs,
+                items,
+                scale,
+                seeds,
+                out: &out,
+                device,
+            })?;
+            println!("{} rows: {}", rows.len(), out.join("REPORT.md").display());
         }
         Command::Tokenizer {
             command: TokenizerCommand::Train { config, device },

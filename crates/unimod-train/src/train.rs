@@ -158,8 +158,8 @@ impl RunContext {
     /// The config with the vocabulary layout of the trained tokenizers.
     pub fn resolve(&self, cfg: &RunConfig) -> Result<RunConfig> {
         let mut c = cfg.clone();
+        c.model = c.model_for_format();
         c.model.vocab = self.tokenizers.layout();
-        c.model.flavour = c.format.flavour;
         if c.format.seq_len() as i64 > c.model.max_seq_len {
             bail!(
                 "model.max_seq_len = {} is below the format's sequence length {} \

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use unimod_train::RunConfig;
+use unimod_train::experiment::Reuse;
 use unimod_train::rundir::{self, Start};
 use unimod_train::train::{self, RunContext};
 
@@ -217,11 +218,19 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
         vs: &dense_vs,
         out: out.clone(),
     };
-    let report =
+    let (report, found) =
         unimod_train::analyze::all(&a, Some((&probe, &ctx, &probe_cfg)), &dense_dir).unwrap();
     let text = std::fs::read_to_string(report).unwrap();
+    // Every finding has a verdict, the attention one included.
+    assert!(found.iter().all(|f| !f.verdict.is_empty()));
+    assert!(
+        found
+            .iter()
+            .any(|f| f.source == unimod_train::analyze::Source::Attention)
+    );
     for needle in [
         "## Findings",
+        "Task-dependent attention",
         "Later layers more redundant",
         "Task-dependent redundancy, by loss",
         "Later layers more redundant, mmu, by loss",
@@ -279,7 +288,7 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
          { name = 't2i-only', schedule = { kind = 'dense' }, mix = { t2i = 4, mmu = 0, lm = 0 } }, \
          { name = 'arank', arank_of = 'dense' }",
     );
-    let outcomes = unimod_train::experiment::run(&exp, 1, tch::Device::Cpu).unwrap();
+    let outcomes = unimod_train::experiment::run(&exp, 1, tch::Device::Cpu, Reuse::Never).unwrap();
     assert_eq!(outcomes.len(), 3);
     let exp_dir = root.join("exp");
     let t2i_only = std::fs::read_to_string(exp_dir.join("t2i-only-seed0/config.toml")).unwrap();
@@ -289,6 +298,25 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
     assert!(arank_cfg.contains("kind = \"file\""), "{arank_cfg}");
     let report = std::fs::read_to_string(exp_dir.join("report.md")).unwrap();
     assert!(report.contains("t2i-only: batch t2i 4 : mmu 0"), "{report}");
+    // Run again: finished runs of the same config and program are reused, not retrained; a
+    // changed config trains again.
+    let stamp = |v: &str| {
+        std::fs::metadata(exp_dir.join(format!("{v}-seed0/metrics.jsonl")))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let before = stamp("dense");
+    let again = unimod_train::experiment::run(&exp, 1, tch::Device::Cpu, Reuse::Finished).unwrap();
+    assert_eq!(stamp("dense"), before, "a finished run was trained again");
+    let accuracies = |o: &[unimod_train::experiment::Outcome]| {
+        o.iter().map(|o| o.eval.mmu_accuracy).collect::<Vec<_>>()
+    };
+    assert_eq!(accuracies(&again), accuracies(&outcomes));
+    let mut changed = exp.clone();
+    changed.train.lr *= 0.5;
+    unimod_train::experiment::run(&changed, 1, tch::Device::Cpu, Reuse::Finished).unwrap();
+    assert_ne!(stamp("dense"), before, "a run of another config was reused");
     assert!(
         report.contains("- **arank**: ")
             && report.contains("MMU accuracy")
@@ -306,7 +334,8 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
             "used twice",
         ),
     ] {
-        let e = unimod_train::experiment::run(&variants(bad), 1, tch::Device::Cpu).unwrap_err();
+        let e = unimod_train::experiment::run(&variants(bad), 1, tch::Device::Cpu, Reuse::Never)
+            .unwrap_err();
         assert!(format!("{e:#}").contains(needle), "{e:#}");
     }
 
