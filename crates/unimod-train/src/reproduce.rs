@@ -227,11 +227,10 @@ pub fn run(req: &Request) -> Result<Vec<Row>> {
         .collect();
     if !analysed.is_empty() {
         let (report, found) = analyses(req, analysed.contains(&Item::Fig4))?;
+        let rel = report.strip_prefix(req.out).unwrap_or(&report).display();
         notes.push(format!(
-            "Analyses of the dense model (seed {}): [`{}`]({})",
-            req.cfg.train.seed,
-            report.display(),
-            report.strip_prefix(req.out).unwrap_or(&report).display()
+            "Analyses of the dense model (seed {}), with every figure: [`{rel}`]({rel})",
+            req.cfg.train.seed
         ));
         for f in found {
             let item = match f.source {
@@ -525,6 +524,8 @@ fn table5(cfg: &RunConfig, outcomes: &[Outcome]) -> Vec<Row> {
             "shown: UniMoD keeps more T2I quality than basic MoD at equal FLOPs".into()
         } else if d.shown() {
             "refuted here: basic MoD generates better than UniMoD at equal FLOPs".into()
+        } else if d.b == d.a {
+            "cannot tell: no difference at all (both at the same score); a dense model that learns T2I comes first".into()
         } else {
             format!(
                 "cannot tell: the difference is within two standard errors; about {:.0} seeds would resolve a difference of this size",
