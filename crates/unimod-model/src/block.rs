@@ -1,6 +1,10 @@
 //! The transformer block and its parts. A block computes the *update* it adds to the residual
 //! stream (`delta`), never the new stream itself, so that a routed layer can weight the update
 //! of the tokens it processed and leave the others untouched.
+//!
+//! Mixture-of-Transformers (Liang et al., `model.mot = true`): every norm and projection of a
+//! block has one copy per modality (text, image), each applied to its modality's tokens only;
+//! attention stays one global call over the whole sequence.
 
 use crate::config::{BlockStyle, FfnKind, ModelConfig, NormKind};
 use tch::{Kind, Tensor, nn, nn::Module};
@@ -37,6 +41,94 @@ impl Module for Norm {
                 x * (ms + 1e-6).rsqrt() * weight
             }
         }
+    }
+}
+
+/// Each modality's tokens of a `[B, T]` frame (Mixture-of-Transformers): flat indices into
+/// `B·T`, computed once per frame and reused by every untied module applied to it.
+#[derive(Debug)]
+pub struct Dispatch {
+    /// `[B, T]` bool: the token is image modality (image codes, mask placeholders, row ends).
+    pub image: Tensor,
+    /// Flat indices of the text and of the image tokens.
+    index: [Tensor; 2],
+}
+
+impl Dispatch {
+    /// `image: [B, T]` bool. One host sync (`nonzero`) per frame.
+    pub fn new(image: &Tensor) -> Dispatch {
+        let flat = image.reshape([-1]);
+        let of = |m: &Tensor| m.nonzero().squeeze_dim(1);
+        Dispatch {
+            image: image.shallow_clone(),
+            index: [of(&flat.logical_not()), of(&flat)],
+        }
+    }
+
+    /// The same frame's rows or columns picked by `pick` (a routed layer's gathered tokens).
+    pub fn picked(&self, pick: impl Fn(&Tensor) -> Tensor) -> Dispatch {
+        Dispatch::new(&pick(&self.image))
+    }
+
+    /// `f(m, x_m)` on each modality `m`'s tokens, put back in place.
+    ///
+    /// # Shapes
+    /// `x: [B, T, D]` → `[B, T, D']`.
+    pub fn apply(&self, x: &Tensor, f: impl Fn(usize, &Tensor) -> Tensor) -> Tensor {
+        let (b, t, d) = x.size3().expect("x is [B, T, D]");
+        let flat = x.reshape([b * t, d]);
+        let mut out: Option<Tensor> = None;
+        for (m, index) in self.index.iter().enumerate() {
+            if index.numel() == 0 {
+                continue;
+            }
+            let y = f(m, &flat.index_select(0, index));
+            let o = out
+                .take()
+                .unwrap_or_else(|| Tensor::zeros([b * t, y.size()[1]], (y.kind(), y.device())));
+            // Out of place, so that autograd sees every copy.
+            out = Some(o.index_copy(0, index, &y));
+        }
+        let out = out.unwrap_or_else(|| f(0, &flat));
+        out.view([b, t, -1])
+    }
+}
+
+/// One module shared by every token, or one per modality (text, image) under
+/// Mixture-of-Transformers, named `<path>/text` and `<path>/image`.
+#[derive(Debug)]
+pub struct PerModality<M> {
+    parts: Vec<M>,
+}
+
+impl<M> PerModality<M> {
+    pub fn new(p: &nn::Path, cfg: &ModelConfig, make: impl Fn(nn::Path) -> M) -> PerModality<M> {
+        let parts = if cfg.mot {
+            vec![make(p / "text"), make(p / "image")]
+        } else {
+            vec![make(p.clone())]
+        };
+        PerModality { parts }
+    }
+
+    /// `f` of each token's own copy; untied copies need the frame's `dispatch`.
+    pub fn apply(
+        &self,
+        x: &Tensor,
+        dispatch: Option<&Dispatch>,
+        f: impl Fn(&M, &Tensor) -> Tensor,
+    ) -> Tensor {
+        match (self.parts.as_slice(), dispatch) {
+            ([one], _) => f(one, x),
+            (parts, Some(d)) => d.apply(x, |m, xm| f(&parts[m], xm)),
+            (_, None) => panic!("an untied (model.mot) module was applied without a dispatch"),
+        }
+    }
+}
+
+impl<M: Module> PerModality<M> {
+    pub fn forward(&self, x: &Tensor, dispatch: Option<&Dispatch>) -> Tensor {
+        self.apply(x, dispatch, |m, x| m.forward(x))
     }
 }
 
@@ -126,6 +218,9 @@ pub struct Tokens<'a> {
     pub upto: &'a Tensor,
     /// `[B, T]` false for tokens other tokens must not see (padding, tokens a layer skips).
     pub valid: &'a Tensor,
+    /// Each modality's tokens, for the untied modules of Mixture-of-Transformers (`None`
+    /// otherwise).
+    pub dispatch: Option<&'a Dispatch>,
 }
 
 /// Keys and values of earlier tokens for incremental decoding, one per layer.
@@ -186,8 +281,8 @@ pub struct AttentionOutput {
 pub struct Attention {
     /// Queries, keys and values in one projection (`d → (H + 2·H_kv)·hd`): one matmul instead
     /// of three, forward and backward.
-    qkv: nn::Linear,
-    o: nn::Linear,
+    qkv: PerModality<nn::Linear>,
+    o: PerModality<nn::Linear>,
     n_heads: i64,
     n_kv_heads: i64,
     head_dim: i64,
@@ -201,8 +296,10 @@ impl Attention {
         };
         let qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim();
         Attention {
-            qkv: nn::linear(&p / "qkv", cfg.d_model, qkv, c),
-            o: nn::linear(&p / "o", cfg.d_model, cfg.d_model, c),
+            qkv: PerModality::new(&(&p / "qkv"), cfg, |p| nn::linear(p, cfg.d_model, qkv, c)),
+            o: PerModality::new(&(&p / "o"), cfg, |p| {
+                nn::linear(p, cfg.d_model, cfg.d_model, c)
+            }),
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
             head_dim: cfg.head_dim(),
@@ -224,7 +321,7 @@ impl Attention {
         let (h, h_kv) = (self.n_heads, self.n_kv_heads);
         let qkv = self
             .qkv
-            .forward(x)
+            .forward(x, tokens.dispatch)
             .view([b, t, h + 2 * h_kv, self.head_dim])
             .transpose(1, 2);
         // Queries and keys rotate together: one RoPE instead of two.
@@ -277,7 +374,7 @@ impl Attention {
             .contiguous()
             .view([b, t, self.n_heads * self.head_dim]);
         AttentionOutput {
-            out: self.o.forward(&out),
+            out: self.o.forward(&out, tokens.dispatch),
             maps,
             keys,
         }
@@ -287,10 +384,10 @@ impl Attention {
 /// One transformer block: attention and MLP with pre-norms, parallel or sequential.
 #[derive(Debug)]
 pub struct Block {
-    norm1: Norm,
-    norm2: Option<Norm>,
+    norm1: PerModality<Norm>,
+    norm2: Option<PerModality<Norm>>,
     attn: Attention,
-    mlp: Mlp,
+    mlp: PerModality<Mlp>,
 }
 
 /// What a block adds to the residual stream, and what it saw.
@@ -305,11 +402,12 @@ pub struct BlockDelta {
 
 impl Block {
     pub fn new(p: nn::Path, cfg: &ModelConfig) -> Block {
+        let norm = |name| PerModality::new(&(&p / name), cfg, |p| Norm::new(p, cfg));
         Block {
-            norm1: Norm::new(&p / "norm1", cfg),
-            norm2: (cfg.block == BlockStyle::Sequential).then(|| Norm::new(&p / "norm2", cfg)),
+            norm1: norm("norm1"),
+            norm2: (cfg.block == BlockStyle::Sequential).then(|| norm("norm2")),
             attn: Attention::new(&p / "attn", cfg),
-            mlp: Mlp::new(&p / "mlp", cfg),
+            mlp: PerModality::new(&(&p / "mlp"), cfg, |p| Mlp::new(p, cfg)),
         }
     }
 
@@ -323,16 +421,17 @@ impl Block {
         cache: Option<&mut LayerCache>,
         capture: bool,
     ) -> BlockDelta {
-        let h = self.norm1.forward(x);
+        let d = tokens.dispatch;
+        let h = self.norm1.forward(x, d);
         let AttentionOutput {
             out: a,
             maps: attention,
             keys,
         } = self.attn.forward(&h, tokens, rope, cache, capture);
         let delta = match &self.norm2 {
-            None => a + self.mlp.forward(&h),
+            None => a + self.mlp.forward(&h, d),
             Some(n2) => {
-                let m = self.mlp.forward(&n2.forward(&(x + &a)));
+                let m = self.mlp.forward(&n2.forward(&(x + &a), d), d);
                 a + m
             }
         };

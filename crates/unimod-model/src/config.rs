@@ -101,6 +101,11 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     pub max_seq_len: i64,
     pub image_positions: ImagePositions,
+    /// Mixture-of-Transformers (Liang et al.): every norm, attention projection and FFN of
+    /// every block (and the final norm) has one copy per modality, text and image, each
+    /// applied to its modality's tokens; attention is one global call; embeddings, head and
+    /// RoPE stay shared. Same FLOPs per token as dense, twice the block parameters.
+    pub mot: bool,
     /// Image tokens per side (set from `format.image_side` by the trainer); the grid of
     /// `image_positions = "learned_2d"`. Emu3 rows have one more token, the row end.
     pub image_side: i64,
@@ -126,6 +131,7 @@ impl Default for ModelConfig {
             rope_theta: 10_000.0,
             max_seq_len: 256,
             image_positions: ImagePositions::Rope,
+            mot: false,
             image_side: 0,
             loss: LossWeights::default(),
             routing: RoutingConfig::default(),

@@ -74,7 +74,9 @@ pub fn linear_per_token(cfg: &ModelConfig) -> f64 {
 /// Parameters of the dense model (blocks, embedding and head; norms, biases and routers are
 /// negligible), for memory estimates.
 pub fn parameters(cfg: &ModelConfig) -> f64 {
-    cfg.n_layers as f64 * linear_per_token(cfg) / 2.0
+    // Mixture-of-Transformers keeps one copy of every block per modality.
+    let copies = if cfg.mot { 2.0 } else { 1.0 };
+    copies * cfg.n_layers as f64 * linear_per_token(cfg) / 2.0
         + 2.0 * cfg.vocab.size() as f64 * cfg.d_model as f64
 }
 

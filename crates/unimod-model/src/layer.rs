@@ -8,7 +8,7 @@
 //! both axes, RoPE from original positions), multiply each routed token's update by
 //! sigmoid(score) and add it to the residual; the other tokens pass unchanged.
 
-use crate::block::{AttentionMaps, Block, LayerCache, Rope, Tokens};
+use crate::block::{AttentionMaps, Block, Dispatch, LayerCache, Rope, Tokens};
 use std::cell::{OnceCell, RefCell};
 use std::rc::Rc;
 use tch::{Kind, Tensor, nn};
@@ -33,6 +33,9 @@ pub struct LayerInput<'a> {
     pub routable_segments: Vec<Segment>,
     pub mode: RoutingMode,
     pub capture_attention: bool,
+    /// Each modality's tokens of the batch (Mixture-of-Transformers), computed once for every
+    /// layer that processes the whole frame.
+    pub dispatch: Option<Dispatch>,
     /// What layers that route alike share, built by the first of them (see [`Shared`]).
     pub shared: RefCell<Vec<(Capacities, Rc<Shared>)>>,
 }
@@ -250,6 +253,7 @@ impl Layer {
             index: &input.index,
             upto: &b.attn_upto,
             valid: &input.valid,
+            dispatch: input.dispatch.as_ref(),
         };
         match &self.kind {
             LayerKind::Skip => LayerOutput {
@@ -292,10 +296,8 @@ fn delta_among(
 ) -> crate::block::BlockDelta {
     let valid = processed.logical_and(tokens.valid);
     let t = Tokens {
-        positions: tokens.positions,
-        index: tokens.index,
-        upto: tokens.upto,
         valid: &valid,
+        ..*tokens
     };
     block.delta(x, &t, rope, None, capture)
 }
@@ -325,11 +327,13 @@ fn apply_selection(
         gather(tokens.index),
         gather(tokens.upto),
     );
+    let dispatch = tokens.dispatch.map(|d| d.picked(gather));
     let picked = Tokens {
         positions: &positions,
         index: &index,
         upto: &upto,
         valid: &sel.active,
+        dispatch: dispatch.as_ref(),
     };
     let x_sel = gather_tokens(x, &sel.index);
     let d = block.delta(&x_sel, &picked, rope, cache, capture);
@@ -356,6 +360,7 @@ impl Layer {
             index: &input.index,
             upto: &b.attn_upto,
             valid: &input.valid,
+            dispatch: input.dispatch.as_ref(),
         };
         let d = delta_among(&self.block, x, &tokens, keep, rope, input.capture_attention);
         let kept = keep
@@ -552,11 +557,13 @@ impl RoutedLayer {
                 g.rows(tokens.upto),
                 g.rows(tokens.valid),
             );
+            let dispatch = tokens.dispatch.map(|d| d.picked(|t| g.rows(t)));
             let t = Tokens {
                 positions: &positions,
                 index: &index,
                 upto: &upto,
                 valid: &valid,
+                dispatch: dispatch.as_ref(),
             };
             let sel = select::top_k(&g.rows(score), &g.budget);
             let applied = apply_selection(block, &g.rows(x), &t, &sel, rope, None, capture);

@@ -1,7 +1,7 @@
 //! The unified transformer: token embedding, a stack of [`Layer`]s, final norm and LM head, and
 //! the per-task losses of its flavour.
 
-use crate::block::{AttentionMaps, LayerCache, Norm, Rope};
+use crate::block::{AttentionMaps, Dispatch, LayerCache, Norm, PerModality, Rope};
 use crate::config::{ConfigError, Flavour, ImagePositions, ModelConfig};
 use crate::layer::{AuxTargets, Layer, LayerInput, RoutingStats, Work};
 use tch::{Kind, Tensor, nn, nn::Module};
@@ -77,7 +77,7 @@ pub struct UnifiedTransformer {
     embed: nn::Embedding,
     grid: Option<GridEmbedding>,
     layers: Vec<Layer>,
-    norm: Norm,
+    norm: PerModality<Norm>,
     head: nn::Linear,
     rope: Rope,
 }
@@ -178,7 +178,7 @@ impl UnifiedTransformer {
             grid: (cfg.image_positions == ImagePositions::Learned2d)
                 .then(|| GridEmbedding::new(&(p / "image_grid"), cfg)),
             layers,
-            norm: Norm::new(p / "norm", cfg),
+            norm: PerModality::new(&(p / "norm"), cfg, |p| Norm::new(p, cfg)),
             head: nn::linear(
                 p / "head",
                 cfg.d_model,
@@ -223,6 +223,33 @@ impl UnifiedTransformer {
         Ok(())
     }
 
+    /// Mixture-of-Transformers warm start: each modality's copy of a parameter from the dense
+    /// model's `dense` parameter of the same name (the path without its `text` / `image`
+    /// component), shared parameters copied as they are. `vs` holds this model's variables.
+    /// Returns the names of this model's variables that `dense` has no match for (left as
+    /// initialised; a dense model of the same shape has a match for every one).
+    pub fn init_from_dense(&self, vs: &nn::VarStore, dense: &nn::VarStore) -> Vec<String> {
+        let source = dense.variables();
+        let mut missing = Vec::new();
+        tch::no_grad(|| {
+            for (name, mut v) in vs.variables() {
+                let dense_name = name
+                    .split('.')
+                    .filter(|part| !matches!(*part, "text" | "image"))
+                    .collect::<Vec<_>>()
+                    .join(".");
+                match source.get(&dense_name) {
+                    Some(src) if src.size() == v.size() => {
+                        v.copy_(src);
+                    }
+                    _ => missing.push(name),
+                }
+            }
+        });
+        missing.sort();
+        missing
+    }
+
     pub fn layers(&self) -> &[Layer] {
         &self.layers
     }
@@ -245,6 +272,10 @@ impl UnifiedTransformer {
                 .collect(),
             mode: opts.mode,
             capture_attention: opts.attention,
+            dispatch: self
+                .cfg
+                .mot
+                .then(|| Dispatch::new(&batch.segment.eq(Segment::Image as i64))),
             shared: Default::default(),
         }
     }
@@ -379,7 +410,9 @@ impl UnifiedTransformer {
                 out.hidden_states.push(x.shallow_clone());
             }
         }
-        out.logits = self.head.forward(&self.norm.forward(&x));
+        out.logits = self
+            .head
+            .forward(&self.norm.forward(&x, input.dispatch.as_ref()));
         out.aux_loss = self.aux_loss(&aux_targets);
         out
     }

@@ -803,3 +803,105 @@ fn impossible_routing_modes_are_refused() {
         "{e}"
     );
 }
+
+fn mot(cfg: &ModelConfig) -> ModelConfig {
+    ModelConfig {
+        mot: true,
+        ..cfg.clone()
+    }
+}
+
+/// Mixture-of-Transformers whose modality copies are the dense weights is the dense model:
+/// the same logits, and each dense parameter's gradient is the sum of its copies' gradients.
+#[test]
+fn mot_with_tied_copies_equals_dense() {
+    for flavour in [Flavour::Showo, Flavour::Emu3] {
+        let dense_cfg = config(flavour, Schedule::Dense);
+        let (vs_d, dense) = build(&dense_cfg, 0);
+        let (vs_m, untied) = build(&mot(&dense_cfg), 1);
+        assert!(untied.init_from_dense(&vs_m, &vs_d).is_empty());
+        let n = vs_d.variables().len();
+        assert_eq!(
+            vs_m.variables().len(),
+            2 * (n - 2) + 2,
+            "every parameter but the embedding and head has two copies"
+        );
+        let b = batch(&sequences(flavour, false));
+        let opts = ForwardOptions::default();
+        let (od, om) = (
+            dense.forward(&b, &opts).unwrap(),
+            untied.forward(&b, &opts).unwrap(),
+        );
+        let valid = b.valid().unsqueeze(-1);
+        assert!(
+            (&od.logits * &valid).allclose(&(&om.logits * &valid), 1e-5, 1e-5, false),
+            "{flavour:?}: max diff {}",
+            (&od.logits - &om.logits).abs().max().double_value(&[])
+        );
+        dense.losses(&b, &od).total.backward();
+        untied.losses(&b, &om).total.backward();
+        // Each dense name's gradient, summed over the MoT copies that map to it.
+        let mut summed: std::collections::HashMap<String, Tensor> = Default::default();
+        for (name, v) in vs_m.variables() {
+            let dense_name = name.replace(".text.", ".").replace(".image.", ".");
+            let g = v.grad();
+            let total = match summed.remove(&dense_name) {
+                Some(s) => s + g,
+                None => g,
+            };
+            summed.insert(dense_name, total);
+        }
+        for (name, v) in vs_d.variables() {
+            let summed = &summed[&name];
+            assert!(
+                v.grad().allclose(&summed, 1e-4, 1e-5, false),
+                "{flavour:?} {name}: gradient differs by {}",
+                (v.grad() - summed).abs().max().double_value(&[])
+            );
+        }
+    }
+}
+
+/// A token is computed by its own modality's weights: changing every image copy leaves the
+/// tokens that cannot see an image token (a T2I prompt, causal) exactly as they were, and
+/// changes the image tokens. Cached decoding equals the full forward under MoT.
+#[test]
+fn mot_tokens_use_their_own_modality_and_decode_cached() {
+    for flavour in [Flavour::Showo, Flavour::Emu3] {
+        let cfg = mot(&config(flavour, Schedule::Dense));
+        let (vs, model) = build(&cfg, 2);
+        let seqs = sequences(flavour, true);
+        let b = batch(&seqs[..1]);
+        let opts = ForwardOptions::default();
+        let before = model.forward(&b, &opts).unwrap().logits;
+        tch::no_grad(|| {
+            for (name, mut v) in vs.variables() {
+                if name.contains(".image.") {
+                    let _ = v.g_add_(&(Tensor::randn(v.size(), tch::kind::FLOAT_CPU) * 0.5));
+                }
+            }
+        });
+        let after = model.forward(&b, &opts).unwrap().logits;
+        let first_image = seqs[0]
+            .segments
+            .iter()
+            .position(|g| *g == Segment::Image)
+            .unwrap() as i64;
+        // Up to the prompt's end; `soi` itself sees the image block in Show-o.
+        let soi = first_image - 1;
+        let (text_b, text_a) = (before.narrow(1, 0, soi), after.narrow(1, 0, soi));
+        assert!(text_b.equal(&text_a), "{flavour:?}: a prompt token changed");
+        let image = |t: &Tensor| t.narrow(1, first_image, 4);
+        assert!(
+            !image(&before).allclose(&image(&after), 1e-3, 1e-3, false),
+            "{flavour:?}: image tokens ignore the image copies"
+        );
+    }
+    let (_vs, model) = build(&mot(&config(Flavour::Emu3, Schedule::Dense)), 3);
+    check_cached(
+        &model,
+        &sequences(Flavour::Emu3, true),
+        3,
+        RoutingMode::TopK,
+    );
+}

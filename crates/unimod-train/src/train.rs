@@ -12,7 +12,7 @@ use crate::{RunConfig, progress};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -43,6 +43,12 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// How the image codes' embedding and output rows start.
     pub image_init: ImageInit,
+    /// Start from the weights of this run directory's (or checkpoint folder's) latest
+    /// checkpoint instead of random ones: the same model, a dense one for a routed model (new
+    /// routers start as initialised), or a dense one for Mixture-of-Transformers (each
+    /// modality's copy from the dense weights: the warm start of Liang et al.).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
 }
 
 /// `train.image_init`.
@@ -72,6 +78,7 @@ impl Default for TrainConfig {
             log_every: 10,
             checkpoint_every: 0,
             image_init: ImageInit::Random,
+            init_from: None,
         }
     }
 }
@@ -290,6 +297,23 @@ pub fn train(
     let mut state = State::default();
     if start == Start::Resume {
         state = load_checkpoint(ctx, dir, cfg, &mut vs, &mut opt)?;
+    } else if let Some(from) = &cfg.train.init_from {
+        let (_, source, _) = crate::load::run_from_checkpoint(from, ctx)
+            .with_context(|| format!("train.init_from = {}", from.display()))?;
+        let missing: Vec<String> = model
+            .init_from_dense(&vs, &source)
+            .into_iter()
+            .filter(|n| !(n.contains("router") || n.contains("predictor")))
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "train.init_from = {}: its model has no weights of this shape for {} (first: {}); \
+                 it must be this model, or its dense counterpart",
+                from.display(),
+                missing.len(),
+                missing[0]
+            );
+        }
     } else if cfg.train.image_init == ImageInit::Codebook {
         model.init_image_rows(&ctx.tokenizers.vq.codebook)?;
     }

@@ -83,6 +83,32 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
 
     faults(&ctx, &cfg, &root, &straight);
 
+    // Warm starts from `straight`: the same model, and Mixture-of-Transformers with each
+    // modality's copy from its weights, compute the same first loss (tied copies are the
+    // model); a model of another shape is refused, naming a parameter.
+    let first_loss = |mot: bool, d_ffn: i64, name: &str| {
+        let mut c = cfg.clone();
+        c.model.mot = mot;
+        c.model.d_ffn = d_ffn;
+        c.train.init_from = Some(straight.clone());
+        c.train.steps = 1;
+        let dir = root.join(name);
+        train::train(&ctx, &c, &dir, Start::Fresh, no_stop(), None).map(|_| {
+            let line = losses(&dir).remove(0);
+            line.split(' ').nth(1).unwrap().parse::<f64>().unwrap()
+        })
+    };
+    let (same, untied) = (
+        first_loss(false, 64, "warm").unwrap(),
+        first_loss(true, 64, "warm-mot").unwrap(),
+    );
+    assert!((same - untied).abs() < 1e-4 * same, "{same} vs {untied}");
+    let e = first_loss(false, 96, "warm-other").unwrap_err();
+    assert!(
+        format!("{e:#}").contains("no weights of this shape"),
+        "{e:#}"
+    );
+
     // A checkpoint of another config is refused, naming the difference.
     let mut other = cfg.clone();
     other.model.d_ffn = 128;
