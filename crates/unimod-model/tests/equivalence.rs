@@ -854,7 +854,7 @@ fn mot_with_tied_copies_equals_dense() {
         for (name, v) in vs_d.variables() {
             let summed = &summed[&name];
             assert!(
-                v.grad().allclose(&summed, 1e-4, 1e-5, false),
+                v.grad().allclose(summed, 1e-4, 1e-5, false),
                 "{flavour:?} {name}: gradient differs by {}",
                 (v.grad() - summed).abs().max().double_value(&[])
             );
