@@ -154,6 +154,20 @@ impl RunConfig {
         Ok(())
     }
 
+    /// This config with `--set`-style `overrides` applied, validated.
+    pub fn with_overrides(&self, overrides: &[String]) -> Result<RunConfig> {
+        let mut value: toml::Table = toml::from_str(&self.to_toml())?;
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        let cfg: RunConfig = toml::Value::Table(value)
+            .try_into()
+            .with_context(|| format!("invalid overrides {overrides:?}"))?;
+        cfg.validate()
+            .with_context(|| format!("invalid overrides {overrides:?}"))?;
+        Ok(cfg)
+    }
+
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("a config always serialises")
     }

@@ -37,18 +37,22 @@ pub struct Variant {
     /// masked routing leaves questions out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routable: Option<Vec<Segment>>,
+    /// Any other setting of this variant, as `--set` overrides of the run config (for example
+    /// `["model.mot=true"]` for Mixture-of-Transformers); not `experiment.*`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set: Vec<String>,
 }
 
 impl Variant {
-    /// `cfg` with this variant's schedule, task mix and routable segments.
-    fn apply(&self, cfg: &RunConfig, schedule: Schedule) -> RunConfig {
-        let mut c = cfg.clone();
+    /// `cfg` with this variant's schedule, task mix, routable segments and overrides.
+    fn apply(&self, cfg: &RunConfig, schedule: Schedule) -> Result<RunConfig> {
+        let mut c = cfg.with_overrides(&self.set)?;
         c.model.routing.schedule = schedule;
         c.train.mix = self.mix.unwrap_or(cfg.train.mix);
         if let Some(r) = &self.routable {
             c.model.routing.routable = r.clone();
         }
-        c
+        Ok(c)
     }
 }
 
@@ -61,6 +65,16 @@ fn check_variants(variants: &[Variant]) -> Result<()> {
         let earlier = &variants[..i];
         if earlier.iter().any(|e| e.name == v.name) {
             bail!("experiment.variants: the name {:?} is used twice", v.name);
+        }
+        if let Some(o) = v
+            .set
+            .iter()
+            .find(|o| o.trim_start().starts_with("experiment"))
+        {
+            bail!(
+                "experiment.variants.{}: set = {o:?}: a variant cannot change the experiment itself",
+                v.name
+            );
         }
         match (&v.schedule, &v.arank_of) {
             (Some(_), None) => {}
@@ -195,7 +209,9 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device, reuse: Reuse) -> Re
                 .with_context(|| format!("variant {}: ARank schedule of {base}", v.name))?,
                 None => v.schedule.clone().unwrap_or_default(),
             };
-            let mut c = v.apply(cfg, schedule);
+            let mut c = v
+                .apply(cfg, schedule)
+                .with_context(|| format!("variant {}: its `set`", v.name))?;
             c.train.seed = seed;
             let c = ctx
                 .resolve(&c)
@@ -288,7 +304,7 @@ pub fn bench_variants(
         match (&v.schedule, v.mix) {
             (Some(s), None) => {
                 let c = ctx
-                    .resolve(&v.apply(cfg, s.clone()))
+                    .resolve(&v.apply(cfg, s.clone())?)
                     .with_context(|| format!("variant {}", v.name))?;
                 variants.push(bench::variant(v.name.clone(), &c.model, &b, ctx.device)?);
             }

@@ -312,10 +312,13 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
     let exp = variants(
         "{ name = 'dense', schedule = { kind = 'dense' } }, \
          { name = 't2i-only', schedule = { kind = 'dense' }, mix = { t2i = 4, mmu = 0, lm = 0 } }, \
-         { name = 'arank', arank_of = 'dense' }",
+         { name = 'arank', arank_of = 'dense' }, \
+         { name = 'mot', schedule = { kind = 'dense' }, set = ['model.mot=true'] }",
     );
     let outcomes = unimod_train::experiment::run(&exp, 1, tch::Device::Cpu, Reuse::Never).unwrap();
-    assert_eq!(outcomes.len(), 3);
+    assert_eq!(outcomes.len(), 4);
+    let mot = std::fs::read_to_string(root.join("exp/mot-seed0/config.toml")).unwrap();
+    assert!(mot.contains("mot = true"), "{mot}");
     let exp_dir = root.join("exp");
     let t2i_only = std::fs::read_to_string(exp_dir.join("t2i-only-seed0/config.toml")).unwrap();
     assert!(t2i_only.contains("mmu = 0"), "{t2i_only}");
@@ -355,6 +358,10 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
             "names no earlier variant",
         ),
         ("{ name = 'a' }", "exactly one of"),
+        (
+            "{ name = 'a', schedule = { kind = 'dense' }, set = ['experiment.name=\"b\"'] }",
+            "cannot change the experiment",
+        ),
         (
             "{ name = 'a', schedule = { kind = 'dense' } }, { name = 'a', schedule = { kind = 'dense' } }",
             "used twice",
