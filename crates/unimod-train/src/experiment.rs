@@ -883,16 +883,19 @@ mod tests {
         }
     }
 
+    fn variant(name: &str) -> Variant {
+        Variant {
+            name: name.into(),
+            schedule: Some(Schedule::Dense),
+            arank_of: None,
+            mix: None,
+            routable: None,
+            set: Vec::new(),
+        }
+    }
+
     fn variants() -> Vec<Variant> {
-        ["dense", "mod"]
-            .map(|name| Variant {
-                name: name.into(),
-                schedule: Some(Schedule::Dense),
-                arank_of: None,
-                mix: None,
-                routable: None,
-            })
-            .to_vec()
+        ["dense", "mod"].map(variant).to_vec()
     }
 
     /// The MMU line of the verdicts on `outcomes`.
@@ -909,16 +912,7 @@ mod tests {
     #[test]
     fn variants_at_equal_flops_are_compared_with_each_other() {
         let names = ["dense", "unimod", "mod-equal", "mod"];
-        let vs: Vec<Variant> = names
-            .iter()
-            .map(|n| Variant {
-                name: (*n).into(),
-                schedule: Some(Schedule::Dense),
-                arank_of: None,
-                mix: None,
-                routable: None,
-            })
-            .collect();
+        let vs: Vec<Variant> = names.iter().map(|n| variant(n)).collect();
         let mut outcomes = Vec::new();
         for s in 0..3 {
             for (name, flops, mmu) in [

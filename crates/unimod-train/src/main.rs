@@ -457,6 +457,7 @@ fn run(cli: Cli) -> Result<()> {
                 seeds,
                 out: &out,
                 device,
+                command: std::env::args().collect::<Vec<_>>().join(" "),
             })?;
             println!("{} rows: {}", rows.len(), out.join("REPORT.md").display());
         }

@@ -195,10 +195,13 @@ pub struct Request<'a> {
     pub seeds: u32,
     pub out: &'a Path,
     pub device: tch::Device,
+    /// The command line that asked for it, for the report's provenance line.
+    pub command: String,
 }
 
 /// Runs what `req.items` need and writes `<out>/REPORT.md`; returns its rows.
 pub fn run(req: &Request) -> Result<Vec<Row>> {
+    let started = std::time::Instant::now();
     let mut items = req.items.clone();
     items.sort();
     items.dedup();
@@ -244,6 +247,7 @@ pub fn run(req: &Request) -> Result<Vec<Row>> {
             }
         }
     }
+    notes.insert(0, provenance(req, started.elapsed().as_secs_f64()));
     write_report(req, &items, &rows, &notes)?;
     Ok(rows)
 }
@@ -650,6 +654,69 @@ fn finding_row(item: Item, f: Finding) -> Row {
     }
 }
 
+/// When, from which commit, on what machine and by which command the report was made.
+fn provenance(req: &Request, seconds: f64) -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let commit = match (
+        git(&["rev-parse", "--short", "HEAD"]),
+        git(&["status", "--porcelain", "--untracked-files=no"]),
+    ) {
+        (Some(c), Some(changes)) if changes.is_empty() => c,
+        (Some(c), Some(_)) => format!("{c} with uncommitted changes"),
+        _ => "unknown (not a git checkout)".into(),
+    };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "an unknown CPU".into());
+    let threads = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!(
+        "Made {} UTC from commit {commit} on {cpu} ({threads} threads; device {:?}) by `{}`, in {:.0} minutes (finished runs reused count nothing).",
+        utc_now(),
+        req.device,
+        req.command,
+        seconds / 60.0
+    )
+}
+
+fn utc_now() -> String {
+    utc(std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64)
+}
+
+/// `secs` after the Unix epoch as `YYYY-MM-DD HH:MM` UTC (civil from days, H. Hinnant's
+/// algorithm).
+fn utc(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
 fn write_report(req: &Request, items: &[Item], rows: &[Row], notes: &[String]) -> Result<()> {
     let c = req.cfg;
     let mut md = String::new();
@@ -696,4 +763,16 @@ fn write_report(req: &Request, items: &[Item], rows: &[Row], notes: &[String]) -
     let path = req.out.join("REPORT.md");
     crate::write(&path, md)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates_are_civil_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00");
+        assert_eq!(utc(951_782_400 + 3_660), "2000-02-29 01:01");
+        assert_eq!(utc(1_795_464_714), "2026-11-23 20:11");
+    }
 }

@@ -44,9 +44,14 @@ fn quick_reproduction_writes_every_table_with_verdicts() {
         seeds: 1,
         out: &out,
         device: tch::Device::Cpu,
+        command: "reproduce --scale quick".into(),
     };
     let rows = reproduce::run(&req).unwrap();
     let report = std::fs::read_to_string(out.join("REPORT.md")).unwrap();
+    assert!(
+        report.contains("UTC from commit") && report.contains("by `reproduce --scale quick`"),
+        "{report}"
+    );
     for item in Item::ALL {
         assert!(
             rows.iter().any(|r| r.item == item),
