@@ -31,22 +31,30 @@ pub struct RunConfig {
 impl RunConfig {
     /// Reads `path` (or the defaults when `None`), applies `overrides`, validates.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<RunConfig> {
-        let mut value = match path {
+        let value = match path {
             Some(p) => read_table(p, &mut Vec::new())?,
             None => toml::Table::new(),
         };
-        for o in overrides {
-            apply_override(&mut value, o)?;
-        }
         let mut where_ = path.map_or("the defaults".to_string(), |p| p.display().to_string());
         if !overrides.is_empty() {
             where_.push_str(" with its --set overrides");
         }
+        Self::from_table(value, overrides, &format!("invalid config in {where_}"))
+    }
+
+    /// `value` with `overrides` applied, as a validated config; errors say `context`.
+    fn from_table(
+        mut value: toml::Table,
+        overrides: &[String],
+        context: &str,
+    ) -> Result<RunConfig> {
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
         let cfg: RunConfig = toml::Value::Table(value)
             .try_into()
-            .with_context(|| format!("invalid config in {where_}"))?;
-        cfg.validate()
-            .with_context(|| format!("invalid config in {where_}"))?;
+            .with_context(|| context.to_string())?;
+        cfg.validate().with_context(|| context.to_string())?;
         Ok(cfg)
     }
 
@@ -156,16 +164,12 @@ impl RunConfig {
 
     /// This config with `--set`-style `overrides` applied, validated.
     pub fn with_overrides(&self, overrides: &[String]) -> Result<RunConfig> {
-        let mut value: toml::Table = toml::from_str(&self.to_toml())?;
-        for o in overrides {
-            apply_override(&mut value, o)?;
-        }
-        let cfg: RunConfig = toml::Value::Table(value)
-            .try_into()
-            .with_context(|| format!("invalid overrides {overrides:?}"))?;
-        cfg.validate()
-            .with_context(|| format!("invalid overrides {overrides:?}"))?;
-        Ok(cfg)
+        let value: toml::Table = toml::from_str(&self.to_toml())?;
+        Self::from_table(
+            value,
+            overrides,
+            &format!("invalid overrides {overrides:?}"),
+        )
     }
 
     pub fn to_toml(&self) -> String {

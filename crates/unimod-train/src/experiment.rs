@@ -327,7 +327,7 @@ fn mean_spread(v: &[f64]) -> (f64, f64) {
 
 /// Mean (± spread over seeds); "-" where the metric does not exist (a task the variant never
 /// trained has no validation loss).
-fn cell(v: &[f64], scale: f64, digits: usize) -> String {
+pub(crate) fn cell(v: &[f64], scale: f64, digits: usize) -> String {
     let (m, s) = mean_spread(v);
     if m.is_nan() {
         "-".into()
@@ -662,7 +662,7 @@ fn seed_noise(a: &[f64], b: &[f64], samples: Option<usize>) -> (f64, f64) {
 }
 
 /// One score of every outcome (seed) of variant `name`.
-fn scores(outcomes: &[Outcome], name: &str, f: Score) -> Vec<f64> {
+pub(crate) fn scores(outcomes: &[Outcome], name: &str, f: Score) -> Vec<f64> {
     outcomes
         .iter()
         .filter(|o| o.variant == name)

@@ -287,19 +287,10 @@ fn pct(x: f64) -> String {
 
 /// Ours as "mean ± spread (n seeds)" of one score of a variant.
 fn mean_of(outcomes: &[Outcome], name: &str, f: experiment::Score) -> String {
-    let v: Vec<f64> = outcomes
-        .iter()
-        .filter(|o| o.variant == name)
-        .map(f)
-        .collect();
-    let n = v.len().max(1) as f64;
-    let m = v.iter().sum::<f64>() / n;
-    if v.len() > 1 {
-        let sd = (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
-        format!("{:.1} ± {:.1} %", 100.0 * m, 100.0 * sd)
-    } else {
-        format!("{:.1} %", 100.0 * m)
-    }
+    format!(
+        "{} %",
+        experiment::cell(&experiment::scores(outcomes, name, f), 100.0, 1)
+    )
 }
 
 /// The paper's saving of its Show-o and Emu3 recipes against the linear-FLOPs saving this
@@ -459,14 +450,15 @@ const TABLE5: [(&str, &str, &str); 6] = [
     ("gamma-mod", "γ-MoD (not in the paper's table)", "–"),
 ];
 
-fn against_text(a: &Option<Against>) -> (String, String) {
+/// A comparison's tolerance and verdict, in the words of the claim it tests.
+fn against_text(a: &Option<Against>, within: &str, outside: &str) -> (String, String) {
     match a {
         None => ("–".into(), "no scores".into()),
         Some(a) => (
             format!("{:.1} points", a.scale * a.tolerance),
             match &a.verdict {
-                Within::Within => "within dense".into(),
-                Within::Outside => "worse than dense beyond tolerance".into(),
+                Within::Within => within.into(),
+                Within::Outside => outside.into(),
                 Within::Inconclusive(why) => format!("inconclusive: {why}"),
             },
         ),
@@ -495,8 +487,14 @@ fn table5(cfg: &RunConfig, outcomes: &[Outcome]) -> Vec<Row> {
         let (tolerance, verdict) = if name == "dense" {
             ("–".into(), "reference".into())
         } else {
-            let (tj, vj) = against_text(&experiment::against(outcomes, "dense", name, judge, cfg));
-            let (tm, vm) = against_text(&experiment::against(outcomes, "dense", name, mmu, cfg));
+            let text = |m| {
+                against_text(
+                    &experiment::against(outcomes, "dense", name, m, cfg),
+                    "within dense",
+                    "worse than dense beyond tolerance",
+                )
+            };
+            let ((tj, vj), (tm, vm)) = (text(judge), text(mmu));
             (
                 format!("T2I {tj}, MMU {tm}"),
                 format!("T2I: {vj}; MMU: {vm}"),
@@ -575,18 +573,11 @@ fn table2(cfg: &RunConfig, outcomes: &[Outcome]) -> Vec<Row> {
         if !outcomes.iter().any(|o| o.variant == single) {
             continue;
         }
-        let a = experiment::against(outcomes, single, "dense", metric, cfg);
-        let (tolerance, verdict) = match &a {
-            None => ("–".into(), "no scores".into()),
-            Some(a) => (
-                format!("{:.1} points", a.scale * a.tolerance),
-                match &a.verdict {
-                    Within::Within => "shown: joint within the one-task model".into(),
-                    Within::Outside => "not shown: joint training costs this task quality".into(),
-                    Within::Inconclusive(why) => format!("inconclusive: {why}"),
-                },
-            ),
-        };
+        let (tolerance, verdict) = against_text(
+            &experiment::against(outcomes, single, "dense", metric, cfg),
+            "shown: joint within the one-task model",
+            "not shown: joint training costs this task quality",
+        );
         rows.push(Row {
             item: Item::Table2,
             what: format!(
