@@ -5,8 +5,11 @@
 //! Mixture-of-Transformers (Liang et al., `model.mot = true`): every norm and projection of a
 //! block has one copy per modality (text, image), each applied to its modality's tokens only;
 //! attention stays one global call over the whole sequence.
+//!
+//! MoMa (`[model.moma]`): the FFN is a text and an image group of experts (crate::moma).
 
 use crate::config::{BlockStyle, FfnKind, ModelConfig, NormKind};
+use crate::moma::{ExpertTargets, MomaFfn};
 use tch::{Kind, Tensor, nn, nn::Module};
 use unimod_tok::batch::attention_mask;
 
@@ -218,9 +221,12 @@ pub struct Tokens<'a> {
     pub upto: &'a Tensor,
     /// `[B, T]` false for tokens other tokens must not see (padding, tokens a layer skips).
     pub valid: &'a Tensor,
-    /// Each modality's tokens, for the untied modules of Mixture-of-Transformers (`None`
-    /// otherwise).
+    /// Each modality's tokens, for the untied modules of Mixture-of-Transformers and MoMa's
+    /// expert groups (`None` otherwise).
     pub dispatch: Option<&'a Dispatch>,
+    /// The whole sequence is present and may be looked at (training, MaskGIT): MoMa's experts
+    /// choose their tokens. False when decoding causally: its auxiliary routers decide.
+    pub lookahead: bool,
 }
 
 /// Keys and values of earlier tokens for incremental decoding, one per layer.
@@ -387,7 +393,55 @@ pub struct Block {
     norm1: PerModality<Norm>,
     norm2: Option<PerModality<Norm>>,
     attn: Attention,
-    mlp: PerModality<Mlp>,
+    ffn: Ffn,
+}
+
+/// A block's feed-forward part.
+#[derive(Debug)]
+pub enum Ffn {
+    /// One MLP for every token, or one per modality under Mixture-of-Transformers.
+    Mlp(PerModality<Mlp>),
+    Moma(MomaFfn),
+}
+
+/// What the feed-forward part did, for the FLOPs count and MoMa's auxiliary routers.
+#[derive(Debug, Default)]
+pub struct FfnWork {
+    /// Token-slots through one FFN's worth of weights (each token once for an MLP; each expert's
+    /// taken tokens under MoMa).
+    pub tokens: f64,
+    /// Router evaluations (units of a `d → 1` router's).
+    pub router_tokens: f64,
+    pub targets: Vec<ExpertTargets>,
+}
+
+impl Ffn {
+    /// # Shapes
+    /// `h: [B, T, D]` → `[B, T, D]`.
+    fn forward(&self, h: &Tensor, tokens: &Tokens) -> (Tensor, FfnWork) {
+        match self {
+            Ffn::Mlp(m) => {
+                let (b, t, _) = h.size3().expect("h is [B, T, D]");
+                let work = FfnWork {
+                    tokens: (b * t) as f64,
+                    ..Default::default()
+                };
+                (m.forward(h, tokens.dispatch), work)
+            }
+            Ffn::Moma(m) => {
+                let d = tokens
+                    .dispatch
+                    .expect("the model dispatches modalities when model.moma is set");
+                let o = m.forward(h, &d.image, tokens.valid, tokens.lookahead);
+                let work = FfnWork {
+                    tokens: o.slots,
+                    router_tokens: o.router_tokens,
+                    targets: o.targets,
+                };
+                (o.out, work)
+            }
+        }
+    }
 }
 
 /// What a block adds to the residual stream, and what it saw.
@@ -398,6 +452,7 @@ pub struct BlockDelta {
     pub attention: Option<AttentionMaps>,
     /// Keys each query attended over (cached ones included), for the FLOPs count.
     pub keys: i64,
+    pub ffn: FfnWork,
 }
 
 impl Block {
@@ -407,8 +462,16 @@ impl Block {
             norm1: norm("norm1"),
             norm2: (cfg.block == BlockStyle::Sequential).then(|| norm("norm2")),
             attn: Attention::new(&p / "attn", cfg),
-            mlp: PerModality::new(&(&p / "mlp"), cfg, |p| Mlp::new(p, cfg)),
+            ffn: match &cfg.moma {
+                None => Ffn::Mlp(PerModality::new(&(&p / "mlp"), cfg, |p| Mlp::new(p, cfg))),
+                Some(m) => Ffn::Moma(MomaFfn::new(&p / "moma", cfg, m)),
+            },
         }
+    }
+
+    /// MoMa experts in the FFN.
+    pub fn has_experts(&self) -> bool {
+        matches!(self.ffn, Ffn::Moma(_))
     }
 
     /// # Shapes
@@ -428,17 +491,15 @@ impl Block {
             maps: attention,
             keys,
         } = self.attn.forward(&h, tokens, rope, cache, capture);
-        let delta = match &self.norm2 {
-            None => a + self.mlp.forward(&h, d),
-            Some(n2) => {
-                let m = self.mlp.forward(&n2.forward(&(x + &a), d), d);
-                a + m
-            }
+        let (m, ffn) = match &self.norm2 {
+            None => self.ffn.forward(&h, tokens),
+            Some(n2) => self.ffn.forward(&n2.forward(&(x + &a), d), tokens),
         };
         BlockDelta {
-            delta,
+            delta: a + m,
             attention,
             keys,
+            ffn,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The model's configuration: shapes, flavour, losses and routing. Presets live in `configs/`
 //! as TOML; `Default` is the tiny CPU model.
 
+use crate::moma::MomaConfig;
 use serde::{Deserialize, Serialize};
 use unimod_router::RoutingConfig;
 use unimod_router::RoutingMode;
@@ -106,6 +107,9 @@ pub struct ModelConfig {
     /// applied to its modality's tokens; attention is one global call; embeddings, head and
     /// RoPE stay shared. Same FLOPs per token as dense, twice the block parameters.
     pub mot: bool,
+    /// MoMa (Lin et al., `[model.moma]`): every block's FFN becomes a text and an image group
+    /// of experts that choose their tokens (crate::moma). Absent: one FFN.
+    pub moma: Option<MomaConfig>,
     /// Image tokens per side (set from `format.image_side` by the trainer); the grid of
     /// `image_positions = "learned_2d"`. Emu3 rows have one more token, the row end.
     pub image_side: i64,
@@ -132,6 +136,7 @@ impl Default for ModelConfig {
             max_seq_len: 256,
             image_positions: ImagePositions::Rope,
             mot: false,
+            moma: None,
             image_side: 0,
             loss: LossWeights::default(),
             routing: RoutingConfig::default(),
@@ -148,6 +153,8 @@ pub enum ConfigError {
         value: String,
         why: &'static str,
     },
+    #[error("model.{field} = {why}")]
+    Moma { field: &'static str, why: String },
     #[error(transparent)]
     Schedule(#[from] unimod_router::ScheduleError),
     #[error("routing mode {mode:?}: {why}")]
@@ -215,6 +222,9 @@ impl ModelConfig {
                 self.image_side.to_string(),
                 "image_positions = \"learned_2d\" needs the image grid's side, in [1, 4096]",
             );
+        }
+        if let Some(Err((field, why))) = self.moma.as_ref().map(MomaConfig::check) {
+            return Err(ConfigError::Moma { field, why });
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
             return bad(

@@ -60,23 +60,51 @@ impl std::ops::Add for Flops {
     }
 }
 
-/// Linear FLOPs of one token through one block.
-pub fn linear_per_token(cfg: &ModelConfig) -> f64 {
+/// Linear FLOPs of one token through one block's attention projections.
+pub fn attention_linear_per_token(cfg: &ModelConfig) -> f64 {
     let d = cfg.d_model as f64;
     let kv = (cfg.n_kv_heads * cfg.head_dim()) as f64;
+    2.0 * d * (2.0 * d + 2.0 * kv)
+}
+
+/// FLOPs of one token through one FFN (an MLP, or one MoMa expert).
+pub fn ffn_per_token(cfg: &ModelConfig) -> f64 {
     let mlp_mats = match cfg.ffn {
         FfnKind::Gelu => 2.0,
         FfnKind::Swiglu => 3.0,
     };
-    2.0 * d * (2.0 * d + 2.0 * kv) + 2.0 * d * cfg.d_ffn as f64 * mlp_mats
+    2.0 * cfg.d_model as f64 * cfg.d_ffn as f64 * mlp_mats
 }
 
-/// Parameters of the dense model (blocks, embedding and head; norms, biases and routers are
-/// negligible), for memory estimates.
+/// Linear FLOPs of one token through one dense block.
+pub fn linear_per_token(cfg: &ModelConfig) -> f64 {
+    attention_linear_per_token(cfg) + ffn_per_token(cfg)
+}
+
+/// Parameters of the model (blocks, embedding and head; norms, biases and routers are
+/// negligible), for memory estimates: every expert and modality copy counted.
 pub fn parameters(cfg: &ModelConfig) -> f64 {
     // Mixture-of-Transformers keeps one copy of every block per modality.
     let copies = if cfg.mot { 2.0 } else { 1.0 };
-    copies * cfg.n_layers as f64 * linear_per_token(cfg) / 2.0
+    let ffns = match &cfg.moma {
+        None => copies,
+        Some(m) => (m.text_experts + m.image_experts) as f64,
+    };
+    cfg.n_layers as f64 * (copies * attention_linear_per_token(cfg) + ffns * ffn_per_token(cfg))
+        / 2.0
+        + 2.0 * cfg.vocab.size() as f64 * cfg.d_model as f64
+}
+
+/// Parameters one token passes through in a dense layer: its modality's copy of a block, and
+/// under MoMa `E · c_e` experts of its group on average (the larger group's, to be safe).
+pub fn active_parameters(cfg: &ModelConfig) -> f64 {
+    let ffns = cfg.moma.map_or(1.0, |m| {
+        m.groups()
+            .iter()
+            .map(|(e, c)| *e as f64 * c)
+            .fold(0.0, f64::max)
+    });
+    cfg.n_layers as f64 * (attention_linear_per_token(cfg) + ffns * ffn_per_token(cfg)) / 2.0
         + 2.0 * cfg.vocab.size() as f64 * cfg.d_model as f64
 }
 
@@ -97,7 +125,7 @@ pub fn training_bytes(cfg: &ModelConfig, sequences: usize, seq_len: usize) -> f6
 pub fn layer(cfg: &ModelConfig, w: &Work) -> Flops {
     let d = cfg.d_model as f64;
     Flops {
-        linear: w.tokens * linear_per_token(cfg),
+        linear: w.tokens * attention_linear_per_token(cfg) + w.ffn_tokens * ffn_per_token(cfg),
         attention: w.attention_pairs * 4.0 * d,
         router: w.router_tokens * 2.0 * d,
         head: 0.0,
@@ -135,20 +163,41 @@ impl Composition {
 }
 
 /// The work of each layer for one sequence of the given make-up under a schedule, without
-/// running the model: what `unimod flops` prints for full-size configs.
+/// running the model: what `unimod flops` prints for full-size configs. Under MoMa + MoD, a
+/// routed layer's kept routable tokens are split between the modalities in the proportion of
+/// the routable ones (the router's real split is known only when it runs).
 pub fn analytic_work(cfg: &ModelConfig, plans: &[LayerPlan], seq: &Composition) -> Vec<Work> {
     let valid = seq.len() - seq.segments[Segment::Pad.index()];
     let routable = seq.count(&cfg.routing.routable);
+    let image = seq.segments[Segment::Image.index()];
+    let routable_image = if cfg.routing.routable.contains(&Segment::Image) {
+        image
+    } else {
+        0
+    };
+    // FFN token-slots and MoMa router evaluations of a block over `n` tokens (`valid` of them
+    // not padding, `image` of those image tokens): an MLP computes every token, MoMa's experts
+    // take among the valid ones, its gates score every token.
+    let ffn = |n: usize, valid: usize, image: f64| match &cfg.moma {
+        None => (n as f64, 0.0),
+        Some(m) => {
+            let image = image.round() as usize;
+            let slots = m.slots([valid.saturating_sub(image), image]);
+            (slots, n as f64 * m.router_evals_per_token(cfg.d_model))
+        }
+    };
     plans
         .iter()
         .map(|plan| match plan {
             LayerPlan::Skip => Work::default(),
             LayerPlan::Dense => {
+                let (ffn_tokens, router_tokens) = ffn(seq.len(), valid, image as f64);
                 let n = seq.len() as f64;
                 Work {
                     tokens: n,
+                    ffn_tokens,
                     attention_pairs: n * n,
-                    router_tokens: 0.0,
+                    router_tokens,
                 }
             }
             LayerPlan::Routed { capacity, routers } => {
@@ -158,15 +207,24 @@ pub fn analytic_work(cfg: &ModelConfig, plans: &[LayerPlan], seq: &Composition) 
                     *routers,
                     capacity.routed_tasks().len(),
                 );
-                let n = match capacity.get(seq.task) {
-                    None => valid,
-                    Some(c) => valid - routable + tokens_kept(c, routable),
-                } as f64;
+                let (n, image_kept) = match capacity.get(seq.task) {
+                    None => (valid, image as f64),
+                    Some(c) => {
+                        let kept = tokens_kept(c, routable);
+                        let share = kept as f64 / routable.max(1) as f64;
+                        let image_kept =
+                            (image - routable_image) as f64 + routable_image as f64 * share;
+                        (valid - routable + kept, image_kept)
+                    }
+                };
+                let (ffn_tokens, ffn_router) = ffn(n, n, image_kept);
+                let n = n as f64;
                 Work {
                     tokens: n,
+                    ffn_tokens,
                     attention_pairs: n * n,
                     // the routers score every position of the batch, padding included
-                    router_tokens: seq.len() as f64 * evals,
+                    router_tokens: seq.len() as f64 * evals + ffn_router,
                 }
             }
         })

@@ -8,7 +8,8 @@
 //! both axes, RoPE from original positions), multiply each routed token's update by
 //! sigmoid(score) and add it to the residual; the other tokens pass unchanged.
 
-use crate::block::{AttentionMaps, Block, Dispatch, LayerCache, Rope, Tokens};
+use crate::block::{AttentionMaps, Block, BlockDelta, Dispatch, LayerCache, Rope, Tokens};
+use crate::moma::ExpertTargets;
 use std::cell::{OnceCell, RefCell};
 use std::rc::Rc;
 use tch::{Kind, Tensor, nn};
@@ -80,6 +81,19 @@ impl Group {
 }
 
 impl LayerInput<'_> {
+    /// The whole frame's tokens; `uncached`: no KV cache, so a top-k mode may look ahead.
+    fn tokens(&self, uncached: bool) -> Tokens<'_> {
+        let b = self.batch;
+        Tokens {
+            positions: &b.positions,
+            index: &self.index,
+            upto: &b.attn_upto,
+            valid: &self.valid,
+            dispatch: self.dispatch.as_ref(),
+            lookahead: uncached && self.mode == RoutingMode::TopK,
+        }
+    }
+
     fn shared(&self, capacity: &Capacities) -> Rc<Shared> {
         if let Some((_, s)) = self.shared.borrow().iter().find(|(c, _)| c == capacity) {
             return s.clone();
@@ -153,6 +167,8 @@ pub struct LayerOutput {
     pub routing: Option<RoutingStats>,
     /// What the router's and the causal predictor's auxiliary losses need (top-k mode only).
     pub aux_targets: Option<AuxTargets>,
+    /// MoMa's auxiliary-router targets, one per expert group (expert-choice mode).
+    pub experts: Vec<ExpertTargets>,
     /// Tokens the block processed, summed over the batch (host count; attention pairs too).
     pub work: Work,
 }
@@ -176,7 +192,11 @@ pub struct AuxTargets {
 /// Tokens processed and attention pairs computed, for the FLOPs model.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Work {
+    /// Tokens through the attention projections.
     pub tokens: f64,
+    /// Token-slots through one FFN's weights: `tokens` for an MLP, the experts' taken tokens
+    /// (padding slots of their batched matmul included) under MoMa.
+    pub ffn_tokens: f64,
     pub attention_pairs: f64,
     /// Router (and predictor) token evaluations.
     pub router_tokens: f64,
@@ -247,32 +267,27 @@ impl Layer {
         rope: &Rope,
         cache: Option<&mut LayerCache>,
     ) -> LayerOutput {
-        let b = input.batch;
-        let tokens = Tokens {
-            positions: &b.positions,
-            index: &input.index,
-            upto: &b.attn_upto,
-            valid: &input.valid,
-            dispatch: input.dispatch.as_ref(),
-        };
+        let tokens = input.tokens(cache.is_none());
         match &self.kind {
             LayerKind::Skip => LayerOutput {
                 hidden: x.shallow_clone(),
                 attention: None,
                 routing: None,
                 aux_targets: None,
+                experts: Vec::new(),
                 work: Work::default(),
             },
             LayerKind::Dense => {
                 let d = self
                     .block
                     .delta(x, &tokens, rope, cache, input.capture_attention);
-                let work = Work::of_block(x, d.keys, 0.0);
+                let (work, experts) = Work::of_block(x, d.keys, d.ffn);
                 LayerOutput {
                     hidden: x + d.delta,
                     attention: d.attention,
                     routing: None,
                     aux_targets: None,
+                    experts,
                     work,
                 }
             }
@@ -306,6 +321,7 @@ fn delta_among(
 struct Applied {
     hidden: Tensor,
     attention: Option<AttentionMaps>,
+    experts: Vec<ExpertTargets>,
     work: Work,
 }
 
@@ -334,13 +350,21 @@ fn apply_selection(
         upto: &upto,
         valid: &sel.active,
         dispatch: dispatch.as_ref(),
+        lookahead: tokens.lookahead,
     };
     let x_sel = gather_tokens(x, &sel.index);
-    let d = block.delta(&x_sel, &picked, rope, cache, capture);
+    let BlockDelta {
+        delta,
+        attention,
+        keys,
+        ffn,
+    } = block.delta(&x_sel, &picked, rope, cache, capture);
+    let (work, experts) = Work::of_block(&x_sel, keys, ffn);
     Applied {
-        hidden: scatter_add_tokens(x, &sel.index, &(d.delta * sel.weight.unsqueeze(-1))),
-        attention: d.attention,
-        work: Work::of_block(&x_sel, d.keys, 0.0),
+        hidden: scatter_add_tokens(x, &sel.index, &(delta * sel.weight.unsqueeze(-1))),
+        attention,
+        experts,
+        work,
     }
 }
 
@@ -354,28 +378,29 @@ impl Layer {
         rope: &Rope,
         keep: &Tensor,
     ) -> LayerOutput {
-        let b = input.batch;
-        let tokens = Tokens {
-            positions: &b.positions,
-            index: &input.index,
-            upto: &b.attn_upto,
-            valid: &input.valid,
-            dispatch: input.dispatch.as_ref(),
-        };
+        let tokens = input.tokens(true);
         let d = delta_among(&self.block, x, &tokens, keep, rope, input.capture_attention);
         let kept = keep
             .logical_and(&input.valid)
             .sum(Kind::Float)
             .double_value(&[]);
+        // Every token is computed, but only the kept ones count: the analysis asks what the
+        // layer costs when it processes them alone (MoMa's experts take among them only).
+        let ffn_tokens = match self.block.has_experts() {
+            true => d.ffn.tokens,
+            false => kept,
+        };
         LayerOutput {
             hidden: x + d.delta * keep.to_kind(x.kind()).unsqueeze(-1),
             attention: d.attention,
             routing: None,
             aux_targets: None,
+            experts: d.ffn.targets,
             work: Work {
                 tokens: kept,
+                ffn_tokens,
                 attention_pairs: kept * d.keys as f64,
-                router_tokens: 0.0,
+                router_tokens: d.ffn.router_tokens,
             },
         }
     }
@@ -385,27 +410,32 @@ impl Work {
     fn plus(self, o: Work) -> Work {
         Work {
             tokens: self.tokens + o.tokens,
+            ffn_tokens: self.ffn_tokens + o.ffn_tokens,
             attention_pairs: self.attention_pairs + o.attention_pairs,
             router_tokens: self.router_tokens + o.router_tokens,
         }
     }
 
+    /// The same work plus `router_tokens` more router evaluations.
     fn with_router(self, router_tokens: f64) -> Work {
         Work {
-            router_tokens,
+            router_tokens: self.router_tokens + router_tokens,
             ..self
         }
     }
 
-    /// Work of a block over `x: [B, T, D]` attending to `keys` keys per query.
-    fn of_block(x: &Tensor, keys: i64, router_tokens: f64) -> Work {
+    /// Work of a block over `x: [B, T, D]` attending to `keys` keys per query, and what its
+    /// FFN did; and the FFN's auxiliary-router targets.
+    fn of_block(x: &Tensor, keys: i64, ffn: crate::block::FfnWork) -> (Work, Vec<ExpertTargets>) {
         let (b, t, _) = x.size3().expect("x is [B, T, D]");
         let tokens = (b * t) as f64;
-        Work {
+        let work = Work {
             tokens,
+            ffn_tokens: ffn.tokens,
             attention_pairs: tokens * keys as f64,
-            router_tokens,
-        }
+            router_tokens: ffn.router_tokens,
+        };
+        (work, ffn.targets)
     }
 }
 
@@ -513,6 +543,7 @@ impl RoutedLayer {
                     Applied {
                         hidden: x.shallow_clone(),
                         attention: None,
+                        experts: Vec::new(),
                         work: Work::default(),
                     }
                 } else {
@@ -523,6 +554,7 @@ impl RoutedLayer {
                     attention: applied.attention,
                     routing: Some(stats),
                     aux_targets: None,
+                    experts: applied.experts,
                     work: applied.work.with_router(n_router_evals),
                 }
             }
@@ -549,7 +581,7 @@ impl RoutedLayer {
         let (groups, processed) = shared.top_k.get_or_init(|| self.budget(input, shared));
         let capture = input.capture_attention && groups.len() == 1;
         let (mut hidden, mut in_topk, mut kept) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut attention, mut work) = (None, Work::default());
+        let (mut attention, mut work, mut experts) = (None, Work::default(), Vec::new());
         for g in groups {
             let (positions, index, upto, valid) = (
                 g.rows(tokens.positions),
@@ -564,6 +596,7 @@ impl RoutedLayer {
                 upto: &upto,
                 valid: &valid,
                 dispatch: dispatch.as_ref(),
+                lookahead: tokens.lookahead,
             };
             let sel = select::top_k(&g.rows(score), &g.budget);
             let applied = apply_selection(block, &g.rows(x), &t, &sel, rope, None, capture);
@@ -571,6 +604,7 @@ impl RoutedLayer {
             kept.push(sel.processed);
             hidden.push(applied.hidden);
             attention = applied.attention;
+            experts.extend(applied.experts);
             work = work.plus(applied.work);
         }
         let cat = |v: Vec<Tensor>| match v.len() {
@@ -598,6 +632,7 @@ impl RoutedLayer {
             attention,
             routing: Some(stats),
             aux_targets: Some(aux_targets),
+            experts,
             work: work.with_router(n_router_evals),
         }
     }

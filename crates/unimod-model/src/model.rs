@@ -4,6 +4,7 @@
 use crate::block::{AttentionMaps, Dispatch, LayerCache, Norm, PerModality, Rope};
 use crate::config::{ConfigError, Flavour, ImagePositions, ModelConfig};
 use crate::layer::{AuxTargets, Layer, LayerInput, RoutingStats, Work};
+use crate::moma::{self, ExpertTargets};
 use tch::{Kind, Tensor, nn, nn::Module};
 use unimod_router::{LayerPlan, Router, Routers, RoutingMode, select};
 use unimod_tok::{Batch, IGNORE, Segment, Task};
@@ -64,8 +65,12 @@ pub struct ModelOutput {
     pub attentions: Vec<Option<AttentionMaps>>,
     /// One entry per routed layer.
     pub routing: Vec<RoutingStats>,
-    /// Summed router and predictor losses of the routed layers.
+    /// Summed router and predictor losses of the routed layers, and MoMa's auxiliary-router
+    /// losses.
     pub aux_loss: Option<Tensor>,
+    /// MoMa's expert choices and auxiliary-router logits, per layer (expert-choice mode; empty
+    /// without MoMa).
+    pub experts: Vec<Vec<ExpertTargets>>,
     /// Work per layer, for the FLOPs model.
     pub work: Vec<Work>,
 }
@@ -272,9 +277,7 @@ impl UnifiedTransformer {
                 .collect(),
             mode: opts.mode,
             capture_attention: opts.attention,
-            dispatch: self
-                .cfg
-                .mot
+            dispatch: (self.cfg.mot || self.cfg.moma.is_some())
                 .then(|| Dispatch::new(&batch.segment.eq(Segment::Image as i64))),
             shared: Default::default(),
         }
@@ -382,6 +385,7 @@ impl UnifiedTransformer {
             attentions: Vec::new(),
             routing: Vec::new(),
             aux_loss: None,
+            experts: Vec::new(),
             work: Vec::new(),
         };
         if opts.hidden_states {
@@ -406,6 +410,9 @@ impl UnifiedTransformer {
             out.work.push(o.work);
             out.routing.extend(o.routing);
             aux_targets.extend(o.aux_targets);
+            if !o.experts.is_empty() {
+                out.experts.push(o.experts);
+            }
             if opts.hidden_states {
                 out.hidden_states.push(x.shallow_clone());
             }
@@ -413,7 +420,15 @@ impl UnifiedTransformer {
         out.logits = self
             .head
             .forward(&self.norm.forward(&x, input.dispatch.as_ref()));
-        out.aux_loss = self.aux_loss(&aux_targets);
+        let experts = out
+            .experts
+            .iter()
+            .filter_map(|l| moma::aux_router_bce(&l.iter().collect::<Vec<_>>()))
+            .reduce(|a, b| a + b);
+        out.aux_loss = match (self.aux_loss(&aux_targets), experts) {
+            (Some(a), Some(e)) => Some(a + e),
+            (a, e) => a.or(e),
+        };
         out
     }
 

@@ -905,3 +905,58 @@ fn mot_tokens_use_their_own_modality_and_decode_cached() {
         RoutingMode::TopK,
     );
 }
+
+fn moma(cfg: &ModelConfig) -> ModelConfig {
+    ModelConfig {
+        moma: Some(unimod_model::MomaConfig {
+            text_experts: 2,
+            image_experts: 3,
+            capacity: None,
+        }),
+        ..cfg.clone()
+    }
+}
+
+/// MoMa alone and under MoD: every parameter learns (the gates through the experts' weights,
+/// the auxiliary routers through their BCE), and decoding with a KV cache, where the auxiliary
+/// routers decide, equals the full forward in the same causal mode.
+#[test]
+fn moma_learns_everywhere_and_decodes_cached() {
+    let cap = Capacities {
+        t2i: Some(0.5),
+        mmu: Some(0.75),
+        lm: None,
+    };
+    for schedule in [Schedule::Dense, routed_everywhere(cap, 3)] {
+        for flavour in [Flavour::Showo, Flavour::Emu3] {
+            let cfg = moma(&config(flavour, schedule.clone()));
+            let (vs, model) = build(&cfg, 5);
+            let b = batch(&sequences(flavour, false));
+            let out = model.forward(&b, &ForwardOptions::default()).unwrap();
+            assert_eq!(out.experts.len(), 3, "one entry per layer");
+            model.losses(&b, &out).total.backward();
+            for (name, v) in vs.variables() {
+                let g = v.grad();
+                assert!(
+                    g.defined() && g.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+                    "{flavour:?}: no gradient reaches {name}"
+                );
+            }
+        }
+        let (vs, model) = build(&moma(&config(Flavour::Emu3, schedule)), 6);
+        // Random auxiliary routers, so that the causal picks are mixed.
+        tch::no_grad(|| {
+            for (name, mut v) in vs.variables() {
+                if name.contains("aux_router") || name.contains("router") {
+                    v.copy_(&(Tensor::randn(v.size(), tch::kind::FLOAT_CPU) * 0.5));
+                }
+            }
+        });
+        check_cached(
+            &model,
+            &sequences(Flavour::Emu3, true),
+            2,
+            RoutingMode::ThresholdRouter,
+        );
+    }
+}

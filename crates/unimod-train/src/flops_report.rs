@@ -196,10 +196,16 @@ pub fn over_batches(cfg: &RunConfig, schedule: &Schedule, batches: &[Batch]) -> 
                     .collect();
                 let work: Vec<Work> = (0..m.n_layers)
                     .map(|l| {
-                        let width = per_row.iter().map(|w| w[l].tokens).fold(0.0, f64::max);
+                        let widest = |f: fn(&Work) -> f64| {
+                            per_row.iter().map(|w| f(&w[l])).fold(0.0, f64::max)
+                        };
+                        let width = widest(|w| w.tokens);
                         let n = group.len() as f64;
+                        // MoMa's experts are padded to the sample that fills them most, as
+                        // the routed layer's gather is to its widest sample.
                         Work {
                             tokens: width * n,
+                            ffn_tokens: widest(|w| w.ffn_tokens) * n,
                             attention_pairs: width * width * n,
                             router_tokens: per_row.iter().map(|w| w[l].router_tokens).sum(),
                         }
