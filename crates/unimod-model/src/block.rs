@@ -401,7 +401,7 @@ pub struct Block {
 pub enum Ffn {
     /// One MLP for every token, or one per modality under Mixture-of-Transformers.
     Mlp(PerModality<Mlp>),
-    Moma(MomaFfn),
+    Moma(Box<MomaFfn>),
 }
 
 /// What the feed-forward part did, for the FLOPs count and MoMa's auxiliary routers.
@@ -464,7 +464,7 @@ impl Block {
             attn: Attention::new(&p / "attn", cfg),
             ffn: match &cfg.moma {
                 None => Ffn::Mlp(PerModality::new(&(&p / "mlp"), cfg, |p| Mlp::new(p, cfg))),
-                Some(m) => Ffn::Moma(MomaFfn::new(&p / "moma", cfg, m)),
+                Some(m) => Ffn::Moma(Box::new(MomaFfn::new(&p / "moma", cfg, m))),
             },
         }
     }

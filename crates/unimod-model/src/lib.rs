@@ -21,5 +21,5 @@ pub mod moma;
 pub use config::{
     BlockStyle, ConfigError, FfnKind, Flavour, ImagePositions, LossWeights, ModelConfig, NormKind,
 };
-pub use moma::MomaConfig;
 pub use model::{ForwardOptions, KeepTokens, KvCache, Losses, ModelOutput, UnifiedTransformer};
+pub use moma::MomaConfig;

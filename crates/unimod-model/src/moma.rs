@@ -23,7 +23,6 @@
 use crate::config::{FfnKind, ModelConfig};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor, nn, nn::Module};
-use unimod_router::CausalPredictor;
 
 /// `[model.moma]`: MoMa's modality-aware experts in every block's FFN.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -75,17 +74,25 @@ impl MomaConfig {
         }
     }
 
-    /// Router evaluations per token (units of a `d → 1` router's `d` multiply-accumulates):
-    /// the gates of the groups that route, and their auxiliary routers. Each is computed for
-    /// every token of the frame whatever its modality (one matmul for both groups).
-    pub fn router_evals_per_token(&self, d_model: i64) -> f64 {
-        let columns: i64 = self
-            .groups()
+    /// Gate columns: the experts of the groups that route.
+    fn columns(&self) -> i64 {
+        self.groups()
             .iter()
             .filter(|(e, c)| routes(*e, *c))
             .map(|(e, _)| e)
-            .sum();
-        columns as f64 * (1.0 + CausalPredictor::cost_in_router_evals(d_model))
+            .sum()
+    }
+
+    /// Router evaluations per token (units of a `d → 1` router's `d` multiply-accumulates):
+    /// the gates of the groups that route, and the auxiliary router. Both are computed for
+    /// every token of the frame whatever its modality (one matmul for both groups).
+    pub fn router_evals_per_token(&self, d_model: i64) -> f64 {
+        let n = self.columns();
+        if n == 0 {
+            return 0.0;
+        }
+        let h = AuxRouter::hidden(d_model);
+        n as f64 + (d_model * h + h * n) as f64 / d_model as f64
     }
 
     /// Expert token-slots computed per sequence with `n` tokens of each modality (text, image):
@@ -97,6 +104,35 @@ impl MomaConfig {
             .zip(n)
             .map(|((e, c), n)| *e as f64 * unimod_router::tokens_kept(*c, n) as f64)
             .sum()
+    }
+}
+
+/// Predicts, per token and expert, whether the expert would take the token: `d → h → E` with
+/// ReLU, one hidden layer shared by every expert (a hidden layer per expert, as MoD's causal
+/// predictor has per task, would cost a quarter of an FFN at eight experts), on the detached
+/// input so that it never changes what it imitates.
+#[derive(Debug)]
+struct AuxRouter {
+    hidden: nn::Linear,
+    out: nn::Linear,
+}
+
+impl AuxRouter {
+    fn hidden(d_model: i64) -> i64 {
+        (d_model / 4).max(8)
+    }
+
+    fn new(p: nn::Path, d_model: i64, n: i64) -> AuxRouter {
+        let h = Self::hidden(d_model);
+        AuxRouter {
+            hidden: nn::linear(&p / "hidden", d_model, h, Default::default()),
+            out: nn::linear(&p / "out", h, n, Default::default()),
+        }
+    }
+
+    /// `x: [B, T, D]` → `[B, T, n]` logits of "the expert takes the token".
+    fn logits(&self, x: &Tensor) -> Tensor {
+        self.out.forward(&self.hidden.forward(&x.detach()).relu())
     }
 }
 
@@ -126,7 +162,11 @@ impl Experts {
         // U(±1/√fan_in) biases.
         let weight = |name: &str, fan_in: i64, fan_out: i64| {
             let b = (6.0 / fan_in as f64).sqrt();
-            p.var(name, &[n, fan_in, fan_out], nn::Init::Uniform { lo: -b, up: b })
+            p.var(
+                name,
+                &[n, fan_in, fan_out],
+                nn::Init::Uniform { lo: -b, up: b },
+            )
         };
         let bias = |name: &str, fan_in: i64, fan_out: i64| {
             let b = 1.0 / (fan_in as f64).sqrt();
@@ -138,7 +178,11 @@ impl Experts {
             up: weight("up", d, h),
             up_bias: bias("up_bias", d, h),
             gate: swiglu.then(|| weight("gate", d, h)),
-            gate_bias: if swiglu { bias("gate_bias", d, h) } else { None },
+            gate_bias: if swiglu {
+                bias("gate_bias", d, h)
+            } else {
+                None
+            },
             down: weight("down", h, d),
             down_bias: bias("down_bias", h, d),
             n,
@@ -239,8 +283,8 @@ pub struct MomaFfn {
     groups: [Experts; 2],
     /// `d → Σ E` sigmoid gates of the groups that route (text columns first).
     gate: Option<nn::Linear>,
-    /// The auxiliary routers of the same columns.
-    aux: Option<CausalPredictor>,
+    /// The auxiliary router of the same columns.
+    aux: Option<AuxRouter>,
     cfg: MomaConfig,
     d_model: i64,
 }
@@ -248,11 +292,7 @@ pub struct MomaFfn {
 impl MomaFfn {
     pub fn new(p: nn::Path, cfg: &ModelConfig, moma: &MomaConfig) -> MomaFfn {
         let [(et, ct), (ei, ci)] = moma.groups();
-        let columns = [(et, ct), (ei, ci)]
-            .iter()
-            .filter(|(e, c)| routes(*e, *c))
-            .map(|(e, _)| e)
-            .sum::<i64>();
+        let columns = moma.columns();
         let gate_cfg = nn::LinearConfig {
             bias: false,
             ..Default::default()
@@ -263,7 +303,7 @@ impl MomaFfn {
                 Experts::new(&p / "image", cfg, ei, ci),
             ],
             gate: (columns > 0).then(|| nn::linear(&p / "gate", cfg.d_model, columns, gate_cfg)),
-            aux: (columns > 0).then(|| CausalPredictor::new(&p / "aux_router", cfg.d_model, columns)),
+            aux: (columns > 0).then(|| AuxRouter::new(&p / "aux_router", cfg.d_model, columns)),
             cfg: *moma,
             d_model: cfg.d_model,
         }
@@ -273,15 +313,28 @@ impl MomaFfn {
     /// `x: [B, T, D]`, `image, valid: [B, T]` bool → `out: [B, T, D]`. `lookahead`: the whole
     /// sequence is present (training, MaskGIT), so experts choose; otherwise each token is
     /// decided on its own by the auxiliary routers.
-    pub fn forward(&self, x: &Tensor, image: &Tensor, valid: &Tensor, lookahead: bool) -> MomaOutput {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        image: &Tensor,
+        valid: &Tensor,
+        lookahead: bool,
+    ) -> MomaOutput {
         let (b, t, d) = x.size3().expect("x is [B, T, D]");
         let gate = self.gate.as_ref().map(|g| g.forward(x));
         let aux = self.aux.as_ref().map(|a| a.logits(x));
         let mut out = x.zeros_like();
         let (mut slots, mut targets, mut column) = (0.0, Vec::new(), 0);
         for (m, experts) in self.groups.iter().enumerate() {
-            let of_m = if m == 1 { image.shallow_clone() } else { image.logical_not() };
-            let member = of_m.logical_and(valid).unsqueeze(-1).expand([b, t, experts.n], false);
+            let of_m = if m == 1 {
+                image.shallow_clone()
+            } else {
+                image.logical_not()
+            };
+            let member = of_m
+                .logical_and(valid)
+                .unsqueeze(-1)
+                .expand([b, t, experts.n], false);
             let routed = routes(experts.n, experts.capacity);
             let cols = |l: &Option<Tensor>| {
                 l.as_ref()
@@ -292,8 +345,8 @@ impl MomaFfn {
             if routed {
                 column += experts.n;
             }
-            let logits = logits
-                .unwrap_or_else(|| Tensor::zeros([b, t, experts.n], (x.kind(), x.device())));
+            let logits =
+                logits.unwrap_or_else(|| Tensor::zeros([b, t, experts.n], (x.kind(), x.device())));
             let (eligible, k) = match (&aux_logits, lookahead) {
                 (Some(a), false) => {
                     let e = member.logical_and(&a.gt(0.0));
@@ -303,7 +356,10 @@ impl MomaFfn {
                 _ => {
                     let n = member.select(2, 0).sum_dim_intlist(1, false, Kind::Double);
                     let k = (&n * experts.capacity).ceil().clamp_min(1.0).minimum(&n);
-                    let k = k.to_kind(Kind::Int64).unsqueeze(1).expand([b, experts.n], false);
+                    let k = k
+                        .to_kind(Kind::Int64)
+                        .unsqueeze(1)
+                        .expand([b, experts.n], false);
                     (member.shallow_clone(), k)
                 }
             };
@@ -315,7 +371,11 @@ impl MomaFfn {
             // [B, E, K] → [E, B·K, D]: each expert's tokens, one batched matmul for all.
             let flat = sel.index.reshape([b, -1]);
             let x_sel = x
-                .gather(1, &flat.unsqueeze(-1).expand([b, experts.n * width, d], false), false)
+                .gather(
+                    1,
+                    &flat.unsqueeze(-1).expand([b, experts.n * width, d], false),
+                    false,
+                )
                 .view([b, experts.n, width, d])
                 .permute([1, 0, 2, 3])
                 .reshape([experts.n, b * width, d]);
@@ -358,11 +418,18 @@ pub fn aux_router_bce(targets: &[&ExpertTargets]) -> Option<Tensor> {
     }
     let cat = |f: fn(&ExpertTargets) -> &Tensor| {
         Tensor::cat(
-            &targets.iter().map(|t| f(t).reshape([-1])).collect::<Vec<_>>(),
+            &targets
+                .iter()
+                .map(|t| f(t).reshape([-1]))
+                .collect::<Vec<_>>(),
             0,
         )
     };
-    let (logits, taken, member) = (cat(|t| &t.aux_logits), cat(|t| &t.taken), cat(|t| &t.member));
+    let (logits, taken, member) = (
+        cat(|t| &t.aux_logits),
+        cat(|t| &t.taken),
+        cat(|t| &t.member),
+    );
     Some(
         unimod_router::select::membership_bce(
             &logits.unsqueeze(0),
@@ -400,9 +467,11 @@ mod tests {
     fn frame() -> (Tensor, Tensor, Tensor) {
         tch::manual_seed(7);
         let x = Tensor::randn([3, 10, 16], tch::kind::FLOAT_CPU);
-        let image = Tensor::from_slice(&[false, false, true, true, true, true, true, false, false, false])
-            .view([1, 10])
-            .repeat([3, 1]);
+        let image = Tensor::from_slice(&[
+            false, false, true, true, true, true, true, false, false, false,
+        ])
+        .view([1, 10])
+        .repeat([3, 1]);
         let valid = Tensor::ones([3, 10], (Kind::Bool, Device::Cpu));
         let _ = valid.narrow(1, 8, 2).narrow(0, 2, 1).fill_(0);
         (x, image, valid)
@@ -431,7 +500,9 @@ mod tests {
                     let mut ranked = members.clone();
                     ranked.sort_by(|a, b| score(*b).total_cmp(&score(*a)));
                     if causal {
-                        let picks = |i: &i64| f64::try_from(aux.get(s).get(*i).get(column + e)).unwrap() > 0.0;
+                        let picks = |i: &i64| {
+                            f64::try_from(aux.get(s).get(*i).get(column + e)).unwrap() > 0.0
+                        };
                         ranked.retain(picks);
                     }
                     let k = if causal { ranked.len() } else { k };
@@ -498,13 +569,25 @@ mod tests {
             Vec::<i64>::try_from(t.taken.sum_dim_intlist(1, false, Kind::Int64).reshape([-1]))
                 .unwrap()
         };
-        assert_eq!(per_sample(&o.targets[0]), [2, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1]);
+        assert_eq!(
+            per_sample(&o.targets[0]),
+            [2, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1]
+        );
         assert_eq!(per_sample(&o.targets[1]), [3, 3, 3, 3, 3, 3]);
         for t in &o.targets {
-            assert!(t.taken.logical_and(&t.member.logical_not()).sum(Kind::Int64).int64_value(&[]) == 0);
+            assert!(
+                t.taken
+                    .logical_and(&t.member.logical_not())
+                    .sum(Kind::Int64)
+                    .int64_value(&[])
+                    == 0
+            );
         }
         let padding = valid.logical_not().unsqueeze(-1).to_kind(Kind::Float);
-        assert_eq!((&o.out * padding).abs().sum(Kind::Float).double_value(&[]), 0.0);
+        assert_eq!(
+            (&o.out * padding).abs().sum(Kind::Float).double_value(&[]),
+            0.0
+        );
     }
 
     #[test]
@@ -557,7 +640,10 @@ mod tests {
             assert!(got.allclose(&want, 1e-6, 1e-6, false), "{ffn_kind:?}");
             let gw = Tensor::run_backward(&[want.sum(Kind::Float)], &[&x], true, false);
             let gg = Tensor::run_backward(&[got.sum(Kind::Float)], &[&x], false, false);
-            assert!(gw[0].allclose(&gg[0], 1e-6, 1e-6, false), "{ffn_kind:?}: gradients");
+            assert!(
+                gw[0].allclose(&gg[0], 1e-6, 1e-6, false),
+                "{ffn_kind:?}: gradients"
+            );
         }
     }
 
@@ -578,7 +664,11 @@ mod tests {
             let (mut hit, mut all) = (0, 0);
             for t in &o.targets {
                 let pred = t.aux_logits.gt(0.0);
-                hit += pred.eq_tensor(&t.taken).logical_and(&t.member).sum(Kind::Int64).int64_value(&[]);
+                hit += pred
+                    .eq_tensor(&t.taken)
+                    .logical_and(&t.member)
+                    .sum(Kind::Int64)
+                    .int64_value(&[]);
                 all += t.member.sum(Kind::Int64).int64_value(&[]);
             }
             hit as f64 / all as f64
@@ -593,7 +683,10 @@ mod tests {
             opt.backward_step(&loss);
         }
         let a = agreement(&tch::no_grad(|| ffn.forward(&x, &image, &valid, true)));
-        assert!(a > 0.9 && a > untrained + 0.2, "agreement {untrained} → {a}");
+        assert!(
+            a > 0.9 && a > untrained + 0.2,
+            "agreement {untrained} → {a}"
+        );
     }
 
     #[test]

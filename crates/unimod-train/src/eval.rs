@@ -106,6 +106,15 @@ pub struct EvalReport {
     /// Causal router decision (sigmoid ≥ 0.5) and auxiliary predictor vs top-k.
     pub router_agreement: Option<Agreement>,
     pub predictor_agreement: Option<Agreement>,
+    /// MoMa's auxiliary routers vs the experts' choices, over each group's tokens and experts.
+    #[serde(default)]
+    pub expert_agreement: Option<Agreement>,
+    /// Validation loss when every routing decision is the causal one that decoding uses
+    /// (`routing.causal_mode` for MoD layers, the auxiliary routers for MoMa), on the same
+    /// batches as `val_loss` (which decides by top-k / expert choice); empty for a model that
+    /// routes nothing. The gap is the price of deciding without looking ahead.
+    #[serde(default)]
+    pub val_loss_causal: BTreeMap<String, f64>,
 }
 
 pub fn evaluate(
@@ -114,8 +123,13 @@ pub fn evaluate(
     model: &UnifiedTransformer,
     out: &Path,
 ) -> Result<EvalReport> {
-    let (val_loss, router_agreement, predictor_agreement) =
-        tch::no_grad(|| validation(ctx, cfg, model))?;
+    let Validation {
+        loss: val_loss,
+        loss_causal: val_loss_causal,
+        router: router_agreement,
+        predictor: predictor_agreement,
+        experts: expert_agreement,
+    } = tch::no_grad(|| validation(ctx, cfg, model))?;
     let T2i {
         overall: t2i_overall,
         facts: t2i_facts,
@@ -146,26 +160,58 @@ pub fn evaluate(
         mmu_blind_per_kind,
         router_agreement,
         predictor_agreement,
+        expert_agreement,
+        val_loss_causal,
     })
 }
 
-type Validation = (BTreeMap<String, f64>, Option<Agreement>, Option<Agreement>);
+struct Validation {
+    loss: BTreeMap<String, f64>,
+    loss_causal: BTreeMap<String, f64>,
+    router: Option<Agreement>,
+    predictor: Option<Agreement>,
+    experts: Option<Agreement>,
+}
 
 fn validation(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) -> Result<Validation> {
-    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
-    // [router tp, router predicted, predictor tp, predictor predicted, actual]
-    let mut counts = [0f64; 5];
-    let mut routed = false;
-    for k in 0..cfg.eval.val_batches {
-        // Masking and caption choice are seeded by the batch index: the same for every model.
-        let b = ctx.batch(cfg, Split::Val, 1_000_000 + k as u64, true)?;
-        let o = model.forward(&b, &ForwardOptions::default())?;
-        let l = model.losses(&b, &o);
+    let (mut sums, mut sums_causal) = (BTreeMap::new(), BTreeMap::new());
+    let add = |sums: &mut BTreeMap<String, f64>, l: &unimod_model::Losses| {
         for t in Task::ALL {
             if let Some(v) = &l.per_task[t.index()] {
                 *sums.entry(t.name().to_string()).or_default() +=
                     v.double_value(&[]) / cfg.eval.val_batches as f64;
             }
+        }
+    };
+    let causal = ForwardOptions {
+        mode: model.cfg.routing.causal_mode,
+        ..Default::default()
+    };
+    let decides = model.cfg.moma.is_some()
+        || model
+            .plans
+            .iter()
+            .any(|p| matches!(p, unimod_router::LayerPlan::Routed { .. }));
+    // [router tp, router predicted, predictor tp, predictor predicted, actual]
+    let mut counts = [0f64; 5];
+    // MoMa: [auxiliary router and expert agree on taking, auxiliary router takes, expert takes]
+    let mut experts = [0f64; 3];
+    let mut routed = false;
+    for k in 0..cfg.eval.val_batches {
+        // Masking and caption choice are seeded by the batch index: the same for every model.
+        let b = ctx.batch(cfg, Split::Val, 1_000_000 + k as u64, true)?;
+        let o = model.forward(&b, &ForwardOptions::default())?;
+        add(&mut sums, &model.losses(&b, &o));
+        if decides {
+            let oc = model.forward(&b, &causal)?;
+            add(&mut sums_causal, &model.losses(&b, &oc));
+        }
+        for t in o.experts.iter().flatten() {
+            let count = |t: &Tensor| t.sum(Kind::Float).double_value(&[]);
+            let aux = t.aux_logits.gt(0.0).logical_and(&t.member);
+            experts[0] += count(&aux.logical_and(&t.taken));
+            experts[1] += count(&aux);
+            experts[2] += count(&t.taken);
         }
         for s in &o.routing {
             routed = true;
@@ -188,7 +234,16 @@ fn validation(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) -> 
     };
     let router = routed.then(|| agree(counts[0], counts[1]));
     let predictor = (routed && counts[3] + counts[2] > 0.0).then(|| agree(counts[2], counts[3]));
-    Ok((sums, router, predictor))
+    Ok(Validation {
+        loss: sums,
+        loss_causal: sums_causal,
+        router,
+        predictor,
+        experts: (experts[2] > 0.0).then(|| Agreement {
+            precision: experts[0] / experts[1].max(1.0),
+            recall: experts[0] / experts[2],
+        }),
+    })
 }
 
 /// Images generated from tokenised prompts: MaskGIT with guidance (Show-o, top-k routing) or

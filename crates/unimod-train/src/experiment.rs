@@ -843,6 +843,28 @@ fn write_report(
                 ))
             )?;
         }
+        if let Some(a) = o.eval.expert_agreement {
+            writeln!(
+                r,
+                "- {} (seed {}): MoMa's auxiliary routers vs expert choice precision {:.2}, recall {:.2}",
+                o.variant, o.seed, a.precision, a.recall
+            )?;
+        }
+        if !o.eval.val_loss_causal.is_empty() {
+            let gap =
+                |task: &str| match (o.eval.val_loss.get(task), o.eval.val_loss_causal.get(task)) {
+                    (Some(a), Some(c)) => format!("{task} {a:.3} → {c:.3}"),
+                    _ => format!("{task} -"),
+                };
+            writeln!(
+                r,
+                "- {} (seed {}): validation loss deciding by top-k / expert choice → by the causal decisions decoding uses: {}, {}",
+                o.variant,
+                o.seed,
+                gap("t2i"),
+                gap("mmu")
+            )?;
+        }
     }
     writeln!(r)?;
     for (title, path) in figures {

@@ -162,7 +162,57 @@ pub fn report(cfg: &RunConfig, schedule: &Schedule, mix: &[(Task, f64)]) -> Resu
         routers and the LM head (docs/flops.md).",
         flops::TRAIN_MULTIPLIER
     )?;
+    if m.mot || m.moma.is_some() {
+        writeln!(table)?;
+        writeln!(table, "{}", family(cfg, &plans, mix))?;
+    }
     Ok(FlopsReport { rows, table })
+}
+
+/// Parameters and FLOPs of Mixture-of-Transformers or MoMa against the same shape with one
+/// set of block weights (the table above compares schedules of the same family).
+fn family(cfg: &RunConfig, plans: &[unimod_router::LayerPlan], mix: &[(Task, f64)]) -> String {
+    let m = &cfg.model;
+    let plain = unimod_model::ModelConfig {
+        mot: false,
+        moma: None,
+        ..m.clone()
+    };
+    let wsum: f64 = mix.iter().map(|(_, w)| w).sum();
+    let per_sequence = |c: &unimod_model::ModelConfig| -> f64 {
+        mix.iter()
+            .map(|&(task, w)| {
+                let seq = Composition {
+                    task,
+                    segments: cfg.format.composition(task),
+                };
+                let work = flops::analytic_work(c, plans, &seq);
+                w / wsum * flops::forward(c, &work, seq.len() as f64).total()
+            })
+            .sum()
+    };
+    let name = match (&m.moma, m.mot) {
+        (Some(x), mot) => {
+            let [(et, ct), (ei, ci)] = x.groups();
+            format!(
+                "MoMa{} with {et} text experts (c_e {ct:.3}) and {ei} image experts (c_e {ci:.3})",
+                if mot { " on MoT blocks" } else { "" }
+            )
+        }
+        (None, _) => "Mixture-of-Transformers".to_string(),
+    };
+    let (f, f0) = (per_sequence(m), per_sequence(&plain));
+    format!(
+        "{name}: {:.3e} parameters, {:.3e} active per token (one set of block weights: {:.3e}); \
+         forward FLOPs per sequence of the mix {:.1} GFLOPs total under this schedule, {:.1} with one \
+         FFN per block ({:+.1} %).",
+        flops::parameters(m),
+        flops::active_parameters(m),
+        flops::parameters(&plain),
+        f / 1e9,
+        f0 / 1e9,
+        100.0 * (f / f0 - 1.0)
+    )
 }
 
 /// Dense and routed forward FLOPs of real batches: their text lengths and padding, which
