@@ -87,6 +87,15 @@ impl Analyzer<'_> {
             .with_context(|| format!("writing {}", path.display()))
     }
 
+    /// `name` (a `.npy` file numpy reads) beside the JSON: the f64 array of `shape` from
+    /// row-major `values`, NaN where a value does not exist (a skipped layer's ARank).
+    fn write_npy(&self, name: &str, shape: &[usize], values: Vec<f64>) -> Result<()> {
+        let path = self.out.join(name);
+        let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(shape), values)
+            .with_context(|| format!("{name}: values do not fill the shape {shape:?}"))?;
+        ndarray_npy::write_npy(&path, &a).with_context(|| format!("writing {}", path.display()))
+    }
+
     fn figure(&self, md: &mut String, file: &str, title: &str) {
         let _ = writeln!(md, "\n![{title}]({file})\n");
     }
@@ -119,6 +128,12 @@ impl Analyzer<'_> {
                 let rows: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(&m)?;
                 let file = format!("attention-map-{task}-layer{layer}.png");
                 heatmap(&self.out.join(&file), &rows, 6)?;
+                let n = rows.len();
+                self.write_npy(
+                    &file.replace(".png", ".npy"),
+                    &[n, n],
+                    rows.iter().flatten().map(|v| f64::from(*v)).collect(),
+                )?;
                 self.figure(
                     &mut md,
                     &file,
@@ -164,6 +179,24 @@ impl Analyzer<'_> {
         )?;
         self.figure(&mut md, "attention-share.png", "attention share per layer");
         self.write_json("attention.json", &all)?;
+        let layers = self.model.cfg.n_layers;
+        // [task, layer, text / image / special] and [task, layer, head, text / image / special]
+        let (mut shares, mut heads, mut entropy) = (Vec::new(), Vec::new(), Vec::new());
+        for (_, p) in &all {
+            for l in p {
+                shares.extend(l.share);
+                entropy.push(l.entropy);
+                heads.extend(l.heads.iter().flat_map(|h| h.share));
+            }
+        }
+        let n_heads = heads.len() / (3 * layers * all.len()).max(1);
+        self.write_npy("attention-share.npy", &[all.len(), layers, 3], shares)?;
+        self.write_npy(
+            "attention-share-heads.npy",
+            &[all.len(), layers, n_heads, 3],
+            heads,
+        )?;
+        self.write_npy("attention-entropy.npy", &[all.len(), layers], entropy)?;
         Ok((md, all))
     }
 
@@ -238,6 +271,31 @@ impl Analyzer<'_> {
             self.figure(&mut md, file, title);
         }
         self.write_json("importance.json", &all)?;
+        // [task, layer] each
+        let layers = self.model.cfg.n_layers;
+        let per_layer = |f: &dyn Fn(&Importance, &importance::LayerImportance) -> f64| {
+            all.iter()
+                .flat_map(|i| i.layers.iter().map(move |l| (i, l)))
+                .map(|(i, l)| f(i, l))
+                .collect::<Vec<_>>()
+        };
+        let shape = [all.len(), layers];
+        self.write_npy(
+            "arank.npy",
+            &shape,
+            per_layer(&|_, l| l.arank.map_or(f64::NAN, |a| a.mean)),
+        )?;
+        self.write_npy(
+            "arank-se.npy",
+            &shape,
+            per_layer(&|_, l| l.arank.map_or(f64::NAN, |a| a.se)),
+        )?;
+        self.write_npy(
+            "skip-loss.npy",
+            &shape,
+            per_layer(&|i, l| l.skip_loss - i.loss),
+        )?;
+        self.write_npy("cosine.npy", &shape, per_layer(&|_, l| l.cosine))?;
         Ok((md, all))
     }
 
@@ -304,6 +362,18 @@ impl Analyzer<'_> {
             }
         }
         self.write_json("redundancy.json", &all)?;
+        // [task, ranking (attention, random), layer, fraction]: Δloss against the dense loss
+        let layers = all.first().map_or(0, |r| r.losses.len());
+        let deltas = all
+            .iter()
+            .flat_map(|r| r.losses.iter().flatten().map(move |l| l - r.dense_loss))
+            .collect();
+        self.write_npy(
+            "redundancy.npy",
+            &[TASKS.len(), 2, layers, fr.len()],
+            deltas,
+        )?;
+        self.write_npy("redundancy-fractions.npy", &[fr.len()], fr.clone())?;
         Ok((md, all))
     }
 
@@ -393,10 +463,18 @@ impl Analyzer<'_> {
                 )?;
                 self.figure(&mut md, "competition.png", "competition probe");
                 self.write_json("competition.json", &rows)?;
+                // [routed layer of the probe (competition.json names them), task (T2I, MMU),
+                // kept / routable]
+                let counts = rows
+                    .iter()
+                    .flat_map(|r| (0..2).flat_map(|i| [r.kept[i] as f64, r.routable[i] as f64]))
+                    .collect();
+                self.write_npy("competition.npy", &[rows.len(), 2, 2], counts)?;
                 Some(rows)
             }
         };
         self.write_json("gradient-cosine.json", &cos)?;
+        self.write_npy("gradient-cosine.npy", &[cos.len()], cos.clone())?;
         Ok((md, competition))
     }
 

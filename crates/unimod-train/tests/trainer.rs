@@ -275,6 +275,42 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
     ] {
         assert!(out.join(f).exists(), "{f} missing");
     }
+    // The arrays beside the JSON hold the same numbers, in the documented axes
+    // (docs/analysis.md).
+    let npy = |f: &str| -> ndarray::ArrayD<f64> { ndarray_npy::read_npy(out.join(f)).unwrap() };
+    let imp: Vec<unimod_analysis::importance::Importance> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("importance.json")).unwrap())
+            .unwrap();
+    let arank = npy("arank.npy");
+    assert_eq!(arank.shape(), [2, 3]);
+    for (t, i) in imp.iter().enumerate() {
+        for (l, layer) in i.layers.iter().enumerate() {
+            // serde_json parses floats to within an ulp, not always exactly.
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1.0);
+            assert!(close(arank[[t, l]], layer.arank.unwrap().mean));
+            assert!(close(
+                npy("skip-loss.npy")[[t, l]],
+                layer.skip_loss - i.loss
+            ));
+        }
+    }
+    for (f, shape) in [
+        ("attention-share.npy", vec![2, 3, 3]),
+        ("attention-share-heads.npy", vec![2, 3, 2, 3]),
+        ("redundancy.npy", vec![2, 2, 3, 2]),
+        ("gradient-cosine.npy", vec![3]),
+        ("competition.npy", vec![1, 2, 2]),
+    ] {
+        assert_eq!(npy(f).shape(), shape.as_slice(), "{f}");
+    }
+    let share = npy("attention-share.npy");
+    for t in 0..2 {
+        let total: f64 = (0..3).map(|m| share[[t, 0, m]]).sum();
+        assert!(
+            (total - 1.0).abs() < 1e-4,
+            "attention shares sum to {total}"
+        );
+    }
     let schedule = format!(
         "{{ kind = 'file', path = '{}' }}",
         out.join("schedule.json").display()
