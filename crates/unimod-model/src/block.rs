@@ -19,17 +19,24 @@ pub enum Norm {
     /// RMSNorm: `x / rms(x) · w` (tch has no module for it).
     Rms {
         weight: Tensor,
+        eps: f64,
     },
 }
 
 impl Norm {
     pub fn new(p: nn::Path, cfg: &ModelConfig) -> Norm {
         match cfg.norm {
-            NormKind::Layernorm => {
-                Norm::Layer(nn::layer_norm(p, vec![cfg.d_model], Default::default()))
-            }
+            NormKind::Layernorm => Norm::Layer(nn::layer_norm(
+                p,
+                vec![cfg.d_model],
+                nn::LayerNormConfig {
+                    eps: cfg.norm_eps(),
+                    ..Default::default()
+                },
+            )),
             NormKind::Rmsnorm => Norm::Rms {
                 weight: p.ones("weight", &[cfg.d_model]),
+                eps: cfg.norm_eps(),
             },
         }
     }
@@ -39,9 +46,9 @@ impl Module for Norm {
     fn forward(&self, x: &Tensor) -> Tensor {
         match self {
             Norm::Layer(n) => n.forward(x),
-            Norm::Rms { weight } => {
+            Norm::Rms { weight, eps } => {
                 let ms = x.pow_tensor_scalar(2).mean_dim(-1, true, x.kind());
-                x * (ms + 1e-6).rsqrt() * weight
+                x * (ms + *eps).rsqrt() * weight
             }
         }
     }

@@ -94,9 +94,13 @@ pub struct ModelConfig {
     pub ffn: FfnKind,
     pub d_ffn: i64,
     pub norm: NormKind,
+    /// The norms' epsilon; absent: 1e-5 for LayerNorm, 1e-6 for RMSNorm.
+    pub norm_eps: Option<f64>,
     pub block: BlockStyle,
     /// Biases on the attention and MLP projections (Phi-1.5 has them, Llama not).
     pub bias: bool,
+    /// A bias on the LM head (Phi-1.5 has one).
+    pub head_bias: bool,
     /// Fraction of each head's dimensions that RoPE rotates (Phi-1.5: 0.5).
     pub rotary_fraction: f64,
     pub rope_theta: f64,
@@ -129,8 +133,10 @@ impl Default for ModelConfig {
             ffn: FfnKind::Gelu,
             d_ffn: 512,
             norm: NormKind::Layernorm,
+            norm_eps: None,
             block: BlockStyle::Parallel,
             bias: true,
+            head_bias: false,
             rotary_fraction: 0.5,
             rope_theta: 10_000.0,
             max_seq_len: 256,
@@ -167,6 +173,14 @@ pub enum ConfigError {
 impl ModelConfig {
     pub fn head_dim(&self) -> i64 {
         self.d_model / self.n_heads
+    }
+
+    /// The norms' epsilon.
+    pub fn norm_eps(&self) -> f64 {
+        self.norm_eps.unwrap_or(match self.norm {
+            NormKind::Layernorm => 1e-5,
+            NormKind::Rmsnorm => 1e-6,
+        })
     }
 
     /// Dimensions RoPE rotates per head (even).
@@ -221,6 +235,13 @@ impl ModelConfig {
                 "image_side",
                 self.image_side.to_string(),
                 "image_positions = \"learned_2d\" needs the image grid's side, in [1, 4096]",
+            );
+        }
+        if !matches!(self.norm_eps, None | Some(1e-12..=1e-2)) {
+            return bad(
+                "norm_eps",
+                format!("{:?}", self.norm_eps),
+                "must be in [1e-12, 1e-2], or left out for the norm's default",
             );
         }
         if let Some(Err((field, why))) = self.moma.as_ref().map(MomaConfig::check) {

@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod flops;
 pub mod generate;
+pub mod hf;
 pub mod layer;
 pub mod model;
 pub mod moma;

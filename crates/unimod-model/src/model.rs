@@ -189,7 +189,7 @@ impl UnifiedTransformer {
                 cfg.d_model,
                 v,
                 nn::LinearConfig {
-                    bias: false,
+                    bias: cfg.head_bias,
                     ..Default::default()
                 },
             ),
