@@ -8,12 +8,12 @@
 //! both axes, RoPE from original positions), multiply each routed token's update by
 //! sigmoid(score) and add it to the residual; the other tokens pass unchanged.
 
-use crate::block::{AttentionMaps, Block, BlockDelta, Dispatch, LayerCache, Rope, Tokens};
+use crate::block::{AttentionMaps, Block, Dispatch, LayerCache, Rope, Tokens};
 use crate::moma::ExpertTargets;
 use std::cell::{OnceCell, RefCell};
 use std::rc::Rc;
 use tch::{Kind, Tensor, nn};
-use unimod_router::select::{self, gather_tokens, scatter_add_tokens};
+use unimod_router::select;
 use unimod_router::{
     Capacities, CausalPredictor, LayerPlan, Router, Routers, RoutingConfig, RoutingMode,
     router_evals_per_token, tokens_kept,
@@ -352,16 +352,16 @@ fn apply_selection(
         dispatch: dispatch.as_ref(),
         lookahead: tokens.lookahead,
     };
-    let x_sel = gather_tokens(x, &sel.index);
-    let BlockDelta {
-        delta,
-        attention,
-        keys,
-        ffn,
-    } = block.delta(&x_sel, &picked, rope, cache, capture);
-    let (work, experts) = Work::of_block(&x_sel, keys, ffn);
+    let mut ran = None;
+    let hidden = select::apply(x, sel, |x_sel, _, _| {
+        let d = block.delta(x_sel, &picked, rope, cache, capture);
+        let (work, experts) = Work::of_block(x_sel, d.keys, d.ffn);
+        ran = Some((d.attention, experts, work));
+        d.delta
+    });
+    let (attention, experts, work) = ran.expect("apply runs the block");
     Applied {
-        hidden: scatter_add_tokens(x, &sel.index, &(delta * sel.weight.unsqueeze(-1))),
+        hidden,
         attention,
         experts,
         work,
@@ -664,13 +664,11 @@ impl RoutedLayer {
             .collect();
         // The same k as the host counts above (same f64 arithmetic as `tokens_kept`), computed
         // from device tensors; the host counts give only the gather widths and the statistics.
-        let n_routable = shared.routable.sum_dim_intlist(1, false, Kind::Double);
-        let kept = (self.capacity_by_task.index_select(0, &b.task) * &n_routable)
-            .ceil()
-            .clamp_min(1.0)
-            .minimum(&n_routable);
-        let n_keep_t = (input.valid.sum_dim_intlist(1, false, Kind::Double) - n_routable + kept)
-            .to_kind(Kind::Int64);
+        let n_keep_t = select::keep_per_sample(
+            &shared.routable,
+            &shared.forced,
+            &self.capacity_by_task.index_select(0, &b.task),
+        );
         // (start, end, width) of each run of one task.
         let mut runs = Vec::new();
         let mut start = 0;

@@ -736,6 +736,14 @@ fn every_baseline_schedule_trains() {
             },
         ),
         (
+            "p-MoD",
+            Schedule::PMod {
+                average: 0.5,
+                max: 0.75,
+                min: 0.25,
+            },
+        ),
+        (
             "UniMoD w/o layer switch",
             unimod(LayerSet::Named(NamedLayers::Interleaved), Routers::PerTask),
         ),
@@ -755,6 +763,10 @@ fn every_baseline_schedule_trains() {
         if gamma {
             // γ-MoD's masked routing: questions are never pruned.
             cfg.routing.routable.retain(|s| *s != Segment::Question);
+        }
+        if matches!(cfg.routing.schedule, Schedule::PMod { .. }) {
+            // p-MoD routes vision tokens only.
+            cfg.routing.routable = vec![Segment::Image];
         }
         let (vs, model) = build(&cfg, 0);
         let b = batch(&sequences(Flavour::Showo, false));

@@ -7,12 +7,17 @@
 //! MoD layer (UniMoD's layer switch and the baselines: plain MoD, γ-MoD, early exit,
 //! interleaved skipping, and the paper's ablations).
 //!
-//! The layer that uses a selection lives in `unimod-model`; this crate never sees a block.
+//! It never sees a block: [`depths::MixtureOfDepths`] wraps any block given as a closure, so
+//! MoD or UniMoD routing goes into a transformer written anywhere with tch
+//! (`examples/mod_in_your_model.rs`); `unimod-model`'s layers build on the same
+//! [`select`] pieces.
 
+pub mod depths;
 pub mod router;
 pub mod schedule;
 pub mod select;
 
+pub use depths::{MixtureOfDepths, Routed};
 pub use router::{CausalPredictor, Router, RouterArch, router_evals_per_token};
 pub use schedule::{
     Capacities, LayerPlan, Routers, Schedule, ScheduleError, ScheduleFile, tokens_kept,

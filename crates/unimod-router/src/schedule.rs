@@ -185,6 +185,19 @@ pub enum Schedule {
         #[serde(default = "all_but_ends")]
         layers: LayerSet,
     },
+    /// p-MoD's progressive ratio decay (Zhang et al., arXiv 2412.04449): layer `l` of `L`
+    /// would keep `r(l) = cos(π·l / (L − 1)) / 2 + average` of the routable tokens; layers with
+    /// `r(l) ≤ max` route with one shared router at capacity `max(r(l), min)`, the earlier ones
+    /// stay dense. p-MoD routes vision tokens only: `routing.routable = ["image"]`
+    /// (configs/p-mod.toml).
+    PMod {
+        #[serde(default = "default_pmod_average")]
+        average: f64,
+        #[serde(default = "default_pmod_max")]
+        max: f64,
+        #[serde(default = "default_pmod_min")]
+        min: f64,
+    },
     /// One plan per layer, spelled out (what `unimod analyze schedule` writes).
     Explicit { layers: Vec<LayerPlan> },
     /// An explicit schedule read from a TOML or JSON file.
@@ -196,6 +209,16 @@ fn default_mod_capacity() -> f64 {
 }
 fn default_gamma_capacity() -> f64 {
     0.5
+}
+// p-MoD's released recipe: `shiftedcos_decay_0.75_0.25` with router factor 0.5.
+fn default_pmod_average() -> f64 {
+    0.5
+}
+fn default_pmod_max() -> f64 {
+    0.75
+}
+fn default_pmod_min() -> f64 {
+    0.25
 }
 fn interleaved() -> LayerSet {
     LayerSet::Named(NamedLayers::Interleaved)
@@ -330,6 +353,18 @@ impl Schedule {
                     *routers,
                 )?
             }
+            Schedule::PMod { average, max, min } => {
+                let r = |l: usize| {
+                    let x = l as f64 / (n_layers.max(2) - 1) as f64;
+                    (std::f64::consts::PI * x).cos() / 2.0 + average
+                };
+                let routed: Vec<usize> = (0..n_layers).filter(|&l| r(l) <= *max).collect();
+                route(
+                    &routed,
+                    &|i, _| Capacities::all(r(routed[i]).max(*min)),
+                    Routers::Shared,
+                )?
+            }
             Schedule::Explicit { layers } => {
                 if layers.len() != n_layers {
                     return Err(ScheduleError::LayerCount {
@@ -446,6 +481,30 @@ mod tests {
                 "generic-MoD"
             ]
         );
+    }
+
+    /// p-MoD's 32-layer recipe, against its released code's formula (`shifted_cos_with_ratio`):
+    /// layers 11–31 route, capacity 0.75 → 0.25, layers 21–31 at the floor.
+    #[test]
+    fn p_mod_decays_like_the_reference() {
+        let plans = parse("schedule = { kind = 'p_mod' }").resolve(32).unwrap();
+        let reference = |l: f64| (l * std::f64::consts::PI / 31.0).cos() / 2.0 + 0.5;
+        for (l, plan) in plans.iter().enumerate() {
+            let r = reference(l as f64);
+            match plan {
+                LayerPlan::Dense => assert!(r > 0.75, "layer {l}: {r}"),
+                LayerPlan::Routed { capacity, routers } => {
+                    assert_eq!(*routers, Routers::Shared);
+                    assert!((capacity.get(Task::Mmu).unwrap() - r.max(0.25)).abs() < 1e-12);
+                }
+                LayerPlan::Skip => panic!("layer {l} skipped"),
+            }
+        }
+        let routed = plans
+            .iter()
+            .filter(|p| matches!(p, LayerPlan::Routed { .. }))
+            .count();
+        assert_eq!(routed, 21);
     }
 
     #[test]

@@ -54,10 +54,67 @@ impl Budget {
         }
     }
 
+    /// Each sample keeps every `forced` token and `k = max(1, ⌈capacity · n⌉)` of its `n`
+    /// routable ones (none when it has none), with `capacity: [B]` f64 per sample (a task's
+    /// capacity for its samples under UniMoD). The width is the most any sample keeps: one read
+    /// from the device.
+    pub fn from_capacity(routable: &Tensor, forced: &Tensor, capacity: &Tensor) -> Budget {
+        let n_keep = keep_per_sample(routable, forced, capacity);
+        let width = n_keep.max().int64_value(&[]).max(1);
+        Budget::new(routable, forced, &n_keep, width)
+    }
+
     /// The gather width G.
     pub fn width(&self) -> i64 {
         self.kept_ranks.size()[1]
     }
+}
+
+/// `[B]` i64 tokens each sample keeps: its forced ones plus `max(1, ⌈capacity · n_routable⌉)`
+/// (at most `n_routable`, 0 without routable tokens), the same f64 arithmetic as
+/// [`crate::tokens_kept`].
+pub fn keep_per_sample(routable: &Tensor, forced: &Tensor, capacity: &Tensor) -> Tensor {
+    let n = routable.sum_dim_intlist(1, false, Kind::Double);
+    let kept = (capacity.to_kind(Kind::Double) * &n)
+        .ceil()
+        .clamp_min(1.0)
+        .minimum(&n);
+    (forced.sum_dim_intlist(1, false, Kind::Double) + kept).to_kind(Kind::Int64)
+}
+
+/// Mixture-of-Depths around any block: the `selection`'s tokens of `x: [B, S, D]` are gathered
+/// in their original order and given to `block` with their sequence indices `[B, G]` and
+/// active slots `[B, G]`; its update `[B, G, D]` is weighted by the selection's weights (the
+/// router's sigmoid) and added back at the tokens' places. Every other token leaves unchanged,
+/// bit for bit.
+///
+/// ```
+/// use tch::{Device, Kind, Tensor};
+/// use unimod_router::select::{Budget, apply, top_k};
+/// let x = Tensor::randn([2, 6, 4], (Kind::Float, Device::Cpu));
+/// let scores = Tensor::randn([2, 6], (Kind::Float, Device::Cpu));
+/// let routable = Tensor::ones([2, 6], (Kind::Bool, Device::Cpu));
+/// let forced = routable.zeros_like();
+/// let budget = Budget::from_capacity(&routable, &forced, &Tensor::from_slice(&[0.5, 0.5]));
+/// let sel = top_k(&scores, &budget);
+/// // Any block: here a doubling of the kept tokens' states.
+/// let y = apply(&x, &sel, |x_sel, _index, _active| x_sel * 2.0);
+/// assert_eq!(sel.index.size(), [2, 3]);
+/// let skipped = sel.processed.logical_not().unsqueeze(-1);
+/// assert!((&y * &skipped).equal(&(&x * &skipped)));
+/// ```
+pub fn apply(
+    x: &Tensor,
+    selection: &Selection,
+    block: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Tensor,
+) -> Tensor {
+    let x_sel = gather_tokens(x, &selection.index);
+    let delta = block(&x_sel, &selection.index, &selection.active);
+    scatter_add_tokens(
+        x,
+        &selection.index,
+        &(delta * selection.weight.unsqueeze(-1)),
+    )
 }
 
 /// Selects each sample's tokens within `budget`, ranking routable tokens by `score: [B, S]`.
