@@ -25,7 +25,7 @@ pub use schedule::{
 pub use select::Selection;
 
 use serde::{Deserialize, Serialize};
-use unimod_tok::Segment;
+use unimod_vocab::Segment;
 
 /// How routed layers decide, chosen per forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

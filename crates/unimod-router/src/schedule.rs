@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use unimod_tok::Task;
+use unimod_vocab::Task;
 
 /// Which router scores a task's tokens in a routed layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

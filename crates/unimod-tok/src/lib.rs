@@ -14,7 +14,6 @@ pub mod format;
 pub mod judge;
 pub mod mnist;
 pub mod shapes;
-pub mod task;
 pub mod tensorfile;
 pub mod text;
 pub mod vocab;
@@ -22,5 +21,8 @@ pub mod vq;
 
 pub use batch::{Batch, Continuation, IGNORE, Sequence};
 pub use format::{Flavour, FormatConfig, FormatError};
-pub use task::{Segment, Task};
+/// Tasks and segments are defined in `unimod-vocab` (so that routers can name them without
+/// this crate's dependencies); `unimod_tok::task` keeps working.
+pub use unimod_vocab as task;
+pub use unimod_vocab::{Segment, Task};
 pub use vocab::{Special, VocabLayout};

@@ -1,5 +1,9 @@
+//! # unimod-vocab
+//!
 //! Tasks and token segments: the per-sample and per-token labels that routers, masks and losses
-//! read. They live here, in the lowest crate, because the sequence formats define them.
+//! read. They live in this crate of their own, with serde as its only dependency, so that the
+//! router crate can name them without pulling in the tokenizers and image codecs of
+//! `unimod-tok` (which defines the sequence formats that produce them and re-exports them).
 
 use serde::{Deserialize, Serialize};
 
