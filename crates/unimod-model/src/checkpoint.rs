@@ -32,6 +32,19 @@ pub fn read_config(loaded: &Loaded, path: &Path) -> Result<String, CheckpointErr
         .ok_or_else(|| CheckpointError::NoConfig { path: path.into() })
 }
 
+/// `Err(why)` unless the config a checkpoint carries (`saved`, TOML) is `model`'s. Compared as
+/// configs, not as text, so that a checkpoint written before a field with a default existed
+/// still loads (its TOML lacks the field, which then takes the default).
+pub fn check_config(saved: &str, model: &crate::ModelConfig) -> Result<(), String> {
+    let parsed: crate::ModelConfig =
+        toml::from_str(saved).map_err(|e| format!("its model config does not parse: {e}"))?;
+    if &parsed == model {
+        return Ok(());
+    }
+    let text = |c: &crate::ModelConfig| toml::to_string(c).unwrap_or_default();
+    Err(describe_difference(&text(model), &text(&parsed)))
+}
+
 /// Names the first differing line between two configs, for a refusal message.
 pub fn describe_difference(expected: &str, found: &str) -> String {
     let (e, f): (Vec<&str>, Vec<&str>) = (expected.lines().collect(), found.lines().collect());

@@ -516,6 +516,20 @@ fn checkpoint_round_trip_and_refusal() {
         .unwrap()
         .to_string();
     assert!(e.contains("has shape") && e.contains("expects"), "{e}");
+    // The config a checkpoint carries is compared as a config: one written before a field with
+    // a default existed (here `head_bias`) still matches; a different value is named.
+    let older: String = toml
+        .lines()
+        .filter(|l| !l.starts_with("head_bias"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(older, toml);
+    checkpoint::check_config(&older, &cfg).unwrap();
+    let e = checkpoint::check_config(&older, &other).unwrap_err();
+    assert!(
+        e.contains("d_model = 64") && e.contains("d_model = 32"),
+        "{e}"
+    );
     // A truncated file is refused as corrupt.
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();

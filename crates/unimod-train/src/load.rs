@@ -29,13 +29,8 @@ pub fn run_from_checkpoint(
     let weights = ck.join("model.safetensors");
     let loaded = checkpoint::load_tensors(&weights)?;
     let saved = checkpoint::read_config(&loaded, &weights)?;
-    let expected = toml::to_string(&cfg.model)?;
-    if saved != expected {
-        anyhow::bail!(
-            "{}: {}",
-            weights.display(),
-            checkpoint::describe_difference(&expected, &saved)
-        );
+    if let Err(why) = checkpoint::check_config(&saved, &cfg.model) {
+        anyhow::bail!("{}: {why}", weights.display());
     }
     cfg.model.validate()?;
     crate::device::check_memory(

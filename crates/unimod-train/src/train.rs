@@ -579,13 +579,8 @@ fn load_checkpoint(
     let model_path = ck.join("model.safetensors");
     let loaded = checkpoint::load_tensors(&model_path)?;
     let saved = checkpoint::read_config(&loaded, &model_path)?;
-    let expected = toml::to_string(&cfg.model)?;
-    if saved != expected {
-        bail!(
-            "cannot resume from {}: {}",
-            model_path.display(),
-            checkpoint::describe_difference(&expected, &saved)
-        );
+    if let Err(why) = checkpoint::check_config(&saved, &cfg.model) {
+        bail!("cannot resume from {}: {why}", model_path.display());
     }
     checkpoint::load_into(vs, &loaded, &model_path)?;
     let state_path = ck.join("state.json");
