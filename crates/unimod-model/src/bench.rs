@@ -178,8 +178,13 @@ pub fn time_steps(
 
 /// Measured f32 matmul rate of the device, FLOP/s (the denominator of MFU).
 pub fn matmul_rate(device: Device) -> f64 {
+    matmul_rate_of(device, Kind::Float)
+}
+
+/// [`matmul_rate`] in `kind` (bf16 on a GPU: the peak MFU of bf16 training is read against).
+pub fn matmul_rate_of(device: Device, kind: Kind) -> f64 {
     let n = if device.is_cuda() { 4096 } else { 512 };
-    let a = Tensor::randn([n, n], (Kind::Float, device));
+    let a = Tensor::randn([n, n], (kind, device));
     let _ = a.matmul(&a);
     sync(device);
     let reps = 20;

@@ -7,6 +7,11 @@ use tch::{Kind, Tensor, nn::VarStore};
 
 pub struct AdamW {
     params: Vec<(String, Tensor)>,
+    /// Mixed precision: the low-precision copies the forward and backward ran on, in the order
+    /// of `params`; their gradients, in f32, update the f32 master weights.
+    compute: Option<Vec<Tensor>>,
+    /// The global-norm clipping factor of this step's gradients (1: none).
+    clip_scale: f64,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     decay: Vec<bool>,
@@ -31,6 +36,8 @@ impl AdamW {
         let decay = params.iter().map(|(_, p)| p.dim() >= 2).collect();
         AdamW {
             params,
+            compute: None,
+            clip_scale: 1.0,
             m,
             v,
             decay,
@@ -42,19 +49,46 @@ impl AdamW {
         }
     }
 
+    /// Mixed precision: gradients come from `compute`'s variables (the same names as the
+    /// master weights', another kind) and are applied to the master weights in their kind.
+    pub fn gradients_from(&mut self, compute: &VarStore) {
+        let vars = compute.variables();
+        self.compute = Some(
+            self.params
+                .iter()
+                .map(|(name, _)| vars[name].shallow_clone())
+                .collect(),
+        );
+    }
+
+    /// Parameter `i`'s gradient in its master weight's kind (undefined when it has none).
+    fn grad(&self, i: usize) -> Tensor {
+        let p = &self.params[i].1;
+        match &self.compute {
+            None => p.grad(),
+            Some(c) => {
+                let g = c[i].grad();
+                if g.defined() { g.to_kind(p.kind()) } else { g }
+            }
+        }
+    }
+
     pub fn zero_grad(&mut self) {
         for (_, p) in &mut self.params {
             p.zero_grad();
         }
+        for c in self.compute.iter_mut().flatten() {
+            c.zero_grad();
+        }
     }
 
-    /// Scales gradients so their global norm is at most `max_norm`; returns the norm before.
+    /// Scales this step's gradients so their global norm is at most `max_norm` (applied in
+    /// [`AdamW::step`]); returns the norm before.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        let norms: Vec<Tensor> = self
-            .params
-            .iter()
-            .filter_map(|(_, p)| {
-                let g = p.grad();
+        self.clip_scale = 1.0;
+        let norms: Vec<Tensor> = (0..self.params.len())
+            .filter_map(|i| {
+                let g = self.grad(i);
                 g.defined().then(|| g.pow_tensor_scalar(2).sum(Kind::Float))
             })
             .collect();
@@ -66,15 +100,7 @@ impl AdamW {
             .sqrt()
             .double_value(&[]);
         if max_norm > 0.0 && total > max_norm {
-            let scale = max_norm / (total + 1e-6);
-            tch::no_grad(|| {
-                for (_, p) in &self.params {
-                    let mut g = p.grad();
-                    if g.defined() {
-                        let _ = g.g_mul_scalar_(scale);
-                    }
-                }
-            });
+            self.clip_scale = max_norm / (total + 1e-6);
         }
         total
     }
@@ -87,11 +113,15 @@ impl AdamW {
             1.0 - b2.powi(self.step as i32),
         );
         tch::no_grad(|| {
-            for (i, (_, p)) in self.params.iter_mut().enumerate() {
-                let g = p.grad();
+            for i in 0..self.params.len() {
+                let mut g = self.grad(i);
                 if !g.defined() {
                     continue;
                 }
+                if self.clip_scale != 1.0 {
+                    g = g * self.clip_scale;
+                }
+                let p = &mut self.params[i].1;
                 let _ = self.m[i].g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1)));
                 let _ = self.v[i]
                     .g_mul_scalar_(b2)

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-use tch::{Device, nn::VarStore};
+use tch::{Device, Kind, nn::VarStore};
 use unimod_model::{ForwardOptions, UnifiedTransformer, checkpoint, flops};
 use unimod_tok::dataset::{Dataset, Split};
 use unimod_tok::judge::T2iJudge;
@@ -43,12 +43,36 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// How the image codes' embedding and output rows start.
     pub image_init: ImageInit,
+    /// `"f32"`, or `"bf16"`: forward and backward on a bfloat16 copy of the weights, the
+    /// update on f32 master weights and moments (which checkpoints keep); `"auto"`: bf16 on
+    /// CUDA, f32 on CPU.
+    pub precision: Precision,
     /// Start from the weights of this run directory's (or checkpoint folder's) latest
     /// checkpoint instead of random ones: the same model, a dense one for a routed model (new
     /// routers start as initialised), or a dense one for Mixture-of-Transformers (each
     /// modality's copy from the dense weights: the warm start of Liang et al.).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<PathBuf>,
+}
+
+/// `train.precision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    /// The kind the forward and backward compute in on `device`.
+    pub fn kind(self, device: Device) -> Kind {
+        match (self, device.is_cuda()) {
+            (Precision::Bf16, _) | (Precision::Auto, true) => Kind::BFloat16,
+            _ => Kind::Float,
+        }
+    }
 }
 
 /// `train.image_init`.
@@ -78,6 +102,7 @@ impl Default for TrainConfig {
             log_every: 10,
             checkpoint_every: 0,
             image_init: ImageInit::Random,
+            precision: Precision::Auto,
             init_from: None,
         }
     }
@@ -319,6 +344,18 @@ pub fn train(
     }
     std::fs::write(dir.join("config.toml"), cfg.to_toml())
         .with_context(|| format!("writing {}", dir.join("config.toml").display()))?;
+    // Mixed precision: the steps run on a low-precision copy of the master weights.
+    let kind = cfg.train.precision.kind(ctx.device);
+    let compute = match kind {
+        Kind::Float => None,
+        _ => {
+            let (mut cvs, cmodel) = build_model(cfg, ctx.device)?;
+            cvs.set_kind(kind);
+            opt.gradients_from(&cvs);
+            Some((cvs, cmodel))
+        }
+    };
+    let model = compute.as_ref().map_or(&model, |(_, m)| m);
     let mut saved = (start == Start::Resume).then_some(state.step);
     truncate_metrics(&dir.join("metrics.jsonl"), state.step)?;
     let mut metrics = std::fs::OpenOptions::new()
@@ -326,7 +363,7 @@ pub fn train(
         .append(true)
         .open(dir.join("metrics.jsonl"))
         .with_context(|| format!("opening {}", dir.join("metrics.jsonl").display()))?;
-    let peak = unimod_model::bench::matmul_rate(ctx.device);
+    let peak = unimod_model::bench::matmul_rate_of(ctx.device, kind);
     let bar = progress::bar(
         cfg.train.steps as u64,
         &dir.file_name()
@@ -350,6 +387,9 @@ pub fn train(
             cfg.train.min_lr,
         );
         opt.zero_grad();
+        if let Some((cvs, _)) = &compute {
+            copy_weights(&vs, cvs);
+        }
         let mut m = StepMetrics {
             step,
             loss: 0.0,
@@ -477,6 +517,16 @@ pub fn train(
         wall_s: state.wall_s,
         interrupted,
     })
+}
+
+/// `to`'s variables set from `from`'s of the same names, cast to their kind.
+fn copy_weights(from: &VarStore, to: &VarStore) {
+    let src = from.variables();
+    tch::no_grad(|| {
+        for (name, mut v) in to.variables() {
+            v.copy_(&src[&name]);
+        }
+    });
 }
 
 fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
