@@ -114,12 +114,13 @@ impl AdamW {
         );
         tch::no_grad(|| {
             for i in 0..self.params.len() {
+                // Clipping scales the gradient in place (a copy under mixed precision).
                 let mut g = self.grad(i);
                 if !g.defined() {
                     continue;
                 }
                 if self.clip_scale != 1.0 {
-                    g = g * self.clip_scale;
+                    g *= self.clip_scale;
                 }
                 let p = &mut self.params[i].1;
                 let _ = self.m[i].g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1)));
