@@ -224,6 +224,11 @@ enum Command {
         /// the image tokens after a T2I prompt and the answer after an MMU question.
         #[arg(long)]
         decode: bool,
+        /// `f32` or `bf16`: the kind the weights and the step compute in (bf16: what a
+        /// `train.precision = "bf16"` step computes, without its f32 master update); MFU is read
+        /// against the matmul rate measured in the same kind.
+        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"], conflicts_with = "decode")]
+        precision: String,
     },
     /// Analytic forward FLOPs per sequence, dense vs the config's (or another) schedule.
     Flops {
@@ -549,8 +554,18 @@ fn run(cli: Cli) -> Result<()> {
             experiment,
             set,
             decode,
+            precision,
         } => {
             use unimod_model::bench::{self, Shape};
+            let kind = match precision.as_str() {
+                "bf16" => tch::Kind::BFloat16,
+                _ => tch::Kind::Float,
+            };
+            let in_kind = |vs: &mut Vec<bench::Variant>| {
+                for v in vs {
+                    v.vs.set_kind(kind);
+                }
+            };
             if let Some(c) = capacities.iter().find(|c| !(**c > 0.0 && **c <= 1.0)) {
                 anyhow::bail!("--capacities: {c} is outside (0, 1]");
             }
@@ -564,17 +579,18 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
             let device = unimod_train::device::parse(&device)?;
-            let peak = bench::matmul_rate(device);
+            let peak = bench::matmul_rate_of(device, kind);
             let header = format!(
-                "device {device:?}, measured f32 matmul rate {:.1} GFLOP/s\n\n{}",
+                "device {device:?}, measured {precision} matmul rate {:.1} GFLOP/s\n\n{}",
                 peak / 1e9,
                 bench::TABLE_HEADER
             );
             if let Some(path) = experiment {
                 let cfg = RunConfig::load(Some(&path), &set)?;
                 let ctx = train::RunContext::new(&cfg, device)?;
-                let (b, vs, skipped) = unimod_train::experiment::bench_variants(&ctx, &cfg)
+                let (b, mut vs, skipped) = unimod_train::experiment::bench_variants(&ctx, &cfg)
                     .with_context(|| format!("--experiment {}", path.display()))?;
+                in_kind(&mut vs);
                 let secs = bench::time_steps(&vs, &b, device, 2, rounds);
                 println!("{header}");
                 for row in bench::table_rows(&cfg.experiment.name, &b, &vs, &secs, peak) {
@@ -607,8 +623,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!("{header}");
             for d in d_model {
-                let (b, vs) = bench::variants(shape(d), &capacities, device)
+                let (b, mut vs) = bench::variants(shape(d), &capacities, device)
                     .with_context(|| format!("--d-model {d}"))?;
+                in_kind(&mut vs);
                 let secs = bench::time_steps(&vs, &b, device, 2, rounds);
                 for row in bench::table_rows(&format!("d{d}×{layers}"), &b, &vs, &secs, peak) {
                     println!("{row}");
