@@ -88,6 +88,16 @@ fn unsupported(field: &'static str, value: &Value, why: &'static str) -> HfError
 }
 
 /// Reads `dir/config.json` and maps it to the unified transformer with `n_codes` image codes.
+///
+/// ```no_run
+/// use unimod_model::{UnifiedTransformer, hf};
+/// let dir = std::path::Path::new("phi-1_5"); // config.json + *.safetensors
+/// let c = hf::config(dir, 8192)?;
+/// let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+/// let model = UnifiedTransformer::new(&vs.root(), &c.model)?;
+/// let not_in_checkpoint = hf::load(dir, &c, &vs)?; // routers, predictors: initialised
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn config(dir: &Path, n_codes: usize) -> Result<HfConfig, HfError> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|source| HfError::Read {

@@ -14,6 +14,25 @@ use crate::select::{self, Budget, Selection};
 use tch::{Kind, Tensor, nn};
 
 /// The routers of one routed layer.
+///
+/// ```
+/// use tch::{Device, Kind, Tensor, nn};
+/// use unimod_router::{MixtureOfDepths, RouterArch, RoutingMode};
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// // UniMoD: two tasks, T2I keeps 60 %, MMU 20 % of their routable tokens.
+/// let layer = MixtureOfDepths::new(vs.root(), 16, &[0.6, 0.2], RouterArch::Linear, false);
+/// let x = Tensor::randn([2, 10, 16], (Kind::Float, Device::Cpu));
+/// let routable = Tensor::ones([2, 10], (Kind::Bool, Device::Cpu));
+/// let forced = routable.zeros_like();
+/// let task = Tensor::from_slice(&[0i64, 1]); // sample 0 is T2I, sample 1 MMU
+/// let mlp = nn::linear(vs.root() / "mlp", 16, 16, Default::default());
+/// let out = layer.forward(&x, &routable, &forced, Some(&task), RoutingMode::TopK, |x, _index, _active| {
+///     nn::Module::forward(&mlp, x) // your block: here a linear layer
+/// });
+/// let kept: Vec<i64> = out.selection.processed.sum_dim_intlist(1, false, Kind::Int64).try_into().unwrap();
+/// assert_eq!(kept, [6, 2]);
+/// out.aux_loss.unwrap().backward(); // the router's BCE towards its top-k
+/// ```
 #[derive(Debug)]
 pub struct MixtureOfDepths {
     router: Router,
