@@ -142,6 +142,17 @@ impl<M: Module> PerModality<M> {
     }
 }
 
+/// A block's output projection: the default initialisation, or zeros under
+/// `model.zero_out_proj` (the block then starts as the identity on the residual stream).
+fn out_proj(cfg: &ModelConfig) -> nn::LinearConfig {
+    let zero = cfg.zero_out_proj.then_some(nn::Init::Const(0.0));
+    nn::LinearConfig {
+        bias: cfg.bias,
+        ws_init: zero.unwrap_or(nn::LinearConfig::default().ws_init),
+        bs_init: zero,
+    }
+}
+
 #[derive(Debug)]
 pub struct Mlp {
     up: nn::Linear,
@@ -159,7 +170,7 @@ impl Mlp {
             up: nn::linear(&p / "up", cfg.d_model, cfg.d_ffn, c),
             gate: (cfg.ffn == FfnKind::Swiglu)
                 .then(|| nn::linear(&p / "gate", cfg.d_model, cfg.d_ffn, c)),
-            down: nn::linear(&p / "down", cfg.d_ffn, cfg.d_model, c),
+            down: nn::linear(&p / "down", cfg.d_ffn, cfg.d_model, out_proj(cfg)),
         }
     }
 }
@@ -311,7 +322,7 @@ impl Attention {
         Attention {
             qkv: PerModality::new(&(&p / "qkv"), cfg, |p| nn::linear(p, cfg.d_model, qkv, c)),
             o: PerModality::new(&(&p / "o"), cfg, |p| {
-                nn::linear(p, cfg.d_model, cfg.d_model, c)
+                nn::linear(p, cfg.d_model, cfg.d_model, out_proj(cfg))
             }),
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,

@@ -114,6 +114,11 @@ pub struct ModelConfig {
     /// MoMa (Lin et al., `[model.moma]`): every block's FFN becomes a text and an image group
     /// of experts that choose their tokens (crate::moma). Absent: one FFN.
     pub moma: Option<MomaConfig>,
+    /// Zero-initialise every block's output projections (attention's `o`, the FFN's `down`,
+    /// MoMa's experts' `down`, with their biases), so that a fresh block starts as the
+    /// identity on its residual stream: the option MoT's reference code offers for untied
+    /// copies. Ignored where weights are loaded (`train.init_from`, a Hugging Face backbone).
+    pub zero_out_proj: bool,
     /// Image tokens per side (set from `format.image_side` by the trainer); the grid of
     /// `image_positions = "learned_2d"`. Emu3 rows have one more token, the row end.
     pub image_side: i64,
@@ -143,6 +148,7 @@ impl Default for ModelConfig {
             image_positions: ImagePositions::Rope,
             mot: false,
             moma: None,
+            zero_out_proj: false,
             image_side: 0,
             loss: LossWeights::default(),
             routing: RoutingConfig::default(),

@@ -160,18 +160,19 @@ impl Experts {
         let (d, h) = (cfg.d_model, cfg.d_ffn);
         // nn::linear's default initialisation, per expert: U(±√(6/fan_in)) weights and
         // U(±1/√fan_in) biases.
+        // `model.zero_out_proj` zeroes the down projections as it does the dense FFN's.
+        let init = |name: &str, b: f64| match name {
+            "down" | "down_bias" if cfg.zero_out_proj => nn::Init::Const(0.0),
+            _ => nn::Init::Uniform { lo: -b, up: b },
+        };
         let weight = |name: &str, fan_in: i64, fan_out: i64| {
             let b = (6.0 / fan_in as f64).sqrt();
-            p.var(
-                name,
-                &[n, fan_in, fan_out],
-                nn::Init::Uniform { lo: -b, up: b },
-            )
+            p.var(name, &[n, fan_in, fan_out], init(name, b))
         };
         let bias = |name: &str, fan_in: i64, fan_out: i64| {
             let b = 1.0 / (fan_in as f64).sqrt();
             cfg.bias
-                .then(|| p.var(name, &[n, 1, fan_out], nn::Init::Uniform { lo: -b, up: b }))
+                .then(|| p.var(name, &[n, 1, fan_out], init(name, b)))
         };
         let swiglu = cfg.ffn == FfnKind::Swiglu;
         Experts {

@@ -986,3 +986,49 @@ fn moma_learns_everywhere_and_decodes_cached() {
         );
     }
 }
+
+/// `model.zero_out_proj`: with every block's output projections at zero, each block is the
+/// identity on the residual stream (every hidden state equals the embeddings exactly), for
+/// dense, MoT and MoMa; the output projections are what the first gradient reaches, and no
+/// gradient passes them into the blocks' inner weights yet.
+#[test]
+fn zero_output_projections_start_every_block_as_the_identity() {
+    for flavour in [Flavour::Showo, Flavour::Emu3] {
+        let dense = ModelConfig {
+            zero_out_proj: true,
+            ..config(flavour, Schedule::Dense)
+        };
+        for cfg in [dense.clone(), mot(&dense), moma(&dense)] {
+            let (vs, model) = build(&cfg, 6);
+            let b = batch(&sequences(flavour, false));
+            let opts = ForwardOptions {
+                hidden_states: true,
+                ..Default::default()
+            };
+            let out = model.forward(&b, &opts).unwrap();
+            for (l, h) in out.hidden_states.iter().enumerate() {
+                assert!(
+                    h.equal(&out.hidden_states[0]),
+                    "{flavour:?} mot={} moma={}: block {l} is not the identity",
+                    cfg.mot,
+                    cfg.moma.is_some()
+                );
+            }
+            model.losses(&b, &out).total.backward();
+            for (name, v) in vs.variables() {
+                let reached = v.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0;
+                let inner = [".qkv.", ".up", ".gate"].iter().any(|k| name.contains(k))
+                    && !name.contains("router");
+                let out_proj = name.contains(".o.") || name.contains(".down");
+                assert!(
+                    !(inner && reached),
+                    "{name} has a gradient behind a zero projection"
+                );
+                assert!(
+                    !out_proj || reached,
+                    "{name}: no gradient reaches an output projection"
+                );
+            }
+        }
+    }
+}
