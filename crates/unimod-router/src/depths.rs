@@ -51,6 +51,7 @@ pub struct Routed {
     /// The auxiliary losses (top-k mode): the router's BCE towards top-k membership × the
     /// weight, plus the causal predictor's.
     pub aux_loss: Option<Tensor>,
+    /// The tokens processed: their positions, gate weights and counts.
     pub selection: Selection,
 }
 

@@ -12,6 +12,8 @@
 //! (`examples/mod_in_your_model.rs`); `unimod-model`'s layers build on the same
 //! [`select`] pieces.
 
+#![deny(missing_docs)]
+
 pub mod depths;
 pub mod router;
 pub mod schedule;
@@ -45,7 +47,9 @@ pub enum RoutingMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RoutingConfig {
+    /// Which layers route which tasks' tokens, at which capacities.
     pub schedule: Schedule,
+    /// The routers' architecture.
     pub router: RouterArch,
     /// Segments whose tokens routers may prune; the others (special tokens always) are
     /// processed by every layer. Drop `question` to protect questions as γ-MoD's masked

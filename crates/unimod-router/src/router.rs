@@ -114,6 +114,21 @@ impl Heads {
 }
 
 /// Scores tokens, one column per task it routes: `[.., D] → [.., n]` logits.
+///
+/// ```
+/// use tch::{Device, Kind, Tensor, nn};
+/// use unimod_router::{Router, RouterArch};
+///
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// // Two columns: UniMoD's T2I and MMU routers of one layer.
+/// let router = Router::new(vs.root() / "router", 16, RouterArch::Linear, 2);
+/// let x = Tensor::randn([3, 10, 16], (Kind::Float, Device::Cpu));
+/// let logits = router.score(&x);
+/// assert_eq!(logits.size(), [3, 10, 2]);
+/// // Zero-initialised weights: within a column, every token starts at the same score.
+/// let spread = &logits - logits.narrow(1, 0, 1);
+/// assert_eq!(spread.abs().max().double_value(&[]), 0.0);
+/// ```
 #[derive(Debug)]
 pub struct Router {
     heads: Heads,
@@ -157,6 +172,20 @@ impl Router {
 /// The MoD paper's second fix for causal sampling: a small MLP per task that sees the layer
 /// input under a stop-gradient and predicts top-k membership, trained without touching the
 /// model's loss.
+///
+/// ```
+/// use tch::{Device, Kind, Tensor, nn};
+/// use unimod_router::CausalPredictor;
+///
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// let predictor = CausalPredictor::new(vs.root() / "predictor", 16, 2);
+/// let x = Tensor::randn([3, 10, 16], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+/// let logits = predictor.logits(&x);
+/// assert_eq!(logits.size(), [3, 10, 2]);
+/// // Its input is detached: its training never reaches the model.
+/// logits.sum(Kind::Float).backward();
+/// assert!(!x.grad().defined());
+/// ```
 #[derive(Debug)]
 pub struct CausalPredictor {
     heads: Heads,

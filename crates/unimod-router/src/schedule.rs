@@ -27,12 +27,16 @@ pub enum Routers {
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Capacities {
+    /// Text-to-image samples' capacity.
     pub t2i: Option<f64>,
+    /// Multimodal-understanding samples' capacity.
     pub mmu: Option<f64>,
+    /// Language-modelling samples' capacity.
     pub lm: Option<f64>,
 }
 
 impl Capacities {
+    /// Every task at capacity `c`.
     pub fn all(c: f64) -> Self {
         Capacities {
             t2i: Some(c),
@@ -41,6 +45,7 @@ impl Capacities {
         }
     }
 
+    /// The task's capacity, `None` when its tokens are all processed.
     pub fn get(&self, task: Task) -> Option<f64> {
         match task {
             Task::T2i => self.t2i,
@@ -49,6 +54,8 @@ impl Capacities {
         }
     }
 
+    /// The tasks with a capacity, in [`Task::ALL`] order: the order of a layer's router
+    /// columns.
     pub fn routed_tasks(&self) -> Vec<Task> {
         Task::ALL
             .into_iter()
@@ -67,7 +74,9 @@ pub enum LayerPlan {
     Skip,
     /// Tokens of the tasks with a capacity are routed (T2I-MoD, MMU-MoD or Shared-MoD layer).
     Routed {
+        /// Per-task capacities (a task without one is processed whole).
         capacity: Capacities,
+        /// Which router scores each task.
         routers: Routers,
     },
 }
@@ -95,7 +104,9 @@ impl LayerPlan {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Ramp {
+    /// One capacity for every routed layer.
     Constant(f64),
+    /// `[first, last]`, interpolated linearly over the routed layers.
     Linear([f64; 2]),
 }
 
@@ -120,10 +131,13 @@ pub enum LayerSet {
     List(Vec<usize>),
 }
 
+/// The layer sets a schedule can name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NamedLayers {
+    /// Layers `L/2..L`: the paper's choice for UniMoD.
     LastHalf,
+    /// Layers 1, 3, 5, …: MoD's choice (Raposo et al.).
     Interleaved,
     /// γ-MoD's deployed choice (`arank_mod` in its code): its ARank analysis left the first three
     /// layers and the last with high rank, so those stay dense and every other layer routes.
@@ -149,13 +163,18 @@ pub enum Schedule {
     #[default]
     Dense,
     /// Layers `exit_after..` are skipped entirely.
-    EarlyExit { exit_after: usize },
+    EarlyExit {
+        /// The number of layers kept.
+        exit_after: usize,
+    },
     /// Every other layer (1, 3, 5, …) is skipped entirely.
     InterleavedSkip,
     /// Raposo et al.: one router per layer shared by all tasks, every other layer.
     Mod {
+        /// Capacity of every routed layer (MoD's 12.5 % by default).
         #[serde(default = "default_mod_capacity")]
         capacity: f64,
+        /// The routed layers (every other layer by default).
         #[serde(default = "interleaved")]
         layers: LayerSet,
     },
@@ -163,12 +182,18 @@ pub enum Schedule {
     /// `layers = "last_half"`, `t2i = 0.8`, `mmu = [1.0, 0.2]`; its Emu3 recipe
     /// `layers = "last_half"`, `t2i = 0.2`, `mmu = 0.2`.
     Unimod {
+        /// The routed layers (the last half by default).
         #[serde(default = "last_half")]
         layers: LayerSet,
+        /// T2I's capacity over the routed layers; absent: T2I tokens all processed.
         t2i: Option<Ramp>,
+        /// MMU's capacity over the routed layers; absent: MMU tokens all processed.
         mmu: Option<Ramp>,
+        /// LM's capacity over the routed layers; absent: LM tokens all processed.
         #[serde(default)]
         lm: Option<Ramp>,
+        /// Per-task routers (UniMoD) by default; `shared` is the paper's "w/o task-aware
+        /// router" ablation.
         #[serde(default)]
         routers: Routers,
     },
@@ -180,8 +205,10 @@ pub enum Schedule {
     /// (`routing.aux_loss`, γ-MoD's 0.01) are that router. Its masked routing (questions never
     /// pruned) is `routing.routable` without `"question"`; configs/gamma-mod.toml sets both.
     GammaMod {
+        /// Capacity of every routed layer (0.5 by default).
         #[serde(default = "default_gamma_capacity")]
         capacity: f64,
+        /// The routed layers (all but the first three and the last by default).
         #[serde(default = "all_but_ends")]
         layers: LayerSet,
     },
@@ -191,17 +218,26 @@ pub enum Schedule {
     /// stay dense. p-MoD routes vision tokens only: `routing.routable = ["image"]`
     /// (configs/p-mod.toml).
     PMod {
+        /// The decay's mean ratio (0.5 by default).
         #[serde(default = "default_pmod_average")]
         average: f64,
+        /// Layers whose ratio exceeds it stay dense (0.75 by default).
         #[serde(default = "default_pmod_max")]
         max: f64,
+        /// The lowest capacity a layer gets (0.25 by default).
         #[serde(default = "default_pmod_min")]
         min: f64,
     },
     /// One plan per layer, spelled out (what `unimod analyze schedule` writes).
-    Explicit { layers: Vec<LayerPlan> },
+    Explicit {
+        /// One plan per layer of the model.
+        layers: Vec<LayerPlan>,
+    },
     /// An explicit schedule read from a TOML or JSON file.
-    File { path: PathBuf },
+    File {
+        /// The [`ScheduleFile`] to read.
+        path: PathBuf,
+    },
 }
 
 fn default_mod_capacity() -> f64 {
@@ -232,28 +268,36 @@ fn last_half() -> LayerSet {
 
 /// A schedule that cannot be applied to the model.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // the fields are named in each variant's message
 pub enum ScheduleError {
+    /// A layer index past the model's depth.
     #[error("routing.schedule: layer {layer} does not exist (the model has {n_layers} layers)")]
     NoSuchLayer { layer: usize, n_layers: usize },
+    /// A capacity outside (0, 1].
     #[error("routing.schedule: capacity {value} for {task} in layer {layer} is outside (0, 1]")]
     Capacity {
         layer: usize,
         task: Task,
         value: f64,
     },
+    /// An explicit schedule whose length is not the model's depth.
     #[error("routing.schedule: explicit schedule has {got} layers, the model has {n_layers}")]
     LayerCount { got: usize, n_layers: usize },
+    /// An early exit that keeps no layer.
     #[error("routing.schedule: exit_after = {0} leaves no layer")]
     NoLayers(usize),
+    /// A layer set that is empty at this depth.
     #[error(
         "routing.schedule: its layer set routes no layer of a {n_layers}-layer model (the model would be dense)"
     )]
     NothingRouted { n_layers: usize },
+    /// A schedule file that cannot be read.
     #[error("routing.schedule: cannot read schedule file {path}: {source}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A schedule file that does not parse.
     #[error("routing.schedule: schedule file {path} is invalid: {message}")]
     Parse { path: PathBuf, message: String },
 }
@@ -265,10 +309,12 @@ pub struct ScheduleFile {
     /// How the schedule was derived, for the reader.
     #[serde(default)]
     pub note: String,
+    /// One plan per layer.
     pub layers: Vec<LayerPlan>,
 }
 
 impl ScheduleFile {
+    /// Reads a `.json` file as JSON, anything else as TOML.
     pub fn read(path: &Path) -> Result<ScheduleFile, ScheduleError> {
         let text = std::fs::read_to_string(path).map_err(|source| ScheduleError::Read {
             path: path.to_path_buf(),
@@ -285,6 +331,7 @@ impl ScheduleFile {
         })
     }
 
+    /// Writes the schedule as pretty-printed JSON.
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
         let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
         std::fs::write(path, text)
@@ -293,6 +340,29 @@ impl ScheduleFile {
 
 impl Schedule {
     /// One plan per layer, validated against the model's depth.
+    ///
+    /// ```
+    /// use unimod_router::{LayerPlan, Schedule};
+    ///
+    /// // The paper's Show-o recipe on an 8-layer model: the last half routes, T2I keeps 80 %,
+    /// // MMU falls from 100 % to 20 % across those layers.
+    /// let recipe: Schedule = toml::from_str(
+    ///     r#"kind = "unimod"
+    ///        t2i = 0.8
+    ///        mmu = [1.0, 0.2]"#,
+    /// )
+    /// .unwrap();
+    /// let plans = recipe.resolve(8).unwrap();
+    /// assert_eq!(plans[3], LayerPlan::Dense);
+    /// assert_eq!(plans[4].label(), "shared-MoD");
+    /// let LayerPlan::Routed { capacity, .. } = &plans[7] else { unreachable!() };
+    /// assert_eq!(capacity.t2i, Some(0.8));
+    /// assert!((capacity.mmu.unwrap() - 0.2).abs() < 1e-12);
+    /// // A layer the model does not have is refused, not ignored.
+    /// let bad: Schedule = toml::from_str(r#"kind = "mod"
+    ///                                       layers = [9]"#).unwrap();
+    /// assert!(bad.resolve(8).unwrap_err().to_string().contains("layer 9 does not exist"));
+    /// ```
     pub fn resolve(&self, n_layers: usize) -> Result<Vec<LayerPlan>, ScheduleError> {
         let mut plans = vec![LayerPlan::Dense; n_layers];
         let mut route = |layers: &[usize], cap: &dyn Fn(usize, usize) -> Capacities, routers| {

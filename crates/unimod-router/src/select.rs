@@ -118,6 +118,20 @@ pub fn apply(
 }
 
 /// Selects each sample's tokens within `budget`, ranking routable tokens by `score: [B, S]`.
+///
+/// ```
+/// use tch::Tensor;
+/// use unimod_router::select::{Budget, top_k};
+///
+/// // One sample of five tokens: token 0 is special (always processed), 1–4 compete.
+/// let routable = Tensor::from_slice(&[false, true, true, true, true]).view([1, 5]);
+/// let forced = Tensor::from_slice(&[true, false, false, false, false]).view([1, 5]);
+/// let budget = Budget::from_capacity(&routable, &forced, &Tensor::from_slice(&[0.5f64]));
+/// let score = Tensor::from_slice(&[0.0f32, 0.1, 2.0, -1.0, 1.0]).view([1, 5]);
+/// let sel = top_k(&score, &budget);
+/// // The special token and the best half of the rest (tokens 2 and 4), in sequence order.
+/// assert_eq!(Vec::<i64>::try_from(sel.index.view([-1])).unwrap(), [0, 2, 4]);
+/// ```
 pub fn top_k(score: &Tensor, budget: &Budget) -> Selection {
     let device = score.device();
     let key = score.detach().to_kind(Kind::Float) + &budget.key_offset;

@@ -5,6 +5,8 @@
 //! router crate can name them without pulling in the tokenizers and image codecs of
 //! `unimod-tok` (which defines the sequence formats that produce them and re-exports them).
 
+#![deny(missing_docs)]
+
 use serde::{Deserialize, Serialize};
 
 /// What a training sample teaches. Show-o concatenates one sub-batch per task along the batch.
@@ -20,13 +22,17 @@ pub enum Task {
 }
 
 impl Task {
+    /// Every task, in index order.
     pub const ALL: [Task; 3] = [Task::T2i, Task::Mmu, Task::Lm];
+    /// How many tasks there are: the length of per-task arrays.
     pub const COUNT: usize = 3;
 
+    /// The task's place in [`Task::ALL`] (the id a batch's `task` tensor holds).
     pub fn index(self) -> usize {
         self as usize
     }
 
+    /// The name configs, metrics and reports use (`"t2i"`, `"mmu"`, `"lm"`).
     pub fn name(self) -> &'static str {
         match self {
             Task::T2i => "t2i",
@@ -64,6 +70,7 @@ pub enum Segment {
 }
 
 impl Segment {
+    /// Every segment, in index order.
     pub const ALL: [Segment; 7] = [
         Segment::Special,
         Segment::Prompt,
@@ -73,8 +80,10 @@ impl Segment {
         Segment::Text,
         Segment::Pad,
     ];
+    /// How many segments there are.
     pub const COUNT: usize = 7;
 
+    /// The segment's place in [`Segment::ALL`] (the id a batch's `segment` tensor holds).
     pub fn index(self) -> usize {
         self as usize
     }
