@@ -9,8 +9,10 @@ use tch::{Kind, Tensor};
 use unimod_model::UnifiedTransformer;
 use unimod_tok::Batch;
 
+/// Where one layer's queries put their attention (the paper's Fig. 2).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerAttention {
+    /// The layer.
     pub layer: usize,
     /// Mean share of a query's attention mass on text, image and special keys.
     pub share: [f64; 3],
@@ -23,9 +25,12 @@ pub struct LayerAttention {
     pub heads: Vec<HeadAttention>,
 }
 
+/// One head's attention statistics.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HeadAttention {
+    /// Mean share of a query's attention mass on text, image and special keys.
     pub share: [f64; 3],
+    /// Mean attention entropy per query, in nats.
     pub entropy: f64,
 }
 

@@ -11,8 +11,10 @@ use tch::{Kind, Tensor};
 use unimod_model::{ForwardOptions, UnifiedTransformer};
 use unimod_tok::{Batch, Task};
 
+/// How much one layer matters to a task (the paper's Table 1 and Fig. 3).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerImportance {
+    /// The layer.
     pub layer: usize,
     /// The task's loss with this layer skipped (the model's loss with none skipped is
     /// [`Importance::loss`]).
@@ -23,13 +25,18 @@ pub struct LayerImportance {
     pub arank: Option<Arank>,
 }
 
+/// Every layer's importance for one task.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Importance {
+    /// The task whose samples were scored.
     pub task: Task,
+    /// The task's loss with every layer in place.
     pub loss: f64,
     /// Mean number of valid tokens per sample: the scale ARank is read against.
     pub mean_tokens: f64,
+    /// Which ARank was computed.
     pub arank_definition: ArankDefinition,
+    /// One entry per layer.
     pub layers: Vec<LayerImportance>,
 }
 

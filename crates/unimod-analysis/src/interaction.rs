@@ -10,8 +10,10 @@ use unimod_model::{ForwardOptions, UnifiedTransformer};
 use unimod_router::{LayerPlan, Routers};
 use unimod_tok::{Batch, Task};
 
+/// Which task's tokens a router shared by both tasks keeps (the paper's Fig. 4).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Competition {
+    /// The routed layer.
     pub layer: usize,
     /// Routable tokens of each task (T2I, MMU) the shared router keeps from the union.
     pub kept: [usize; 2],

@@ -6,6 +6,8 @@
 //! and the ARank-derived UniMoD schedule (which layers become T2I-MoD / MMU-MoD / Shared-MoD,
 //! at which capacity) that the routers read. `unimod analyze` runs them and writes the report.
 
+#![deny(missing_docs)]
+
 pub mod arank;
 pub mod attention;
 mod error;

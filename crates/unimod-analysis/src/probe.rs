@@ -57,6 +57,7 @@ pub fn per_sample(model: &UnifiedTransformer, batch: &Batch, out: &ModelOutput) 
     Vec::<f64>::try_from(l.to_kind(Kind::Double)).expect("per-sample losses are [B]")
 }
 
+/// The task's mean loss in `out`, refused when the batch holds none of its samples.
 pub fn loss_of(
     model: &UnifiedTransformer,
     batch: &Batch,

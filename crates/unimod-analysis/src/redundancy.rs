@@ -11,6 +11,7 @@ use unimod_model::{ForwardOptions, KeepTokens, UnifiedTransformer};
 use unimod_router::{select, tokens_kept};
 use unimod_tok::{Batch, Segment, Task};
 
+/// How tokens are ranked before the lowest are dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Ranking {
@@ -23,10 +24,15 @@ pub enum Ranking {
 /// `losses[layer][i]`: the task's loss when `layer` keeps `fractions[i]` of its tokens.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Redundancy {
+    /// The task whose samples were scored.
     pub task: Task,
+    /// How tokens were ranked.
     pub ranking: Ranking,
+    /// The fractions of tokens kept.
     pub fractions: Vec<f64>,
+    /// The task's loss with every token processed.
     pub dense_loss: f64,
+    /// `[layer][fraction]` the loss with only that fraction processed in that layer.
     pub losses: Vec<Vec<f64>>,
     /// Each sample's own dense loss.
     pub sample_dense: Vec<f64>,
@@ -64,6 +70,9 @@ impl Redundancy {
     }
 }
 
+/// Token redundancy per layer (the paper's Fig. 3c): each layer in turn processes only the
+/// `fractions` of each sample's non-special tokens ranked highest (the rest pass through
+/// unchanged), and the task's loss is measured; fractions outside (0, 1] are refused.
 pub fn redundancy(
     model: &UnifiedTransformer,
     batch: &Batch,

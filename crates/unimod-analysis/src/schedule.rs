@@ -22,7 +22,9 @@ pub struct ArankRule {
     pub fraction: f64,
     /// Multiplies ARank / T before clamping.
     pub scale: f64,
+    /// The lowest capacity a routed layer gets.
     pub min_capacity: f64,
+    /// The highest capacity a routed layer gets.
     pub max_capacity: f64,
     /// The first layers are never routed (the paper's Table 1: early layers matter most).
     pub protect_first: usize,
@@ -43,12 +45,16 @@ impl Default for ArankRule {
 /// One task's ARank per layer and its mean sequence length.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskArank {
+    /// The task.
     pub task: Task,
+    /// ARank per layer.
     pub arank: Vec<f64>,
+    /// Mean valid tokens per sample (ARank is read against it).
     pub mean_tokens: f64,
 }
 
 impl ArankRule {
+    /// Checks every field, naming the first one out of range.
     pub fn validate(&self) -> Result<(), AnalysisError> {
         let check = |what, value: f64, ok: bool, range| {
             if ok {

@@ -13,7 +13,9 @@ use unimod_tok::{Batch, Flavour, FormatConfig, Segment, Sequence};
 /// The shape of one benchmarked model: width, depth and the mixed batch it steps on.
 #[derive(Debug, Clone, Copy)]
 pub struct Shape {
+    /// Width of the residual stream.
     pub d_model: i64,
+    /// Number of blocks.
     pub n_layers: usize,
     /// Sequences per task: the batch holds this many T2I and as many MMU sequences.
     pub per_task: usize,
@@ -21,9 +23,13 @@ pub struct Shape {
     pub image_side: usize,
 }
 
+/// One benchmarked model: dense or a schedule, with its weights.
 pub struct Variant {
+    /// Its name in the table.
     pub name: String,
+    /// The model.
     pub model: UnifiedTransformer,
+    /// Its weights.
     pub vs: VarStore,
     /// Analytic training FLOPs of one step, from the work each layer really did.
     pub train_flops: f64,
@@ -86,6 +92,7 @@ fn sequences(cfg: &ModelConfig, shape: Shape) -> Vec<Sequence> {
     seqs
 }
 
+/// Builds a variant on `b` and counts its training FLOPs from one forward pass's work.
 pub fn variant(
     name: String,
     cfg: &ModelConfig,
@@ -232,6 +239,7 @@ pub fn table_rows(
         .collect()
 }
 
+/// The header of [`decode_rows`]' table.
 pub const DECODE_HEADER: &str = "| config | variant | decoding | tokens/s | ms/step | routable decoded tokens processed | time saved |\n|---|---|---|---|---|---|---|";
 
 /// KV-cached decoding, teacher-forced so that every variant decodes the same tokens: `seqs`
@@ -361,6 +369,7 @@ pub fn decode_rows(
     Ok(rows)
 }
 
+/// The header of [`table_rows`]' table.
 pub const TABLE_HEADER: &str = "| config | variant | train GFLOPs/step | ms/step | tokens/s | MFU | FLOPs saved | time saved | time/FLOPs ratio |\n|---|---|---|---|---|---|---|---|---|";
 
 #[cfg(test)]

@@ -13,17 +13,22 @@ use crate::moma::{ExpertTargets, MomaFfn};
 use tch::{Kind, Tensor, nn, nn::Module};
 use unimod_tok::batch::attention_mask;
 
+/// A norm of the kind `model.norm` names.
 #[derive(Debug)]
 pub enum Norm {
+    /// LayerNorm with weight and bias.
     Layer(nn::LayerNorm),
     /// RMSNorm: `x / rms(x) · w` (tch has no module for it).
     Rms {
+        /// `[D]` scale.
         weight: Tensor,
+        /// Added to the mean square.
         eps: f64,
     },
 }
 
 impl Norm {
+    /// The norm `cfg.norm` names, at `cfg.norm_eps()`.
     pub fn new(p: nn::Path, cfg: &ModelConfig) -> Norm {
         match cfg.norm {
             NormKind::Layernorm => Norm::Layer(nn::layer_norm(
@@ -112,6 +117,7 @@ pub struct PerModality<M> {
 }
 
 impl<M> PerModality<M> {
+    /// One `make(p)` module, or under `cfg.mot` one per modality at `p/text` and `p/image`.
     pub fn new(p: &nn::Path, cfg: &ModelConfig, make: impl Fn(nn::Path) -> M) -> PerModality<M> {
         let parts = if cfg.mot {
             vec![make(p / "text"), make(p / "image")]
@@ -137,6 +143,8 @@ impl<M> PerModality<M> {
 }
 
 impl<M: Module> PerModality<M> {
+    /// Each token through its modality's module (`x: [B, T, D]`; `dispatch` from the frame
+    /// under MoT, `None` without it).
     pub fn forward(&self, x: &Tensor, dispatch: Option<&Dispatch>) -> Tensor {
         self.apply(x, dispatch, |m, x| m.forward(x))
     }
@@ -153,6 +161,7 @@ fn out_proj(cfg: &ModelConfig) -> nn::LinearConfig {
     }
 }
 
+/// The dense FFN: GELU (Phi) or SwiGLU (Llama).
 #[derive(Debug)]
 pub struct Mlp {
     up: nn::Linear,
@@ -161,6 +170,7 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// `up` (and `gate`) `d → d_ffn`, `down` `d_ffn → d`.
     pub fn new(p: nn::Path, cfg: &ModelConfig) -> Mlp {
         let c = nn::LinearConfig {
             bias: cfg.bias,
@@ -194,6 +204,7 @@ pub struct Rope {
 }
 
 impl Rope {
+    /// The inverse frequencies of `cfg.rotary_dim()` dimensions at base `cfg.rope_theta`.
     pub fn new(cfg: &ModelConfig, device: tch::Device) -> Rope {
         let rd = cfg.rotary_dim();
         let inv: Vec<f32> = (0..rd / 2)
@@ -271,6 +282,7 @@ impl LayerCache {
         self.index.as_ref().map_or(0, |i| i.size()[1])
     }
 
+    /// Nothing cached yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -296,11 +308,13 @@ pub struct AttentionMaps {
 pub struct AttentionOutput {
     /// `[B, T, D]` after the output projection.
     pub out: Tensor,
+    /// The maps, when asked for.
     pub maps: Option<AttentionMaps>,
     /// Keys each query attended over (cached ones included).
     pub keys: i64,
 }
 
+/// Multi-head (or grouped-query) self-attention with RoPE, per-modality projections under MoT.
 #[derive(Debug)]
 pub struct Attention {
     /// Queries, keys and values in one projection (`d → (H + 2·H_kv)·hd`): one matmul instead
@@ -313,6 +327,7 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// `qkv` `d → (H + 2·H_kv)·hd` and `o` `d → d`.
     pub fn new(p: nn::Path, cfg: &ModelConfig) -> Attention {
         let c = nn::LinearConfig {
             bias: cfg.bias,
@@ -419,6 +434,7 @@ pub struct Block {
 pub enum Ffn {
     /// One MLP for every token, or one per modality under Mixture-of-Transformers.
     Mlp(PerModality<Mlp>),
+    /// MoMa's modality-aware experts.
     Moma(Box<MomaFfn>),
 }
 
@@ -430,6 +446,7 @@ pub struct FfnWork {
     pub tokens: f64,
     /// Router evaluations (units of a `d → 1` router's).
     pub router_tokens: f64,
+    /// MoMa's expert choices, the targets of its auxiliary routers.
     pub targets: Vec<ExpertTargets>,
 }
 
@@ -467,13 +484,16 @@ impl Ffn {
 pub struct BlockDelta {
     /// `[B, T, D]` residual update.
     pub delta: Tensor,
+    /// Attention maps, when asked for.
     pub attention: Option<AttentionMaps>,
     /// Keys each query attended over (cached ones included), for the FLOPs count.
     pub keys: i64,
+    /// What the FFN did.
     pub ffn: FfnWork,
 }
 
 impl Block {
+    /// Norms, attention and FFN under `p`, per `cfg` (MoT copies, MoMa experts).
     pub fn new(p: nn::Path, cfg: &ModelConfig) -> Block {
         let norm = |name| PerModality::new(&(&p / name), cfg, |p| Norm::new(p, cfg));
         Block {

@@ -8,6 +8,7 @@ use unimod_router::RoutingMode;
 pub use unimod_tok::Flavour;
 use unimod_tok::{Task, VocabLayout};
 
+/// The FFN's form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum FfnKind {
@@ -18,14 +19,18 @@ pub enum FfnKind {
     Swiglu,
 }
 
+/// The normalisation of every norm in the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum NormKind {
+    /// LayerNorm with a bias (Phi-1.5, Show-o).
     #[default]
     Layernorm,
+    /// RMSNorm (Llama, Emu3).
     Rmsnorm,
 }
 
+/// How attention and the FFN combine in a block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum BlockStyle {
@@ -54,8 +59,11 @@ pub enum ImagePositions {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LossWeights {
+    /// Weight of the image-token loss of T2I samples.
     pub t2i: f64,
+    /// Weight of the text loss of LM samples.
     pub lm: f64,
+    /// Weight of the answer loss of MMU samples.
     pub mmu: f64,
 }
 
@@ -71,6 +79,7 @@ impl Default for LossWeights {
 }
 
 impl LossWeights {
+    /// The task's weight.
     pub fn get(&self, task: Task) -> f64 {
         match task {
             Task::T2i => self.t2i,
@@ -84,18 +93,28 @@ impl LossWeights {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
+    /// Show-o (discrete diffusion over image tokens, bidirectional within the image) or Emu3
+    /// (next-token prediction throughout).
     pub flavour: Flavour,
+    /// Where specials, text and image codes sit in the embedding table.
     pub vocab: VocabLayout,
+    /// Width of the residual stream.
     pub d_model: i64,
+    /// Number of transformer blocks.
     pub n_layers: usize,
+    /// Query heads per attention.
     pub n_heads: i64,
     /// Key/value heads (grouped-query attention when fewer than `n_heads`).
     pub n_kv_heads: i64,
+    /// The FFN's form.
     pub ffn: FfnKind,
+    /// The FFN's hidden width.
     pub d_ffn: i64,
+    /// The norms' form.
     pub norm: NormKind,
     /// The norms' epsilon; absent: 1e-5 for LayerNorm, 1e-6 for RMSNorm.
     pub norm_eps: Option<f64>,
+    /// Parallel (Phi) or sequential (Llama) blocks.
     pub block: BlockStyle,
     /// Biases on the attention and MLP projections (Phi-1.5 has them, Llama not).
     pub bias: bool,
@@ -103,8 +122,11 @@ pub struct ModelConfig {
     pub head_bias: bool,
     /// Fraction of each head's dimensions that RoPE rotates (Phi-1.5: 0.5).
     pub rotary_fraction: f64,
+    /// RoPE's base.
     pub rope_theta: f64,
+    /// The longest sequence the model accepts (`forward` refuses longer batches).
     pub max_seq_len: i64,
+    /// How an image token's grid cell enters the model.
     pub image_positions: ImagePositions,
     /// Mixture-of-Transformers (Liang et al.): every norm, attention projection and FFN of
     /// every block (and the final norm) has one copy per modality, text and image, each
@@ -122,7 +144,9 @@ pub struct ModelConfig {
     /// Image tokens per side (set from `format.image_side` by the trainer); the grid of
     /// `image_positions = "learned_2d"`. Emu3 rows have one more token, the row end.
     pub image_side: i64,
+    /// Weights of the per-task losses.
     pub loss: LossWeights,
+    /// `[model.routing]`: the schedule, routers and causal modes.
     pub routing: RoutingConfig,
 }
 
@@ -158,17 +182,22 @@ impl Default for ModelConfig {
 
 /// A configuration the model cannot be built from.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // the fields are named in each variant's message
 pub enum ConfigError {
+    /// A field outside its accepted range.
     #[error("model.{field} = {value}: {why}")]
     Invalid {
         field: &'static str,
         value: String,
         why: &'static str,
     },
+    /// A `[model.moma]` value MoMa cannot use.
     #[error("model.{field} = {why}")]
     Moma { field: &'static str, why: String },
+    /// A schedule the model's depth cannot take.
     #[error(transparent)]
     Schedule(#[from] unimod_router::ScheduleError),
+    /// A routing mode the configuration cannot serve.
     #[error("routing mode {mode:?}: {why}")]
     Mode {
         mode: unimod_router::RoutingMode,
@@ -177,6 +206,7 @@ pub enum ConfigError {
 }
 
 impl ModelConfig {
+    /// Dimensions per attention head.
     pub fn head_dim(&self) -> i64 {
         self.d_model / self.n_heads
     }
@@ -194,6 +224,7 @@ impl ModelConfig {
         ((self.head_dim() as f64 * self.rotary_fraction) as i64 / 2) * 2
     }
 
+    /// Checks every field, naming the first one out of range.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field, value: String, why| Err(ConfigError::Invalid { field, value, why });
         if self.d_model <= 0 || self.n_heads <= 0 || self.d_model % self.n_heads != 0 {

@@ -27,17 +27,23 @@ pub const TRAIN_MULTIPLIER: f64 = 3.0;
 /// FLOPs by part.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Flops {
+    /// The blocks' projections (attention and FFN) on the tokens they processed.
     pub linear: f64,
+    /// Attention's quadratic term: scores and weighted values over the pairs computed.
     pub attention: f64,
+    /// Routers, causal predictors, MoMa's gates and auxiliary routers.
     pub router: f64,
+    /// The LM head.
     pub head: f64,
 }
 
 impl Flops {
+    /// Every part summed.
     pub fn total(&self) -> f64 {
         self.linear + self.attention + self.router + self.head
     }
 
+    /// Every part times `f`.
     pub fn scaled(&self, f: f64) -> Flops {
         Flops {
             linear: self.linear * f,
@@ -144,15 +150,19 @@ pub fn forward(cfg: &ModelConfig, work: &[Work], head_tokens: f64) -> Flops {
 /// The token make-up of one sequence of a task: tokens per [`Segment`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Composition {
+    /// The sequence's task.
     pub task: Task,
+    /// Tokens of each segment, indexed by [`Segment::index`].
     pub segments: [usize; Segment::COUNT],
 }
 
 impl Composition {
+    /// Tokens in the sequence.
     pub fn len(&self) -> usize {
         self.segments.iter().sum()
     }
 
+    /// No tokens at all.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -7,12 +7,16 @@ use tch::{Device, Kind, Tensor};
 use unimod_router::RoutingMode;
 use unimod_tok::{Batch, Continuation, Segment, Sequence, Special, Task, VocabLayout};
 
+/// Why generation stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
+    /// The prompts could not be batched.
     #[error(transparent)]
     Batch(#[from] unimod_tok::batch::BatchError),
+    /// libtorch failed.
     #[error(transparent)]
     Tch(#[from] tch::TchError),
+    /// The model cannot decode in the requested way.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
 }
@@ -21,7 +25,9 @@ pub enum GenerateError {
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SamplingConfig {
+    /// MaskGIT unmasking steps (Show-o); Emu3 decodes one token per step whatever this is.
     pub steps: usize,
+    /// Sampling temperature of image codes (0: greedy).
     pub temperature: f64,
     /// Classifier-free guidance: logits = (1 + w)·cond − w·uncond.
     pub guidance: f64,
@@ -29,6 +35,7 @@ pub struct SamplingConfig {
     /// steps, is added to the confidence that picks which tokens stay masked. Without it the
     /// most confident code (plain background) wins everywhere and images come out empty.
     pub choice_temperature: f64,
+    /// Seed of the sampling noise (reproducible samples).
     pub seed: i64,
 }
 
@@ -136,11 +143,13 @@ pub fn maskgit(
 
 /// How [`autoregressive`] continues its prompts.
 pub struct Decoding<'a> {
+    /// The most tokens generated per prompt.
     pub max_new: usize,
     /// Segment of the generated tokens (their attention rule).
     pub segment: Segment,
     /// Tokens allowed at the `k`-th generated position: `[V]` bool.
     pub allowed: &'a dyn Fn(usize) -> Tensor,
+    /// A token that ends a prompt's continuation (kept in the output).
     pub stop: Option<i64>,
     /// 0: greedy.
     pub temperature: f64,

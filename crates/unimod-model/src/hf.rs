@@ -23,36 +23,46 @@ use unimod_tok::{Special, VocabLayout};
 /// Where the checkpoint's text id 0 lands in the unified vocabulary.
 pub const TEXT_OFFSET: i64 = Special::ALL.len() as i64;
 
+/// Why a Hugging Face checkpoint cannot be loaded or exported.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // the fields are named in each variant's message
 pub enum HfError {
+    /// A file that cannot be read.
     #[error("cannot read {path}: {source}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A `config.json` that does not parse.
     #[error("{path}: not a JSON object: {source}")]
     Json {
         path: PathBuf,
         source: serde_json::Error,
     },
+    /// A configuration this code does not compute.
     #[error("config.json `{field}` = {value}: {why}")]
     Unsupported {
         field: &'static str,
         value: String,
         why: &'static str,
     },
+    /// A tensor the model needs that the checkpoint lacks.
     #[error("{path}: the checkpoint has no tensor `{name}`")]
     Missing { path: PathBuf, name: String },
+    /// A tensor of the wrong shape.
     #[error("`{name}` is {found:?} in the checkpoint, the model expects {expected:?}")]
     Shape {
         name: String,
         expected: Vec<i64>,
         found: Vec<i64>,
     },
+    /// Shapes that make no valid model.
     #[error("the checkpoint's shapes make no valid model: {0}")]
     Model(crate::ConfigError),
+    /// A model the export format cannot hold.
     #[error("cannot export: {0}")]
     Export(String),
+    /// The safetensors files could not be read or written.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
 }
@@ -69,6 +79,7 @@ pub enum HfArch {
 /// A checkpoint's `config.json`, mapped.
 #[derive(Debug, Clone)]
 pub struct HfConfig {
+    /// The decoder family.
     pub arch: HfArch,
     /// The unified transformer that computes what the checkpoint computes, its vocabulary grown
     /// by the specials and `n_codes` image codes.

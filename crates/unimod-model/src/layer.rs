@@ -23,6 +23,7 @@ use unimod_tok::{Batch, Segment, Task};
 /// Everything a layer reads about the batch besides the hidden states, built once per forward.
 #[derive(Debug)]
 pub struct LayerInput<'a> {
+    /// The batch: its tasks, segments and padding.
     pub batch: &'a Batch,
     /// `[B, S]` token index in the sequence (with a cache: the new tokens' indices).
     pub index: Tensor,
@@ -32,7 +33,9 @@ pub struct LayerInput<'a> {
     pub routable_segment: Tensor,
     /// Host copy of the routable segments (gather widths are counted from it).
     pub routable_segments: Vec<Segment>,
+    /// How routed layers decide in this pass.
     pub mode: RoutingMode,
+    /// Keep attention probabilities (the slow path; analyses only).
     pub capture_attention: bool,
     /// Each modality's tokens of the batch (Mixture-of-Transformers), computed once for every
     /// layer that processes the whole frame.
@@ -127,6 +130,7 @@ impl LayerInput<'_> {
 /// Routing statistics of one routed layer, as tensors (read them when logging, not per step).
 #[derive(Debug)]
 pub struct RoutingStats {
+    /// The layer's index in the model.
     pub layer: usize,
     /// Tokens processed per task (exact host counts in top-k mode; `None` in threshold mode).
     pub processed: [Option<usize>; Task::COUNT],
@@ -163,7 +167,9 @@ impl RoutingStats {
 pub struct LayerOutput {
     /// `[B, S, D]` new residual stream.
     pub hidden: Tensor,
+    /// Attention maps, when asked for.
     pub attention: Option<AttentionMaps>,
+    /// Routing statistics (routed layers only).
     pub routing: Option<RoutingStats>,
     /// What the router's and the causal predictor's auxiliary losses need (top-k mode only).
     pub aux_targets: Option<AuxTargets>,
@@ -197,6 +203,7 @@ pub struct Work {
     /// Token-slots through one FFN's weights: `tokens` for an MLP, the experts' taken tokens
     /// (padding slots of their batched matmul included) under MoMa.
     pub ffn_tokens: f64,
+    /// Query–key pairs attention scored.
     pub attention_pairs: f64,
     /// Router (and predictor) token evaluations.
     pub router_tokens: f64,
@@ -219,17 +226,25 @@ pub struct RoutedLayer {
     evals_per_token: f64,
 }
 
+/// What a layer does with the tokens it is given (its [`unimod_router::LayerPlan`], built).
 #[derive(Debug)]
 pub enum LayerKind {
+    /// Processes every token.
     Dense,
+    /// Passes every token on unchanged.
     Skip,
+    /// Processes the tokens its routers choose.
     Routed(RoutedLayer),
 }
 
+/// One layer of the model: a block and what decides which tokens it processes.
 #[derive(Debug)]
 pub struct Layer {
+    /// Its place in the model.
     pub index: usize,
+    /// The transformer block.
     pub block: Block,
+    /// Dense, skipped or routed.
     pub kind: LayerKind,
 }
 

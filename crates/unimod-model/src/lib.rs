@@ -8,6 +8,8 @@
 //! (logits, per-task losses, attention maps, hidden states, routing statistics), KV-cached
 //! decoding, safetensors checkpoints that carry their config, and the analytic FLOPs model.
 
+#![deny(missing_docs)]
+
 pub mod bench;
 pub mod block;
 pub mod checkpoint;

@@ -12,6 +12,7 @@ use unimod_tok::{Batch, IGNORE, Segment, Task};
 /// What a forward pass computes besides logits; everything off by default.
 #[derive(Debug, Clone, Default)]
 pub struct ForwardOptions {
+    /// How routed layers decide: top-k (training), or a causal mode (decoding).
     pub mode: RoutingMode,
     /// Keep the residual stream after the embedding and after every layer.
     pub hidden_states: bool,
@@ -27,7 +28,9 @@ pub struct ForwardOptions {
 /// themselves and the others pass through unchanged, as in a routed layer without router weight.
 #[derive(Debug)]
 pub struct KeepTokens {
+    /// The layer.
     pub layer: usize,
+    /// `[B, S]` bool: the tokens it processes.
     pub mask: Tensor,
 }
 
@@ -75,9 +78,13 @@ pub struct ModelOutput {
     pub work: Vec<Work>,
 }
 
+/// The unified transformer of Show-o or Emu3 shape: embeddings, blocks under their layer plans
+/// (dense, skipped or routed), a final norm and the LM head over text and image codes.
 #[derive(Debug)]
 pub struct UnifiedTransformer {
+    /// The configuration it was built from.
     pub cfg: ModelConfig,
+    /// Each layer's plan, resolved from `cfg.routing.schedule`.
     pub plans: Vec<LayerPlan>,
     embed: nn::Embedding,
     grid: Option<GridEmbedding>,
@@ -146,16 +153,20 @@ impl GridEmbedding {
 }
 
 impl KvCache {
+    /// Positions cached.
     pub fn len(&self) -> i64 {
         self.layers.first().map_or(0, LayerCache::len)
     }
 
+    /// Nothing cached yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
 
 impl UnifiedTransformer {
+    /// Builds the model under `p` (its parameter names are the checkpoint's keys), refusing an
+    /// invalid configuration with the field named.
     pub fn new(p: &nn::Path, cfg: &ModelConfig) -> Result<UnifiedTransformer, ConfigError> {
         cfg.validate()?;
         let plans = cfg.routing.schedule.resolve(cfg.n_layers)?;
@@ -255,6 +266,7 @@ impl UnifiedTransformer {
         missing
     }
 
+    /// The layers, in order.
     pub fn layers(&self) -> &[Layer] {
         &self.layers
     }

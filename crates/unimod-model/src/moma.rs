@@ -220,7 +220,9 @@ impl Experts {
 /// past a sample's own count have weight 0.
 #[derive(Debug)]
 pub struct ExpertSelection {
+    /// Sequence positions each expert took, ascending.
     pub index: Tensor,
+    /// Each taken token's sigmoid router score (0 in unused slots).
     pub weight: Tensor,
     /// `[B, E, K]` the slot holds a token the expert took.
     pub taken: Tensor,
@@ -291,6 +293,8 @@ pub struct MomaFfn {
 }
 
 impl MomaFfn {
+    /// A text and an image group of experts, each expert the dense FFN's shape, with their
+    /// gates and auxiliary routers.
     pub fn new(p: nn::Path, cfg: &ModelConfig, moma: &MomaConfig) -> MomaFfn {
         let [(et, ct), (ei, ci)] = moma.groups();
         let columns = moma.columns();
