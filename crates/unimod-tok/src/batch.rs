@@ -11,11 +11,14 @@ pub const IGNORE: i64 = -100;
 /// One sequence, as a format builds it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sequence {
+    /// What the sequence teaches.
     pub task: Task,
+    /// Token ids in the unified vocabulary.
     pub tokens: Vec<i64>,
     /// Target of the logits at each position (already shifted for next-token prediction),
     /// or [`IGNORE`].
     pub labels: Vec<i64>,
+    /// Each token's role.
     pub segments: Vec<Segment>,
     /// The last key position each token may attend to: `i` for a causal token, the end of its
     /// bidirectional block otherwise (Show-o's omni-attention, see `format`).
@@ -23,6 +26,7 @@ pub struct Sequence {
 }
 
 impl Sequence {
+    /// Tokens in the sequence.
     pub fn len(&self) -> usize {
         self.tokens.len()
     }
@@ -39,6 +43,7 @@ impl Sequence {
         }
     }
 
+    /// No tokens.
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
     }
@@ -71,15 +76,20 @@ pub struct Batch {
 /// The sequence index and the RoPE position of the token that follows a batch, per sample.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Continuation {
+    /// Sequence index of the next token (the cache's length).
     pub offset: i64,
+    /// Per sample, the RoPE position of its next token.
     pub next_position: Vec<i64>,
 }
 
 /// Why sequences could not be batched.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // the fields are named in each variant's message
 pub enum BatchError {
+    /// No sequences given.
     #[error("cannot batch zero sequences")]
     Empty,
+    /// Sequences of different lengths.
     #[error(
         "sequence {index} has length {len}, the batch has {expected}: formats must pad to one length"
     )]
@@ -88,11 +98,13 @@ pub enum BatchError {
         len: usize,
         expected: usize,
     },
+    /// A sequence whose per-token vectors disagree in length.
     #[error("sequence {index} is inconsistent: {what}")]
     Inconsistent { index: usize, what: &'static str },
 }
 
 impl Batch {
+    /// Stacks sequences of one length (a fresh batch, positions from 0).
     pub fn from_sequences(seqs: &[Sequence], device: Device) -> Result<Batch, BatchError> {
         Batch::continuing(seqs, None, device)
     }
@@ -190,14 +202,17 @@ impl Batch {
         })
     }
 
+    /// Samples in the batch (B).
     pub fn size(&self) -> usize {
         self.tasks.len()
     }
 
+    /// Tokens per sample (S).
     pub fn seq_len(&self) -> i64 {
         self.tokens.size()[1]
     }
 
+    /// Where its tensors live.
     pub fn device(&self) -> Device {
         self.tokens.device()
     }

@@ -7,12 +7,16 @@ use std::fmt::Display;
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{field} = {value} is not accepted: {accepted}")]
 pub struct InvalidValue {
+    /// The field's dotted name (`train.lr`).
     pub field: String,
+    /// The value given.
     pub value: String,
+    /// The accepted range, in words.
     pub accepted: String,
 }
 
 impl InvalidValue {
+    /// The error for `field = value`, outside `accepted`.
     pub fn new(field: &str, value: impl Display, accepted: impl Display) -> InvalidValue {
         InvalidValue {
             field: field.into(),

@@ -6,23 +6,31 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::{Kind, Tensor};
 
+/// A dataset's split: training, validation (losses during training) and test (evaluation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Split {
+    /// Training examples.
     Train = 0,
+    /// Validation examples.
     Val = 1,
+    /// Test examples (evaluation and the judge's calibration).
     Test = 2,
 }
 
 /// An 8-bit RGB image, row-major.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Image {
+    /// Pixels per row.
     pub width: usize,
+    /// Rows.
     pub height: usize,
+    /// `width × height × 3` bytes.
     pub rgb: Vec<u8>,
 }
 
 impl Image {
+    /// An all-black image.
     pub fn black(width: usize, height: usize) -> Image {
         Image {
             width,
@@ -31,11 +39,13 @@ impl Image {
         }
     }
 
+    /// The pixel at column `x`, row `y`.
     pub fn get(&self, x: usize, y: usize) -> [u8; 3] {
         let i = (y * self.width + x) * 3;
         [self.rgb[i], self.rgb[i + 1], self.rgb[i + 2]]
     }
 
+    /// Sets the pixel at column `x`, row `y`.
     pub fn set(&mut self, x: usize, y: usize, c: [u8; 3]) {
         let i = (y * self.width + x) * 3;
         self.rgb[i..i + 3].copy_from_slice(&c);
@@ -114,26 +124,39 @@ impl Image {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum QaKind {
+    /// "What colour is the circle?"
     Color,
+    /// "What shape is the red object?"
     Shape,
+    /// "How many red circles are there?"
     Count,
+    /// "Is there a blue square?" (yes / no)
     Exists,
+    /// "Where is the red circle?"
     Position,
+    /// "Which digit is this?" (MNIST)
     Digit,
 }
 
+/// One MMU question about an image, with its answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Qa {
+    /// What the question asks about.
     pub kind: QaKind,
+    /// The question's words.
     pub question: String,
+    /// The one right answer.
     pub answer: String,
 }
 
 /// One sample of a dataset.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
+    /// The image.
     pub image: Image,
+    /// Captions of the image (the first asserts most).
     pub captions: Vec<Caption>,
+    /// Questions about the image.
     pub qa: Vec<Qa>,
     /// Class label where the dataset has one (MNIST digit).
     pub label: Option<u8>,
@@ -143,9 +166,11 @@ pub struct Example {
 
 /// A dataset: deterministic, indexable examples per split.
 pub trait Dataset: Send + Sync {
+    /// The name configs use (`"shapes"`, `"mnist"`).
     fn name(&self) -> &str;
     /// Number of examples in a split; `None` for an unbounded (procedural) dataset.
     fn len(&self, split: Split) -> Option<usize>;
+    /// Example `index` of a split (the same every time it is asked for).
     fn example(&self, split: Split, index: u64) -> Example;
     /// Canvas side in pixels.
     fn image_size(&self) -> usize;

@@ -36,6 +36,7 @@ pub enum Flavour {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FormatConfig {
+    /// Show-o or Emu3 sequence layout.
     pub flavour: Flavour,
     /// Tokens of the text segment, `bos` and `eos` included.
     pub text_len: usize,
@@ -71,14 +72,18 @@ impl FormatConfig {
     }
 }
 
+/// Why a sample cannot be formatted.
 #[derive(Debug, thiserror::Error, PartialEq)]
+#[allow(missing_docs)] // the fields are named in each variant's message
 pub enum FormatError {
+    /// Text longer than `format.text_len`.
     #[error("{what} needs {len} text tokens, format.text_len allows {max}")]
     TooLong {
         what: &'static str,
         len: usize,
         max: usize,
     },
+    /// An image of the wrong number of codes.
     #[error("image has {got} codes, format.image_side = {side} needs {expected}")]
     ImageSize {
         got: usize,
@@ -151,6 +156,7 @@ impl Builder {
 }
 
 impl FormatConfig {
+    /// Image codes per image (`image_side²`; Emu3's row ends not counted).
     pub fn image_tokens(&self) -> usize {
         self.image_side * self.image_side
     }

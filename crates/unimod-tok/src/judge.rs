@@ -13,8 +13,11 @@ use std::collections::BTreeMap;
 /// A detected object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Detection {
+    /// The grid cell it was found in.
     pub cell: Cell,
+    /// Its colour (nearest palette colour of its pixels).
     pub color: Color,
+    /// Its shape (from [`ShapeMoments`]).
     pub shape: Shape,
 }
 
@@ -136,6 +139,8 @@ pub struct ShapeMoments {
     pub corner_anisotropy: f64,
 }
 
+/// The [`ShapeMoments`] of the pixels of `img` in columns `x0..x1` and rows `y0..y1`, weighted
+/// by their closeness to `target`.
 pub fn shape_moments(
     img: &Image,
     (x0, x1): (usize, usize),
@@ -253,8 +258,12 @@ impl T2iJudge for ShapesJudge {
 /// fact it asserts holds; a category's accuracy is over the captions containing a fact of it.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct JudgeReport {
+    /// Per category: (captions with a fact of it whose facts of it all hold, captions with a
+    /// fact of it).
     pub per_category: BTreeMap<String, (usize, usize)>,
+    /// Captions whose every fact holds.
     pub captions_correct: usize,
+    /// Captions scored.
     pub captions: usize,
 }
 
@@ -314,6 +323,7 @@ impl JudgeReport {
         Some(r)
     }
 
+    /// A category's accuracy, `None` when no caption asserted a fact of it.
     pub fn category(&self, name: &str) -> Option<f64> {
         self.per_category
             .get(name)

@@ -6,6 +6,8 @@
 //! formats with their per-token metadata (task, segment, attention reach, loss positions), and
 //! batches of them as tensors.
 
+#![deny(missing_docs)]
+
 pub mod batch;
 pub mod cache;
 pub mod check;

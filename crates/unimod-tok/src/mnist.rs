@@ -12,18 +12,24 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
+/// Why MNIST or its judge cannot be used.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // the fields are named in each variant's message
 pub enum MnistError {
+    /// The file is not in the cache.
     #[error("{path}: missing; `cargo xtask setup` puts it into the cache")]
     Missing { path: PathBuf },
+    /// The file does not hold what it should.
     #[error("{path}: corrupt ({reason}); delete it and run `cargo xtask setup` again")]
     Corrupt { path: PathBuf, reason: String },
+    /// A `[data.mnist]` value out of range.
     #[error("data.mnist.{field} = {value}: {why}")]
     Config {
         field: &'static str,
         value: usize,
         why: &'static str,
     },
+    /// libtorch failed (the judge's forward).
     #[error(transparent)]
     Tch(#[from] tch::TchError),
 }
@@ -70,12 +76,14 @@ const WORDS: [&str; 10] = [
 
 /// The 70k digits: the original training set, then the test set.
 pub struct Mnist {
+    /// Its configuration.
     pub cfg: MnistConfig,
     pixels: Vec<u8>,
     labels: Vec<u8>,
 }
 
 impl Mnist {
+    /// Reads the digits from the cached archive at `path`.
     pub fn load(path: &Path, cfg: MnistConfig) -> Result<Mnist, MnistError> {
         if cfg.image_size < SIDE {
             return Err(MnistError::Config {
@@ -252,6 +260,7 @@ pub struct MnistJudge {
 }
 
 impl MnistJudge {
+    /// Reads the judge's weights from `path`.
     pub fn load(path: &Path, device: Device) -> Result<MnistJudge, MnistError> {
         let corrupt = |reason: String| corrupt(path, reason);
         let file = open_installed(path)?;
@@ -326,6 +335,7 @@ impl MnistJudge {
         })
     }
 
+    /// The digit each image shows, by the judge.
     pub fn classify(&self, images: &[Image]) -> Vec<u8> {
         let classes = self.forward(images).0.argmax(-1, false);
         Vec::<i64>::try_from(classes.to_device(Device::Cpu))

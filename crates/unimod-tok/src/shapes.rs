@@ -12,8 +12,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+/// An object's shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[allow(missing_docs)] // each variant is the word it names
 pub enum Shape {
     Circle,
     Square,
@@ -21,7 +23,9 @@ pub enum Shape {
 }
 
 impl Shape {
+    /// Every shape.
     pub const ALL: [Shape; 3] = [Shape::Circle, Shape::Square, Shape::Triangle];
+    /// The word captions and answers use.
     pub fn name(self) -> &'static str {
         match self {
             Shape::Circle => "circle",
@@ -31,8 +35,10 @@ impl Shape {
     }
 }
 
+/// An object's colour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[allow(missing_docs)] // each variant is the word it names
 pub enum Color {
     Red,
     Green,
@@ -45,6 +51,7 @@ pub enum Color {
 }
 
 impl Color {
+    /// Every colour.
     pub const ALL: [Color; 8] = [
         Color::Red,
         Color::Green,
@@ -55,6 +62,7 @@ impl Color {
         Color::White,
         Color::Orange,
     ];
+    /// The word captions and answers use.
     pub fn name(self) -> &'static str {
         match self {
             Color::Red => "red",
@@ -67,6 +75,7 @@ impl Color {
             Color::Orange => "orange",
         }
     }
+    /// The colour it is drawn in (the judge classifies pixels against these).
     pub fn rgb(self) -> [u8; 3] {
         match self {
             Color::Red => [230, 30, 30],
@@ -81,8 +90,10 @@ impl Color {
     }
 }
 
+/// An object's size: a small one fills about half its cell, a large one most of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[allow(missing_docs)] // each variant is the word it names
 pub enum Size {
     Small,
     Large,
@@ -91,6 +102,7 @@ pub enum Size {
 /// A cell of the 3×3 grid, row-major 0..9.
 pub type Cell = u8;
 
+/// The words for each [`Cell`], in cell order.
 pub const POSITIONS: [&str; 9] = [
     "top left",
     "top",
@@ -103,17 +115,23 @@ pub const POSITIONS: [&str; 9] = [
     "bottom right",
 ];
 
+/// One object of a scene.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Object {
+    /// Its shape.
     pub shape: Shape,
+    /// Its colour.
     pub color: Color,
+    /// Its size.
     pub size: Size,
+    /// The grid cell it sits in (one object per cell).
     pub cell: Cell,
 }
 
 /// What a caption asserts about the image; the T2I judge checks each.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "fact", rename_all = "snake_case")]
+#[allow(missing_docs)] // each variant's fields are named in its description
 pub enum Fact {
     /// An object of this shape exists (GenEval "single object" / "two objects").
     Shape { shape: Shape },
@@ -153,7 +171,9 @@ impl Fact {
 /// A caption and the facts it asserts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Caption {
+    /// The caption's words.
     pub text: String,
+    /// What it asserts.
     pub facts: Vec<Fact>,
 }
 
@@ -165,7 +185,9 @@ pub enum Sizes {
     /// Small or large at random.
     #[default]
     Mixed,
+    /// Every object small.
     Small,
+    /// Every object large.
     Large,
 }
 
@@ -175,8 +197,11 @@ pub enum Sizes {
 pub struct ShapesConfig {
     /// Canvas side in pixels: 32 (default) or 64.
     pub image_size: usize,
+    /// Objects per scene are drawn uniformly from 1 to this.
     pub max_objects: usize,
+    /// The sizes objects are drawn at.
     pub sizes: Sizes,
+    /// The world's seed: scene `i` of a split is the same for every run with this seed.
     pub seed: u64,
 }
 
@@ -191,8 +216,10 @@ impl Default for ShapesConfig {
     }
 }
 
+/// The objects of one image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scene {
+    /// At most one per cell.
     pub objects: Vec<Object>,
 }
 
@@ -212,6 +239,7 @@ impl ShapesConfig {
         ChaCha8Rng::from_seed(seed)
     }
 
+    /// A random scene: 1 to `max_objects` objects in distinct cells.
     pub fn scene(&self, rng: &mut impl Rng) -> Scene {
         let n = rng.gen_range(1..=self.max_objects.clamp(1, 9));
         let mut cells: Vec<Cell> = (0..9).collect();

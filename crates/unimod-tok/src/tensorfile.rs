@@ -7,26 +7,35 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor, nn::VarStore};
 
+/// Why a safetensors file cannot be read, written or loaded into a model.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // the fields are named in each variant's message
 pub enum CheckpointError {
+    /// The file cannot be read.
     #[error("cannot read checkpoint {path}: {source}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The file cannot be written.
     #[error("cannot write checkpoint {path}: {source}")]
     Write {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Not a safetensors file.
     #[error("{path} is not a valid safetensors checkpoint (truncated or corrupt?): {message}")]
     Corrupt { path: PathBuf, message: String },
+    /// No config in the metadata.
     #[error("{path} carries no model config in its metadata: not a UniMoD-rs checkpoint")]
     NoConfig { path: PathBuf },
+    /// Written by another model config.
     #[error("{path} was written by another model config: {difference}")]
     Mismatch { path: PathBuf, difference: String },
+    /// A tensor the model needs is absent.
     #[error("{path} lacks tensor {name}")]
     Missing { path: PathBuf, name: String },
+    /// A tensor of the wrong shape.
     #[error("{path}: tensor {name} has shape {found:?}, the model expects {expected:?}")]
     Shape {
         path: PathBuf,
@@ -34,6 +43,7 @@ pub enum CheckpointError {
         found: Vec<i64>,
         expected: Vec<i64>,
     },
+    /// A dtype safetensors files here do not hold.
     #[error("unsupported tensor kind {0:?}")]
     Kind(Kind),
 }
@@ -110,10 +120,13 @@ pub fn save_tensors(
 
 /// Named tensors and metadata of a safetensors file.
 pub struct Loaded {
+    /// The tensors by name, on the CPU.
     pub tensors: HashMap<String, Tensor>,
+    /// The file's `__metadata__` (a checkpoint's config lives here).
     pub metadata: HashMap<String, String>,
 }
 
+/// Reads a safetensors file, refusing a corrupt one with its path named.
 pub fn load_tensors(path: &Path) -> Result<Loaded, CheckpointError> {
     let bytes = std::fs::read(path).map_err(|source| CheckpointError::Read {
         path: path.into(),

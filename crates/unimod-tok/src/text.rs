@@ -10,10 +10,14 @@ use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder};
 
+/// Why a text tokenizer cannot be trained, read or used.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // the fields are named in each variant's message
 pub enum TextError {
+    /// The `tokenizers` crate failed.
     #[error("text tokenizer: {0}")]
     Tokenizers(String),
+    /// A tokenizer whose special tokens are not where the formats expect them.
     #[error(
         "{path} is not a UniMoD-rs text tokenizer: special token {token} has id {found:?}, expected {expected}"
     )]
@@ -29,6 +33,7 @@ fn err(e: impl std::fmt::Display) -> TextError {
     TextError::Tokenizers(e.to_string())
 }
 
+/// The text tokenizer of a run: a byte-level BPE whose first ids are the [`Special`] tokens.
 pub struct TextTokenizer {
     inner: Tokenizer,
 }
@@ -62,10 +67,12 @@ impl TextTokenizer {
         Ok(TextTokenizer { inner: tk.into() })
     }
 
+    /// Writes it as a `tokenizer.json`.
     pub fn save(&self, path: &Path) -> Result<(), TextError> {
         self.inner.save(path, false).map_err(err)
     }
 
+    /// Reads a `tokenizer.json`, refusing one whose specials are not at their ids.
     pub fn load(path: &Path) -> Result<TextTokenizer, TextError> {
         let inner = Tokenizer::from_file(path).map_err(err)?;
         for s in Special::ALL {
@@ -87,6 +94,7 @@ impl TextTokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Token ids of `text` (no special tokens added).
     pub fn encode(&self, text: &str) -> Result<Vec<i64>, TextError> {
         let e = self.inner.encode(text, false).map_err(err)?;
         Ok(e.get_ids().iter().map(|&i| i as i64).collect())

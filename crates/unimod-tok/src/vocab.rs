@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// Special tokens, in the order the text tokenizer assigns their ids (0, 1, …).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(missing_docs)] // each variant is the token [`Special::text`] spells
 pub enum Special {
     Pad,
     Bos,
@@ -19,6 +20,7 @@ pub enum Special {
 }
 
 impl Special {
+    /// Every special token, in id order.
     pub const ALL: [Special; 10] = [
         Special::Pad,
         Special::Bos,
@@ -32,6 +34,7 @@ impl Special {
         Special::Mask,
     ];
 
+    /// The token as the text tokenizer spells it (`<|soi|>`).
     pub fn text(self) -> &'static str {
         match self {
             Special::Pad => "<|pad|>",
@@ -47,6 +50,7 @@ impl Special {
         }
     }
 
+    /// Its id: its place in [`Special::ALL`].
     pub fn id(self) -> i64 {
         Special::ALL
             .iter()
@@ -75,18 +79,22 @@ impl Default for VocabLayout {
 }
 
 impl VocabLayout {
+    /// Rows of the embedding table.
     pub fn size(&self) -> usize {
         self.n_text + self.n_codes
     }
 
+    /// The id of image code 0.
     pub fn image_offset(&self) -> i64 {
         self.n_text as i64
     }
 
+    /// The id of an image code.
     pub fn image_token(&self, code: u32) -> i64 {
         self.image_offset() + code as i64
     }
 
+    /// Whether `id` is an image code's.
     pub fn is_image(&self, id: i64) -> bool {
         id >= self.image_offset() && id < self.size() as i64
     }

@@ -14,18 +14,25 @@ use tch::{Device, Kind, Tensor, nn, nn::Module, nn::OptimizerConfig};
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct VqConfig {
+    /// Codes in the codebook.
     pub codebook_size: i64,
+    /// Dimensions of a code.
     pub code_dim: i64,
     /// Channels of the conv stacks.
     pub channels: i64,
     /// Downsampling stages of ×2 (2: 32 px → 8×8 tokens).
     pub downsample: usize,
+    /// Weight of the commitment loss (VQ-VAE's β).
     pub commitment: f64,
+    /// Training steps.
     pub steps: usize,
+    /// Images per step.
     pub batch_size: usize,
+    /// Adam's learning rate.
     pub lr: f64,
     /// Restart codes unused over this many steps.
     pub restart_every: usize,
+    /// Seed of its initialisation and batches.
     pub seed: i64,
 }
 
@@ -82,6 +89,7 @@ impl VqConfig {
 /// Encoder, codebook and decoder.
 #[derive(Debug)]
 pub struct VqVae {
+    /// Its configuration.
     pub cfg: VqConfig,
     encoder: nn::Sequential,
     decoder: nn::Sequential,
@@ -92,11 +100,14 @@ pub struct VqVae {
 /// One training step's numbers.
 #[derive(Debug, Clone, Copy)]
 pub struct VqStep {
+    /// Reconstruction plus commitment loss.
     pub loss: f64,
+    /// Reconstruction loss (mean squared error).
     pub recon: f64,
 }
 
 impl VqVae {
+    /// Encoder, codebook and decoder under `p`.
     pub fn new(p: &nn::Path, cfg: VqConfig) -> VqVae {
         let c = cfg.channels;
         let mut encoder = nn::seq().add(nn::conv2d(
