@@ -37,6 +37,7 @@ pub struct AnalysisConfig {
     /// Which matrix ARank takes the rank of: `"bilinear"` (the paper's Eq. 3) or `"gamma_mod"`
     /// (γ-MoD's code).
     pub arank: ArankDefinition,
+    /// How `unimod analyze schedule` turns ARank into a UniMoD schedule.
     pub schedule: ArankRule,
 }
 
@@ -57,10 +58,15 @@ const TASKS: [Task; 2] = [Task::T2i, Task::Mmu];
 
 /// A checkpoint and its context, analysed into `out`.
 pub struct Analyzer<'a> {
+    /// The run's tokenizers and data.
     pub ctx: &'a RunContext,
+    /// The run's configuration.
     pub cfg: &'a RunConfig,
+    /// The checkpoint's model.
     pub model: &'a UnifiedTransformer,
+    /// Its weights.
     pub vs: &'a VarStore,
+    /// Where reports, JSON and `.npy` files go.
     pub out: PathBuf,
 }
 
@@ -200,6 +206,7 @@ impl Analyzer<'_> {
         Ok((md, all))
     }
 
+    /// Layer importance per task (skip-one loss, cosine, ARank): markdown and the numbers.
     pub fn importance(&self) -> Result<(String, Vec<Importance>)> {
         let mut all = Vec::new();
         for task in TASKS {
@@ -299,6 +306,7 @@ impl Analyzer<'_> {
         Ok((md, all))
     }
 
+    /// Token redundancy per task and layer, by attention and at random: markdown and numbers.
     pub fn redundancy(&self) -> Result<(String, Vec<Redundancy>)> {
         let mut md = String::from(
             "## Token redundancy\n\nLoss when one layer processes only a fraction of the tokens (ranked by attention received in that layer; random ranking as the control; special tokens always processed), the others passing unchanged.\n\n",
@@ -576,11 +584,13 @@ pub fn attention_finding(patterns: &Patterns) -> Option<Finding> {
 /// One of the paper's findings checked on this model.
 #[derive(Debug, Clone)]
 pub struct Finding {
+    /// Where in the paper the claim is made.
     pub source: Source,
     /// The claim, with what the paper reports.
     pub claim: String,
     /// What this model gives, with its uncertainty.
     pub ours: String,
+    /// Shown, not shown or inconclusive, and why.
     pub verdict: String,
 }
 

@@ -15,16 +15,25 @@ use std::path::Path;
 use unimod_model::ModelConfig;
 use unimod_tok::FormatConfig;
 
+/// A whole config file: every section, each with its defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
+    /// `[model]`: the transformer and its routing.
     pub model: ModelConfig,
+    /// `[format]`: the sequence layout.
     pub format: FormatConfig,
+    /// `[data]`: the dataset.
     pub data: DataConfig,
+    /// `[tokenizer]`: the text BPE and the image VQ.
     pub tokenizer: TokenizerConfig,
+    /// `[train]`: steps, batch, optimiser, device, precision.
     pub train: TrainConfig,
+    /// `[eval]`: what `unimod eval` scores.
     pub eval: EvalConfig,
+    /// `[experiment]`: variants and seeds of `unimod experiment`.
     pub experiment: ExperimentConfig,
+    /// `[analysis]`: what `unimod analyze` computes.
     pub analysis: AnalysisConfig,
 }
 
@@ -172,6 +181,7 @@ impl RunConfig {
         )
     }
 
+    /// The resolved config as TOML (what every run writes to `config.toml`).
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("a config always serialises")
     }

@@ -29,7 +29,9 @@ pub struct DataConfig {
     /// `shapes` (the embedded procedural world) or `mnist` (real digits; `cargo xtask setup`
     /// installs them).
     pub dataset: String,
+    /// `[data.shapes]`: the procedural world.
     pub shapes: ShapesConfig,
+    /// `[data.mnist]`: the digits.
     pub mnist: MnistConfig,
     /// Distinct training images (encoded once and cycled).
     pub train_pool: usize,
@@ -57,6 +59,7 @@ pub struct TokenizerConfig {
     pub text_vocab: usize,
     /// Examples whose texts train the BPE.
     pub text_examples: u64,
+    /// `[tokenizer.image]`: the VQ tokenizer.
     pub image: VqConfig,
 }
 
@@ -73,31 +76,44 @@ impl Default for TokenizerConfig {
 /// What the tokenizer training measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenizerReport {
+    /// Text tokens, specials included.
     pub text_vocab: usize,
+    /// Reconstruction PSNR of test images through the VQ, in dB.
     pub psnr_db: f64,
+    /// Perplexity of the codes used on test images.
     pub perplexity: f64,
+    /// Codes never used on test images.
     pub dead_codes: i64,
     /// Share of test images the T2I judge reads as their ground truth (the scene, the digit),
     /// clean and through the VQ tokenizer.
     pub judge_clean: f64,
+    /// The same through the VQ.
     pub judge_reconstructed: f64,
+    /// Test images measured.
     pub images: usize,
+    /// Time spent training both tokenizers.
     pub train_seconds: f64,
 }
 
 /// Trained tokenizers and the vocabulary layout they imply.
 pub struct Tokenizers {
+    /// Where they are cached.
     pub dir: PathBuf,
     /// Hash of the saved tokenizer files: checkpoints record it, so a model is never decoded
     /// with tokenizers retrained since.
     pub digest: String,
+    /// The text BPE.
     pub text: TextTokenizer,
+    /// The VQ's weights.
     pub vq_vs: nn::VarStore,
+    /// The VQ tokenizer.
     pub vq: VqVae,
+    /// What their training measured.
     pub report: TokenizerReport,
 }
 
 impl Tokenizers {
+    /// Text ids first, then the codebook.
     pub fn layout(&self) -> VocabLayout {
         VocabLayout {
             n_text: self.text.vocab_size(),
@@ -288,10 +304,14 @@ fn measure(
 
 /// Tokenised images of one split: codes `[N, T]`, encoded once and cached.
 pub struct Pool {
+    /// The split its images come from.
     pub split: Split,
+    /// Image `i`'s codes, row-major.
     pub codes: Vec<Vec<u32>>,
 }
 
+/// The first `n` images of `split`, encoded by the VQ (read from the cache when encoded before
+/// by the same tokenizers).
 pub fn pool(
     tk: &Tokenizers,
     world: &dyn Dataset,
@@ -363,8 +383,11 @@ pub fn pool(
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TaskMix {
+    /// T2I samples per batch.
     pub t2i: usize,
+    /// MMU samples per batch.
     pub mmu: usize,
+    /// LM samples per batch.
     pub lm: usize,
 }
 
@@ -379,6 +402,7 @@ impl Default for TaskMix {
 }
 
 impl TaskMix {
+    /// Samples of task `t` per batch.
     pub fn get(&self, t: Task) -> usize {
         match t {
             Task::T2i => self.t2i,

@@ -4,6 +4,8 @@
 use anyhow::{Result, bail};
 use tch::{Cuda, Device};
 
+/// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`; a CUDA device that is absent is
+/// refused, not replaced by the CPU.
 pub fn parse(spec: &str) -> Result<Device> {
     let spec = spec.trim();
     match spec {

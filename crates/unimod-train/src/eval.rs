@@ -21,12 +21,17 @@ use unimod_tok::{Flavour, Segment, Special, Task};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EvalConfig {
+    /// Validation batches the losses are averaged over.
     pub val_batches: usize,
+    /// Images generated and judged.
     pub t2i_samples: usize,
+    /// Questions answered.
     pub mmu_samples: usize,
+    /// The longest answer decoded.
     pub max_answer_tokens: usize,
     /// Which caption of each validation example prompts T2I.
     pub t2i_caption: CaptionChoice,
+    /// How images are sampled.
     pub sampling: SamplingConfig,
 }
 
@@ -60,15 +65,20 @@ impl Default for EvalConfig {
 /// Precision and recall of a causal decision against top-k membership, over routable tokens.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Agreement {
+    /// Share of the causal decision's picks that top-k picked.
     pub precision: f64,
+    /// Share of top-k's picks that the causal decision picked.
     pub recall: f64,
 }
 
+/// What `unimod eval` measured (its `eval.json`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct EvalReport {
+    /// Validation loss per task.
     pub val_loss: BTreeMap<String, f64>,
     /// Share of generated images whose caption's facts all hold.
     pub t2i_overall: f64,
+    /// Per fact category: the share of its facts that hold.
     pub t2i_per_category: BTreeMap<String, f64>,
     /// Share of all the captions' facts that hold (whole captions are all-or-nothing).
     #[serde(default)]
@@ -83,6 +93,7 @@ pub struct EvalReport {
     /// of prompt following only above these.
     #[serde(default)]
     pub t2i_overall_scrambled: Option<f64>,
+    /// See `t2i_overall_scrambled`.
     #[serde(default)]
     pub t2i_facts_scrambled: Option<f64>,
     /// `t2i_per_category` of the same prompt-scrambled control.
@@ -93,7 +104,9 @@ pub struct EvalReport {
     /// dimensions (128) it is biased upwards: compare runs with the same `t2i_samples`.
     #[serde(default)]
     pub t2i_frechet: Option<f64>,
+    /// Exact match of greedy answers, decoded with causal routing.
     pub mmu_accuracy: f64,
+    /// The same per question kind.
     pub mmu_per_kind: BTreeMap<String, f64>,
     /// Exact match of an image-blind answerer on the same questions: the most common answer to
     /// each question text (by kind where the text is unseen) over the first 2048 training
@@ -101,10 +114,12 @@ pub struct EvalReport {
     /// chance level of MMU accuracy, answer priors included.
     #[serde(default)]
     pub mmu_blind: Option<f64>,
+    /// `mmu_blind` per question kind.
     #[serde(default)]
     pub mmu_blind_per_kind: BTreeMap<String, f64>,
     /// Causal router decision (sigmoid ≥ 0.5) and auxiliary predictor vs top-k.
     pub router_agreement: Option<Agreement>,
+    /// The auxiliary predictor's decisions vs top-k.
     pub predictor_agreement: Option<Agreement>,
     /// MoMa's auxiliary routers vs the experts' choices, over each group's tokens and experts.
     #[serde(default)]
@@ -117,6 +132,8 @@ pub struct EvalReport {
     pub val_loss_causal: BTreeMap<String, f64>,
 }
 
+/// Validation losses, T2I by the judge and MMU by exact match, with their controls, for the
+/// model `model` of a run.
 pub fn evaluate(
     ctx: &RunContext,
     cfg: &RunConfig,

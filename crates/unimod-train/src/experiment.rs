@@ -21,6 +21,7 @@ use unimod_tok::Segment;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Variant {
+    /// Its name in reports and its run directory (`<name>-seed<N>`).
     pub name: String,
     /// The routing schedule; exactly one of `schedule` and `arank_of` is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -119,7 +120,9 @@ fn arank_schedule(ctx: &RunContext, base_dir: &Path, out: &Path) -> Result<Sched
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ExperimentConfig {
+    /// The experiment's directory name under `out_dir`.
     pub name: String,
+    /// Where experiments write.
     pub out_dir: PathBuf,
     /// The first variant is the baseline savings are measured against.
     pub variants: Vec<Variant>,
@@ -138,9 +141,13 @@ impl Default for ExperimentConfig {
 /// One variant's outcome for one seed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Outcome {
+    /// The variant's name.
     pub variant: String,
+    /// The seed.
     pub seed: u64,
+    /// What training did.
     pub train: TrainSummary,
+    /// What evaluation measured.
     pub eval: EvalReport,
     /// What produced it: the digest of the run's resolved config and of the program.
     #[serde(default)]
@@ -187,6 +194,8 @@ fn finished(run_dir: &Path, digest: &str) -> Option<Outcome> {
     (o.digest == digest).then_some(o)
 }
 
+/// Trains and evaluates every variant for every seed (reusing outcomes of the same config and
+/// program where `reuse` allows), then writes the report, its plots and `outcomes.json`.
 pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device, reuse: Reuse) -> Result<Vec<Outcome>> {
     let exp = &cfg.experiment;
     check_variants(&exp.variants)?;
@@ -456,12 +465,15 @@ fn val_loss(o: &Outcome, task: &str) -> f64 {
     o.eval.val_loss.get(task).copied().unwrap_or(f64::NAN)
 }
 
+/// Reads one number off an outcome.
 pub type Score = fn(&Outcome) -> f64;
 
 /// A quality metric of the verdicts.
 #[derive(Clone, Copy)]
 pub struct Metric {
+    /// Its name in the report.
     pub label: &'static str,
+    /// How it is read off an outcome.
     pub score: Score,
     /// The level of a model that learned nothing (`None`: the uniform loss).
     floor: Option<Score>,
@@ -516,7 +528,9 @@ pub fn metrics(cfg: &RunConfig) -> [Metric; 5] {
 /// Is a variant within its baseline on one metric?
 #[derive(Debug, Clone, PartialEq)]
 pub enum Within {
+    /// At most the tolerance worse than the baseline.
     Within,
+    /// Worse than the baseline by more than the tolerance.
     Outside,
     /// The comparison cannot tell, and what would settle it.
     Inconclusive(String),
@@ -525,10 +539,13 @@ pub enum Within {
 /// A variant's mean on one metric against the baseline's (see the report's "How to read it").
 #[derive(Debug, Clone)]
 pub struct Against {
+    /// The baseline's mean.
     pub base: f64,
+    /// The variant's mean.
     pub ours: f64,
     /// The largest loss still "within": two standard errors of a difference of means.
     pub tolerance: f64,
+    /// The verdict.
     pub verdict: Within,
     /// 100 for accuracies (reported in points), 1 for losses.
     pub scale: f64,
@@ -673,12 +690,16 @@ pub(crate) fn scores(outcomes: &[Outcome], name: &str, f: Score) -> Vec<f64> {
 /// The difference of `b` over `a` on one metric with its standard error: shown only beyond two.
 #[derive(Debug, Clone)]
 pub struct Difference {
+    /// `a`'s mean.
     pub a: f64,
+    /// `b`'s mean.
     pub b: f64,
+    /// Standard error of `b − a`.
     pub se: f64,
 }
 
 impl Difference {
+    /// Variant `b` against variant `a` on metric `m`.
     pub fn new(outcomes: &[Outcome], a: &str, b: &str, m: &Metric) -> Difference {
         let (xa, xb) = (scores(outcomes, a, m.score), scores(outcomes, b, m.score));
         let (noise, seeds) = seed_noise(&xa, &xb, m.samples);
@@ -690,6 +711,7 @@ impl Difference {
         }
     }
 
+    /// Whether the difference lies beyond two standard errors.
     pub fn shown(&self) -> bool {
         (self.b - self.a).abs() > 2.0 * self.se
     }

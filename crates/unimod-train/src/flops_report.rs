@@ -74,10 +74,13 @@ pub fn parse_mix(arg: &str) -> Result<Vec<(Task, f64)>> {
 
 /// Forward FLOPs of one sequence of each task, dense and under `schedule`.
 pub struct FlopsReport {
+    /// Per task: dense and routed forward FLOPs of one sequence.
     pub rows: Vec<(Task, Flops, Flops)>,
+    /// The markdown table `unimod flops` prints.
     pub table: String,
 }
 
+/// FLOPs per sequence of each task and their `mix`-weighted mean, dense and under `schedule`.
 pub fn report(cfg: &RunConfig, schedule: &Schedule, mix: &[(Task, f64)]) -> Result<FlopsReport> {
     let m = &cfg.model;
     let plans = schedule.resolve(m.n_layers)?;
@@ -283,9 +286,13 @@ pub fn over_batches(cfg: &RunConfig, schedule: &Schedule, batches: &[Batch]) -> 
 /// Forward FLOPs of real batches, dense and routed ([`over_batches`]).
 #[derive(Debug, Clone, Copy)]
 pub struct BatchFlops {
+    /// Dense forward FLOPs of the batches.
     pub dense: Flops,
+    /// The same under the schedule.
     pub routed: Flops,
+    /// Batches counted.
     pub batches: usize,
+    /// Sequences in them.
     pub sequences: usize,
     /// Share of the batches' positions that are padding.
     pub padding: f64,

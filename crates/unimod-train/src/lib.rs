@@ -4,6 +4,8 @@
 //! evaluation with the judges, and the `unimod` CLI (`src/main.rs`) whose subcommands
 //! (`flops`, `doctor`, …) drive the library crates.
 
+#![deny(missing_docs)]
+
 pub mod analyze;
 pub mod config;
 pub mod data;

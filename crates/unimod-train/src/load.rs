@@ -16,6 +16,8 @@ pub fn model_from_run(path: &Path, ctx: &RunContext) -> Result<(VarStore, Unifie
     Ok((vs, model))
 }
 
+/// A run's checkpoint: its resolved config, weights and model, refused when its weights are
+/// not finite or its tokenizers changed since.
 pub fn run_from_checkpoint(
     path: &Path,
     ctx: &RunContext,

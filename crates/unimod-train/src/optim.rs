@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use tch::{Kind, Tensor, nn::VarStore};
 
+/// AdamW (decoupled weight decay) over a VarStore's trainable variables, decaying matrices
+/// only, with f32 moments whatever the compute precision.
 pub struct AdamW {
     params: Vec<(String, Tensor)>,
     /// Mixed precision: the low-precision copies the forward and backward ran on, in the order
@@ -15,6 +17,7 @@ pub struct AdamW {
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     decay: Vec<bool>,
+    /// Updates taken (bias correction reads it; checkpoints save it).
     pub step: i64,
     beta1: f64,
     beta2: f64,
@@ -23,6 +26,7 @@ pub struct AdamW {
 }
 
 impl AdamW {
+    /// Zero moments for every trainable variable of `vs`.
     pub fn new(vs: &VarStore, weight_decay: f64) -> AdamW {
         let mut params: Vec<(String, Tensor)> = vs
             .variables()
@@ -73,6 +77,7 @@ impl AdamW {
         }
     }
 
+    /// Clears the gradients (of the compute copies too).
     pub fn zero_grad(&mut self) {
         for (_, p) in &mut self.params {
             p.zero_grad();
@@ -105,6 +110,7 @@ impl AdamW {
         total
     }
 
+    /// One update at learning rate `lr`, with this step's clipping applied.
     pub fn step(&mut self, lr: f64) {
         self.step += 1;
         let (b1, b2) = (self.beta1, self.beta2);

@@ -2,6 +2,7 @@
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+/// A bar of `len` steps labelled `what`.
 pub fn bar(len: u64, what: &str) -> ProgressBar {
     let b = ProgressBar::new(len);
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {

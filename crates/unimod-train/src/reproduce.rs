@@ -20,17 +20,26 @@ use unimod_tok::{Flavour, Task};
 /// A table or figure of the paper.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Item {
+    /// Task interaction: each task alone vs both.
     Table2,
+    /// FLOPs of the paper's recipes at Show-o and Emu3 size.
     Table3,
+    /// Time per iteration, dense vs UniMoD.
     Table4,
+    /// The main comparison: dense, MoD, the ablations, UniMoD and γ-MoD over seeds.
     Table5,
+    /// ARank and layer importance per task.
     Fig3,
+    /// Which task's tokens a shared router keeps.
     Fig4,
+    /// Attention per task and layer (Fig. 2).
     Attention,
+    /// Token redundancy per layer.
     Redundancy,
 }
 
 impl Item {
+    /// Every item, in the order they run.
     pub const ALL: [Item; 8] = [
         Item::Table3,
         Item::Table4,
@@ -42,6 +51,7 @@ impl Item {
         Item::Redundancy,
     ];
 
+    /// The name `--only` takes.
     pub fn name(self) -> &'static str {
         match self {
             Item::Table2 => "table2",
@@ -55,6 +65,7 @@ impl Item {
         }
     }
 
+    /// The item named `s`, or an error listing the names.
     pub fn parse(s: &str) -> Result<Item> {
         Item::ALL
             .into_iter()
@@ -115,6 +126,7 @@ pub enum Scale {
 }
 
 impl Scale {
+    /// The scale `--scale` names.
     pub fn parse(s: &str) -> Result<Scale> {
         match s {
             "quick" => Ok(Scale::Quick),
@@ -124,6 +136,7 @@ impl Scale {
         }
     }
 
+    /// Its name on the command line.
     pub fn name(self) -> &'static str {
         match self {
             Scale::Quick => "quick",
@@ -176,11 +189,17 @@ impl Scale {
 /// One row of a reproduced table.
 #[derive(Debug, Clone)]
 pub struct Row {
+    /// The table or figure.
     pub item: Item,
+    /// The quantity compared.
     pub what: String,
+    /// The paper's figure.
     pub paper: String,
+    /// This code's.
     pub ours: String,
+    /// How far apart they may be.
     pub tolerance: String,
+    /// Reproduced, not reproduced or inconclusive.
     pub verdict: String,
 }
 
@@ -190,10 +209,15 @@ pub struct Request<'a> {
     pub cfg: &'a RunConfig,
     /// Where `showo-1.3b.toml` and `emu3-8b.toml` are (Table 3).
     pub configs: &'a Path,
+    /// The tables and figures asked for.
     pub items: Vec<Item>,
+    /// How large the runs are.
     pub scale: Scale,
+    /// Seeds of Table 5.
     pub seeds: u32,
+    /// Where the report goes.
     pub out: &'a Path,
+    /// Where the runs run.
     pub device: tch::Device,
     /// The command line that asked for it, for the report's provenance line.
     pub command: String,

@@ -36,6 +36,8 @@ pub struct RunLock {
 }
 
 impl RunLock {
+    /// Takes the run directory's lock, refusing a live holder (named) and taking over the
+    /// lock of a dead process on this host.
     pub fn acquire(dir: &Path) -> Result<RunLock> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating run directory {}", dir.display()))?;

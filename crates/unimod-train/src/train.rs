@@ -26,18 +26,27 @@ use unimod_tok::{Batch, Task};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
+    /// Optimizer steps.
     pub steps: usize,
+    /// Samples of each task per batch.
     pub mix: TaskMix,
+    /// Peak learning rate.
     pub lr: f64,
+    /// Learning rate at the end of the cosine decay.
     pub min_lr: f64,
+    /// Linear warm-up steps.
     pub warmup: usize,
+    /// AdamW's decoupled weight decay (matrices only).
     pub weight_decay: f64,
+    /// Global gradient-norm clip (0: none).
     pub grad_clip: f64,
     /// Micro-batches per optimizer step.
     pub accumulation: usize,
+    /// Seed of the initialisation and the data order.
     pub seed: u64,
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// Steps between progress lines (every step goes to `metrics.jsonl`).
     pub log_every: usize,
     /// Checkpoint every N steps (0: only at the end and on Ctrl-C).
     pub checkpoint_every: usize,
@@ -59,9 +68,12 @@ pub struct TrainConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
+    /// bf16 on CUDA, f32 on the CPU.
     #[default]
     Auto,
+    /// Everything in f32.
     F32,
+    /// bf16 forward and backward, f32 master weights and moments.
     Bf16,
 }
 
@@ -111,19 +123,31 @@ impl Default for TrainConfig {
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepMetrics {
+    /// The step (1-based).
     pub step: usize,
+    /// The weighted total loss.
     pub loss: f64,
+    /// T2I's loss, when the batch held T2I samples.
     pub t2i: Option<f64>,
+    /// MMU's loss, when the batch held MMU samples.
     pub mmu: Option<f64>,
+    /// LM's loss, when the batch held LM samples.
     pub lm: Option<f64>,
+    /// Routers' and predictors' auxiliary losses.
     pub aux: f64,
+    /// The learning rate of the step.
     pub lr: f64,
+    /// Gradient norm before clipping.
     pub grad_norm: f64,
+    /// Tokens (padding included) per second of the step.
     pub tokens_per_s: f64,
+    /// Seconds of the step.
     pub step_s: f64,
     /// Training FLOPs of this step, from the tokens each layer processed (3 × forward).
     pub flops: f64,
+    /// Training FLOPs so far.
     pub flops_total: f64,
+    /// Seconds of training so far.
     pub wall_s: f64,
     /// Achieved FLOP/s over the measured matmul rate of the device.
     pub mfu: f64,
@@ -141,24 +165,35 @@ struct State {
 /// What a finished run reports.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TrainSummary {
+    /// Steps taken.
     pub steps: usize,
+    /// Training FLOPs counted.
     pub train_flops: f64,
+    /// Seconds of training.
     pub wall_s: f64,
+    /// Stopped by Ctrl-C (the checkpoint holds the last step).
     pub interrupted: bool,
 }
 
 /// Everything a run needs besides its config: tokenizers and pools, shared by the runs of an
 /// experiment.
 pub struct RunContext {
+    /// The dataset.
     pub world: Arc<dyn Dataset>,
+    /// The T2I judge of its images.
     pub judge: Box<dyn T2iJudge>,
+    /// The text and image tokenizers.
     pub tokenizers: Tokenizers,
+    /// The encoded training images.
     pub train: Pool,
+    /// The encoded validation images.
     pub val: Pool,
+    /// Where batches are put.
     pub device: Device,
 }
 
 impl RunContext {
+    /// Loads or trains the tokenizers and encodes the pools the config asks for.
     pub fn new(cfg: &RunConfig, device: Device) -> Result<RunContext> {
         let world = data::dataset(&cfg.data)?;
         let judge = data::judge(&cfg.data, device)?;
@@ -237,6 +272,7 @@ impl RunContext {
         Ok(c)
     }
 
+    /// The batch of `step` from `split` (the same for every run with this config and seed).
     pub fn batch(&self, cfg: &RunConfig, split: Split, step: u64, training: bool) -> Result<Batch> {
         let pool = if split == Split::Train {
             &self.train
@@ -262,7 +298,9 @@ impl RunContext {
 /// a step waits for.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct DataThroughput {
+    /// Batches built per second.
     pub batches_per_s: f64,
+    /// Sequences built per second.
     pub sequences_per_s: f64,
     /// Dense training steps (forward, backward) of the config's model, per second.
     pub steps_per_s: f64,
