@@ -108,7 +108,7 @@ mod tests {
     #[test]
     fn shares_are_distributions_and_entropy_is_bounded() {
         let (_vs, model) = tiny_model(unimod_router::Schedule::Dense);
-        let b = batch_of(&model, Task::T2i, 3);
+        let b = batch_of(&model, Task::T2I, 3);
         let p = patterns(&model, &b).unwrap();
         assert_eq!(p.len(), model.cfg.n_layers);
         for l in &p {

@@ -109,14 +109,14 @@ mod tests {
     #[test]
     fn skipping_a_layer_equals_a_model_built_without_it() {
         let (vs, model) = tiny_model(Schedule::Dense);
-        let b = batch_of(&model, Task::Mmu, 3);
-        let imp = importance(&model, &b, Task::Mmu, ArankDefinition::Bilinear).unwrap();
+        let b = batch_of(&model, Task::MMU, 3);
+        let imp = importance(&model, &b, Task::MMU, ArankDefinition::Bilinear).unwrap();
         let mut plans = vec![LayerPlan::Dense; model.cfg.n_layers];
         plans[1] = LayerPlan::Skip;
         let (skip_vs, skipped) = tiny_model(Schedule::Explicit { layers: plans });
         let mut skip_vs = skip_vs;
         skip_vs.copy(&vs).unwrap();
-        let without = probe::task_loss(&skipped, &b, Task::Mmu, &Default::default()).unwrap();
+        let without = probe::task_loss(&skipped, &b, Task::MMU, &Default::default()).unwrap();
         assert_eq!(imp.layers[1].skip_loss, without);
         assert_ne!(imp.layers[1].skip_loss, imp.loss);
         let head_dim = model.cfg.head_dim() as f64;

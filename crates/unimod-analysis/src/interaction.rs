@@ -53,16 +53,21 @@ pub fn competition(
             found: format!("{:?}", model.cfg.routing.schedule),
         });
     }
-    for task in [Task::T2i, Task::Mmu] {
+    for task in [Task::T2I, Task::MMU] {
         if !batch.tasks.contains(&task) {
             return Err(AnalysisError::MissingTask { task });
         }
     }
     let out = tch::no_grad(|| model.forward(batch, &ForwardOptions::default()))?;
-    let task_of_token = batch
-        .task
-        .unsqueeze(1)
-        .expand([batch.size() as i64, batch.seq_len()], false);
+    // `[B·S]` true for the tokens of samples of task `t`.
+    let tokens_of = |t: Task| {
+        let of_task: Vec<bool> = batch.tasks.iter().map(|x| *x == t).collect();
+        Tensor::from_slice(&of_task)
+            .to_device(batch.device())
+            .unsqueeze(1)
+            .expand([batch.size() as i64, batch.seq_len()], false)
+            .flatten(0, 1)
+    };
     Ok(out
         .routing
         .iter()
@@ -80,9 +85,8 @@ pub fn competition(
                 .zeros_like()
                 .index_fill(0, &idx, 1)
                 .logical_and(&routable);
-            let tasks = task_of_token.flatten(0, 1);
             let count = |m: &Tensor, t: Task| {
-                m.logical_and(&tasks.eq(t as i64))
+                m.logical_and(&tokens_of(t))
                     .sum(Kind::Int64)
                     .int64_value(&[]) as usize
             };
@@ -103,9 +107,9 @@ pub fn competition(
             };
             Competition {
                 layer: s.layer,
-                kept: [count(&kept, Task::T2i), count(&kept, Task::Mmu)],
-                routable: [count(&routable, Task::T2i), count(&routable, Task::Mmu)],
-                sample_share: [share(Task::T2i), share(Task::Mmu)],
+                kept: [count(&kept, Task::T2I), count(&kept, Task::MMU)],
+                routable: [count(&routable, Task::T2I), count(&routable, Task::MMU)],
+                sample_share: [share(Task::T2I), share(Task::MMU)],
             }
         })
         .collect())
@@ -125,8 +129,10 @@ pub fn gradient_cosine(
             v.zero_grad();
         }
         let out = model.forward(batch, &ForwardOptions::default())?;
-        let loss = model.losses(batch, &out).per_task[task.index()]
-            .take()
+        let loss = model
+            .losses(batch, &out)
+            .per_task
+            .remove(&task)
             .ok_or(AnalysisError::MissingTask { task })?;
         loss.backward();
         Ok(layer_gradients(vs, model.cfg.n_layers))
@@ -191,11 +197,11 @@ mod tests {
     #[test]
     fn gradient_cosine_of_a_task_with_itself_is_one() {
         let (vs, model) = tiny_model(Schedule::Dense);
-        let t = batch_of(&model, Task::T2i, 2);
-        let m = batch_of(&model, Task::Mmu, 2);
-        let same = gradient_cosine(&model, &vs, (&t, Task::T2i), (&t, Task::T2i)).unwrap();
+        let t = batch_of(&model, Task::T2I, 2);
+        let m = batch_of(&model, Task::MMU, 2);
+        let same = gradient_cosine(&model, &vs, (&t, Task::T2I), (&t, Task::T2I)).unwrap();
         assert!(same.iter().all(|c| (c - 1.0).abs() < 1e-6), "{same:?}");
-        let cross = gradient_cosine(&model, &vs, (&t, Task::T2i), (&m, Task::Mmu)).unwrap();
+        let cross = gradient_cosine(&model, &vs, (&t, Task::T2I), (&m, Task::MMU)).unwrap();
         assert_eq!(cross.len(), model.cfg.n_layers);
         assert!(cross.iter().all(|c| c.abs() < 1.0 - 1e-6));
     }

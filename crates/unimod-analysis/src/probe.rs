@@ -64,8 +64,10 @@ pub fn loss_of(
     out: &ModelOutput,
     task: Task,
 ) -> Result<f64, AnalysisError> {
-    model.losses(batch, out).per_task[task.index()]
-        .as_ref()
+    model
+        .losses(batch, out)
+        .per_task
+        .get(&task)
         .map(|l| l.double_value(&[]))
         .ok_or(AnalysisError::MissingTask { task })
 }

@@ -171,8 +171,8 @@ mod tests {
     #[test]
     fn keeping_every_token_is_the_dense_loss_and_fewer_change_it() {
         let (_vs, model) = tiny_model(unimod_router::Schedule::Dense);
-        let b = batch_of(&model, Task::T2i, 3);
-        let r = redundancy(&model, &b, Task::T2i, &[1.0, 0.3], Ranking::Attention).unwrap();
+        let b = batch_of(&model, Task::T2I, 3);
+        let r = redundancy(&model, &b, Task::T2I, &[1.0, 0.3], Ranking::Attention).unwrap();
         for (per_layer, samples) in r.losses.iter().zip(&r.sample_losses) {
             assert!((per_layer[0] - r.dense_loss).abs() < 1e-5);
             assert_ne!(per_layer[1], r.dense_loss);
@@ -183,6 +183,6 @@ mod tests {
         let s = r.sensitivity(0..3);
         assert_eq!(s.len(), 3);
         assert!(s.iter().all(|x| x.is_finite() && *x != 0.0));
-        assert!(redundancy(&model, &b, Task::T2i, &[0.0], Ranking::Random).is_err());
+        assert!(redundancy(&model, &b, Task::T2I, &[0.0], Ranking::Random).is_err());
     }
 }

@@ -96,14 +96,7 @@ impl ArankRule {
         n_layers: usize,
     ) -> Result<ScheduleFile, AnalysisError> {
         self.validate()?;
-        let mut caps = vec![
-            Capacities {
-                t2i: None,
-                mmu: None,
-                lm: None
-            };
-            n_layers
-        ];
+        let mut caps = vec![Vec::new(); n_layers];
         let n_routed = ((self.fraction * n_layers as f64).round() as usize)
             .min(n_layers.saturating_sub(self.protect_first));
         let mut lines = Vec::new();
@@ -114,22 +107,18 @@ impl ArankRule {
             chosen.sort();
             for &l in &chosen {
                 let c = self.capacity(t.arank[l], t.mean_tokens);
-                match t.task {
-                    Task::T2i => caps[l].t2i = Some(c),
-                    Task::Mmu => caps[l].mmu = Some(c),
-                    Task::Lm => caps[l].lm = Some(c),
-                }
+                caps[l].push((t.task, c));
             }
             lines.push(format!("{} → layers {chosen:?}", t.task));
         }
         let layers = caps
             .into_iter()
-            .map(|capacity| {
-                if capacity.routed_tasks().is_empty() {
+            .map(|capacity: Vec<(Task, f64)>| {
+                if capacity.is_empty() {
                     LayerPlan::Dense
                 } else {
                     LayerPlan::Routed {
-                        capacity,
+                        capacity: Capacities::of(capacity),
                         routers: Routers::PerTask,
                     }
                 }
@@ -158,19 +147,21 @@ mod tests {
     fn lowest_arank_layers_are_routed_and_shared_where_both_tasks_choose_them() {
         let tasks = [
             TaskArank {
-                task: Task::T2i,
+                task: Task::T2I,
                 arank: vec![50.0, 40.0, 30.0, 20.0],
                 mean_tokens: 100.0,
             },
             TaskArank {
-                task: Task::Mmu,
+                task: Task::MMU,
                 arank: vec![50.0, 10.0, 45.0, 5.0],
                 mean_tokens: 50.0,
             },
         ];
         let s = ArankRule::default().schedule(&tasks, 4).unwrap();
         let caps = |l: usize| match &s.layers[l] {
-            LayerPlan::Routed { capacity, .. } => (capacity.t2i, capacity.mmu),
+            LayerPlan::Routed { capacity, .. } => {
+                (capacity.get(Task::T2I), capacity.get(Task::MMU))
+            }
             _ => (None, None),
         };
         assert_eq!(s.layers[0], LayerPlan::Dense);

@@ -40,7 +40,7 @@ fn sequences(model: &UnifiedTransformer, task: Task, n: usize) -> Vec<Sequence> 
                 .collect();
             let text: Vec<i64> = (0..(4 + i % 3) as i64).map(|j| 20 + j + i as i64).collect();
             match task {
-                Task::Mmu => f.mmu(v, &codes, &text, Some(&[30, 31])).unwrap(),
+                Task::MMU => f.mmu(v, &codes, &text, Some(&[30, 31])).unwrap(),
                 _ => f.t2i(v, &text, Some(&codes), Some(&mut rng)).unwrap(),
             }
         })
@@ -54,7 +54,7 @@ pub fn batch_of(model: &UnifiedTransformer, task: Task, n: usize) -> Batch {
 
 /// `n` T2I samples followed by `n` MMU samples.
 pub fn mixed_batch(model: &UnifiedTransformer, n: usize) -> Batch {
-    let mut s = sequences(model, Task::T2i, n);
-    s.extend(sequences(model, Task::Mmu, n));
+    let mut s = sequences(model, Task::T2I, n);
+    s.extend(sequences(model, Task::MMU, n));
     Batch::from_sequences(&s, Device::Cpu).unwrap()
 }

@@ -58,6 +58,7 @@ pub fn unimod_schedule(n_layers: usize, capacity: f64) -> Schedule {
         t2i: Some(Ramp::Constant(capacity)),
         mmu: Some(Ramp::Constant(capacity)),
         lm: None,
+        tasks: Default::default(),
         routers: Routers::PerTask,
     }
 }
@@ -335,7 +336,7 @@ pub fn decode_rows(
             .iter()
             .filter(|s| {
                 s.segments.contains(&output)
-                    && (output == Segment::Answer) == (s.task == unimod_tok::Task::Mmu)
+                    && (output == Segment::Answer) == (s.task == unimod_tok::Task::MMU)
             })
             .cloned()
             .collect();

@@ -3,6 +3,7 @@
 
 use crate::moma::MomaConfig;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use unimod_router::RoutingConfig;
 use unimod_router::RoutingMode;
 pub use unimod_tok::Flavour;
@@ -56,7 +57,7 @@ pub enum ImagePositions {
 }
 
 /// Weights of the per-task losses in the total.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LossWeights {
     /// Weight of the image-token loss of T2I samples.
@@ -65,6 +66,10 @@ pub struct LossWeights {
     pub lm: f64,
     /// Weight of the answer loss of MMU samples.
     pub mmu: f64,
+    /// Any other task's weight, by name (`{ video = 0.5 }`); a declared task without one
+    /// weighs 1.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tasks: BTreeMap<Task, f64>,
 }
 
 impl Default for LossWeights {
@@ -74,6 +79,7 @@ impl Default for LossWeights {
             t2i: 1.0,
             lm: 0.1,
             mmu: 1.0,
+            tasks: BTreeMap::new(),
         }
     }
 }
@@ -82,9 +88,10 @@ impl LossWeights {
     /// The task's weight.
     pub fn get(&self, task: Task) -> f64 {
         match task {
-            Task::T2i => self.t2i,
-            Task::Mmu => self.mmu,
-            Task::Lm => self.lm,
+            Task::T2I => self.t2i,
+            Task::MMU => self.mmu,
+            Task::LM => self.lm,
+            other => self.tasks.get(&other).copied().unwrap_or(1.0),
         }
     }
 }
@@ -98,6 +105,10 @@ pub struct ModelConfig {
     pub flavour: Flavour,
     /// Where specials, text and image codes sit in the embedding table.
     pub vocab: VocabLayout,
+    /// The tasks the model is trained on (default: t2i, mmu, lm). Any other name is a task too
+    /// (`["t2i", "mmu", "video"]`): routed by its own router column at the capacity the schedule
+    /// gives it, weighted by `loss.tasks`. Batches of a task not declared here are refused.
+    pub tasks: Vec<Task>,
     /// Width of the residual stream.
     pub d_model: i64,
     /// Number of transformer blocks.
@@ -155,6 +166,7 @@ impl Default for ModelConfig {
         ModelConfig {
             flavour: Flavour::Showo,
             vocab: VocabLayout::default(),
+            tasks: Task::BUILT_IN.to_vec(),
             d_model: 128,
             n_layers: 8,
             n_heads: 4,
@@ -197,6 +209,16 @@ pub enum ConfigError {
     /// A schedule the model's depth cannot take.
     #[error(transparent)]
     Schedule(#[from] unimod_router::ScheduleError),
+    /// A task named where `model.tasks` does not declare it.
+    #[error("model.{place} names task `{task}`, which model.tasks does not declare ({declared})")]
+    UnknownTask {
+        place: &'static str,
+        task: Task,
+        declared: String,
+    },
+    /// A batch holding samples of a task the model was not built for.
+    #[error("the batch holds `{task}` samples, which model.tasks does not declare ({declared})")]
+    BatchTask { task: Task, declared: String },
     /// A routing mode the configuration cannot serve.
     #[error("routing mode {mode:?}: {why}")]
     Mode {
@@ -325,7 +347,44 @@ impl ModelConfig {
             }
             _ => {}
         }
-        self.routing.schedule.resolve(self.n_layers)?;
+        let mut seen = Vec::new();
+        for t in &self.tasks {
+            if seen.contains(t) {
+                return bad("tasks", format!("{:?}", self.tasks), "names a task twice");
+            }
+            seen.push(*t);
+        }
+        if self.tasks.is_empty() {
+            return bad("tasks", "[]".into(), "needs at least one task");
+        }
+        let plans = self.routing.schedule.resolve(self.n_layers)?;
+        let named = plans
+            .iter()
+            .filter_map(|p| match p {
+                unimod_router::LayerPlan::Routed { capacity, .. } => Some(capacity),
+                _ => None,
+            })
+            .flat_map(|c| c.named_tasks().map(|t| ("routing.schedule", t)))
+            .chain(self.loss.tasks.keys().map(|t| ("loss.tasks", *t)));
+        for (place, task) in named {
+            self.task_index(task)
+                .ok_or_else(|| ConfigError::UnknownTask {
+                    place,
+                    task,
+                    declared: self.tasks_list(),
+                })?;
+        }
         Ok(())
+    }
+
+    /// The task's place in `tasks` (its id in the model), `None` when it is not declared.
+    pub fn task_index(&self, task: Task) -> Option<usize> {
+        self.tasks.iter().position(|t| *t == task)
+    }
+
+    /// `tasks` as a comma-separated list, for messages.
+    pub fn tasks_list(&self) -> String {
+        let names: Vec<&str> = self.tasks.iter().map(|t| t.name()).collect();
+        names.join(", ")
     }
 }

@@ -215,7 +215,7 @@ pub fn analytic_work(cfg: &ModelConfig, plans: &[LayerPlan], seq: &Composition) 
                     &cfg.routing,
                     cfg.d_model,
                     *routers,
-                    capacity.routed_tasks().len(),
+                    capacity.routed_tasks(&cfg.tasks).len(),
                 );
                 let (n, image_kept) = match capacity.get(seq.task) {
                     None => (valid, image as f64),
@@ -269,7 +269,7 @@ mod tests {
         let mut cfg = showo_like();
         cfg.n_layers = 32;
         let seq = Composition {
-            task: Task::T2i,
+            task: Task::T2I,
             segments: [0, 100, 4000, 0, 0, 0, 0],
         };
         let dense = analytic_work(&cfg, &Schedule::Dense.resolve(32).unwrap(), &seq);
@@ -280,6 +280,7 @@ mod tests {
             t2i: Some(unimod_router::schedule::Ramp::Constant(0.2)),
             mmu: Some(unimod_router::schedule::Ramp::Constant(0.2)),
             lm: None,
+            tasks: Default::default(),
             routers: Default::default(),
         };
         let routed = analytic_work(&cfg, &s.resolve(32).unwrap(), &seq);
@@ -293,17 +294,13 @@ mod tests {
         use unimod_router::{Capacities, RouterArch, Routers};
         let mut cfg = showo_like();
         let seq = Composition {
-            task: Task::T2i,
+            task: Task::T2I,
             segments: [0, 100, 0, 0, 0, 0, 0],
         };
-        let both = Capacities {
-            t2i: Some(0.5),
-            mmu: Some(0.5),
-            lm: None,
-        };
+        let both = Capacities::of([(Task::T2I, 0.5), (Task::MMU, 0.5)]);
         let evals = |cfg: &ModelConfig, routers| {
             let plan = LayerPlan::Routed {
-                capacity: both,
+                capacity: both.clone(),
                 routers,
             };
             analytic_work(cfg, &[plan], &seq)[0].router_tokens / 100.0

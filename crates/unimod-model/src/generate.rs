@@ -276,7 +276,7 @@ pub fn image_grammar(layout: &VocabLayout, side: usize) -> impl Fn(usize) -> Ten
 /// otherwise the causal mode of the config.
 pub fn mode_for(model: &UnifiedTransformer, task: Task) -> RoutingMode {
     match (model.cfg.flavour, task) {
-        (unimod_tok::Flavour::Showo, Task::T2i) => RoutingMode::TopK,
+        (unimod_tok::Flavour::Showo, Task::T2I) => RoutingMode::TopK,
         _ => model.cfg.routing.causal_mode,
     }
 }

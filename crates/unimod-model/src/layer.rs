@@ -11,6 +11,7 @@
 use crate::block::{AttentionMaps, Block, Dispatch, LayerCache, Rope, Tokens};
 use crate::moma::ExpertTargets;
 use std::cell::{OnceCell, RefCell};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use tch::{Kind, Tensor, nn};
 use unimod_router::select;
@@ -25,6 +26,8 @@ use unimod_tok::{Batch, Segment, Task};
 pub struct LayerInput<'a> {
     /// The batch: its tasks, segments and padding.
     pub batch: &'a Batch,
+    /// The model's tasks (`model.tasks`): the tasks a layer's capacities may name.
+    pub tasks: &'a [Task],
     /// `[B, S]` token index in the sequence (with a cache: the new tokens' indices).
     pub index: Tensor,
     /// `[B, S]` not padding.
@@ -57,7 +60,10 @@ pub struct Shared {
     /// `[B, S, 1]` i64: each sample's column among per-task routers and predictors (its task's
     /// place in `routed_tasks()`; 0 for unrouted tasks).
     column: Tensor,
-    top_k: OnceCell<(Vec<Group>, [Option<usize>; Task::COUNT])>,
+    /// `[B]` f64 each sample's capacity (0 for unrouted tasks), on the device, so that k is
+    /// computed there: copying per-step counts from the host would sync the GPU.
+    capacity: Tensor,
+    top_k: OnceCell<(Vec<Group>, BTreeMap<Task, usize>)>,
 }
 
 /// A run of consecutive samples of one task (a batch holds each task's samples together, as
@@ -101,16 +107,32 @@ impl LayerInput<'_> {
         if let Some((_, s)) = self.shared.borrow().iter().find(|(c, _)| c == capacity) {
             return s.clone();
         }
-        let task = &self.batch.task;
-        let mut task_routed = task.zeros_like().to_kind(Kind::Bool);
-        let mut column = task.zeros_like();
-        for (i, t) in capacity.routed_tasks().into_iter().enumerate() {
-            let is_t = task.eq(t as i64);
-            task_routed = task_routed.logical_or(&is_t);
-            if i > 0 {
-                column += is_t * i as i64;
-            }
-        }
+        // Per sample, from the host's copy of the tasks: routed or not, its router column and
+        // its capacity; three small copies to the device per forward pass and capacities.
+        let routed = capacity.routed_tasks(self.tasks);
+        let column_of = |t: &Task| routed.iter().position(|r| r == t);
+        let tasks = &self.batch.tasks;
+        let device = self.valid.device();
+        let on_device = |t: Tensor| t.to_device(device);
+        let task_routed = on_device(Tensor::from_slice(
+            &tasks
+                .iter()
+                .map(|t| column_of(t).is_some())
+                .collect::<Vec<_>>(),
+        ));
+        let column: Vec<i64> = tasks
+            .iter()
+            .map(|t| column_of(t).unwrap_or(0) as i64)
+            .collect();
+        let per_sample: Vec<f64> = tasks
+            .iter()
+            .map(|t| {
+                capacity
+                    .get(*t)
+                    .filter(|_| column_of(t).is_some())
+                    .unwrap_or(0.0)
+            })
+            .collect();
         let (b, s) = (self.batch.size() as i64, self.batch.seq_len());
         let routable = self
             .routable_segment
@@ -119,10 +141,15 @@ impl LayerInput<'_> {
         let shared = Rc::new(Shared {
             forced: self.valid.logical_and(&routable.logical_not()),
             routable,
-            column: column.view([b, 1, 1]).expand([b, s, 1], false),
+            column: on_device(Tensor::from_slice(&column))
+                .view([b, 1, 1])
+                .expand([b, s, 1], false),
+            capacity: on_device(Tensor::from_slice(&per_sample)),
             top_k: OnceCell::new(),
         });
-        self.shared.borrow_mut().push((*capacity, shared.clone()));
+        self.shared
+            .borrow_mut()
+            .push((capacity.clone(), shared.clone()));
         shared
     }
 }
@@ -132,10 +159,11 @@ impl LayerInput<'_> {
 pub struct RoutingStats {
     /// The layer's index in the model.
     pub layer: usize,
-    /// Tokens processed per task (exact host counts in top-k mode; `None` in threshold mode).
-    pub processed: [Option<usize>; Task::COUNT],
-    /// Valid tokens per task in the batch.
-    pub total: [usize; Task::COUNT],
+    /// Tokens processed per task of the batch (exact host counts in top-k mode; `None` in
+    /// threshold mode).
+    pub processed: Option<BTreeMap<Task, usize>>,
+    /// Valid tokens per task of the batch.
+    pub total: BTreeMap<Task, usize>,
     /// `[B, S]` router logits (detached).
     pub scores: Tensor,
     /// `[B, S]` true for tokens the layer processed.
@@ -144,22 +172,6 @@ pub struct RoutingStats {
     pub routable: Tensor,
     /// `[B, S]` the causal predictor's logits, if trained.
     pub predictor_logits: Option<Tensor>,
-}
-
-impl RoutingStats {
-    /// `([tasks, 2], [tasks, 2])`: processed and valid tokens by task and modality (text,
-    /// image), on the device. Computed on demand, so training steps that do not log skip it.
-    pub fn by_modality(&self, b: &Batch) -> (Tensor, Tensor) {
-        // one-hot task [B, T] contracted with modality [B, S, 2]: [T, 2] counts in one op.
-        let task_1h = b.task.one_hot(Task::COUNT as i64).to_kind(Kind::Float);
-        let image = b.is_image();
-        let modality = Tensor::stack(&[image.logical_not(), image], -1).to_kind(Kind::Float);
-        let valid = b.valid().to_kind(Kind::Float).unsqueeze(-1);
-        let count =
-            |m: &Tensor| Tensor::einsum("bt,bsm->tm", &[&task_1h, &(&modality * m)], None::<i64>);
-        let kept = count(&(self.processed_mask.to_kind(Kind::Float).unsqueeze(-1) * &valid));
-        (kept, count(&valid))
-    }
 }
 
 /// What a layer returns.
@@ -214,9 +226,6 @@ pub struct Work {
 #[derive(Debug)]
 pub struct RoutedLayer {
     capacity: Capacities,
-    /// `[tasks]` f64 capacity per task id (0 for unrouted tasks), on the model's device, so that
-    /// k is computed on the device: copying per-step counts from the host would sync the GPU.
-    capacity_by_task: Tensor,
     /// `[B, S, n]` scores: one column per routed task in the order of
     /// `capacity.routed_tasks()`, or one shared column.
     router: Router,
@@ -264,9 +273,10 @@ impl Layer {
             LayerPlan::Routed { capacity, routers } => LayerKind::Routed(RoutedLayer::new(
                 &p,
                 cfg.d_model,
-                *capacity,
+                capacity.clone(),
                 *routers,
                 &cfg.routing,
+                &cfg.tasks,
                 global_router,
             )),
         };
@@ -461,9 +471,10 @@ impl RoutedLayer {
         capacity: Capacities,
         sharing: Routers,
         cfg: &RoutingConfig,
+        tasks: &[Task],
         global_router: Option<&Router>,
     ) -> RoutedLayer {
-        let tasks = capacity.routed_tasks();
+        let tasks = capacity.routed_tasks(tasks);
         let n_tasks = tasks.len() as i64;
         let router = match sharing {
             Routers::PerTask => Router::new(p / "router", d_model, cfg.router, n_tasks),
@@ -476,13 +487,8 @@ impl RoutedLayer {
         let predictor = cfg
             .causal_predictor
             .then(|| CausalPredictor::new(p / "predictor", d_model, n_tasks));
-        let by_task: Vec<f64> = Task::ALL
-            .iter()
-            .map(|t| capacity.get(*t).unwrap_or(0.0))
-            .collect();
         RoutedLayer {
             capacity,
-            capacity_by_task: Tensor::from_slice(&by_task).to_device(p.device()),
             router,
             predictor,
             evals_per_token: router_evals_per_token(cfg, d_model, sharing, tasks.len()),
@@ -640,7 +646,7 @@ impl RoutedLayer {
             &processed_mask,
             &shared.routable,
             predictor_logits,
-            Some(*processed),
+            Some(processed.clone()),
         );
         LayerOutput {
             hidden,
@@ -655,13 +661,9 @@ impl RoutedLayer {
     /// Each sample keeps its non-routable tokens and k = max(1, ceil(capacity × n_routable)) of
     /// its routable ones, within its task group's gather width; also the tokens processed per
     /// task, counted on the host.
-    fn budget(
-        &self,
-        input: &LayerInput,
-        shared: &Shared,
-    ) -> (Vec<Group>, [Option<usize>; Task::COUNT]) {
+    fn budget(&self, input: &LayerInput, shared: &Shared) -> (Vec<Group>, BTreeMap<Task, usize>) {
         let b = input.batch;
-        let mut processed = [None; Task::COUNT];
+        let mut processed = BTreeMap::new();
         let n_keep: Vec<usize> = (0..b.size())
             .map(|i| {
                 let task = b.tasks[i];
@@ -673,17 +675,13 @@ impl RoutedLayer {
                         valid - n_routable + tokens_kept(c, n_routable)
                     }
                 };
-                *processed[task.index()].get_or_insert(0) += keep;
+                *processed.entry(task).or_insert(0) += keep;
                 keep
             })
             .collect();
         // The same k as the host counts above (same f64 arithmetic as `tokens_kept`), computed
         // from device tensors; the host counts give only the gather widths and the statistics.
-        let n_keep_t = select::keep_per_sample(
-            &shared.routable,
-            &shared.forced,
-            &self.capacity_by_task.index_select(0, &b.task),
-        );
+        let n_keep_t = select::keep_per_sample(&shared.routable, &shared.forced, &shared.capacity);
         // (start, end, width) of each run of one task.
         let mut runs = Vec::new();
         let mut start = 0;
@@ -729,15 +727,16 @@ impl RoutedLayer {
         processed_mask: &Tensor,
         routable: &Tensor,
         predictor_logits: Option<Tensor>,
-        processed: Option<[Option<usize>; Task::COUNT]>,
+        processed: Option<BTreeMap<Task, usize>>,
     ) -> RoutingStats {
-        let mut total = [0usize; Task::COUNT];
+        let mut total = BTreeMap::new();
         for i in 0..b.size() {
-            total[b.tasks[i].index()] += b.seq_len() as usize - b.count(i, &[Segment::Pad]);
+            *total.entry(b.tasks[i]).or_insert(0) +=
+                b.seq_len() as usize - b.count(i, &[Segment::Pad]);
         }
         RoutingStats {
             layer,
-            processed: processed.unwrap_or([None; Task::COUNT]),
+            processed,
             total,
             scores: score.detach(),
             processed_mask: processed_mask.shallow_clone(),

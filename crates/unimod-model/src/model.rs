@@ -5,6 +5,7 @@ use crate::block::{AttentionMaps, Dispatch, LayerCache, Norm, PerModality, Rope}
 use crate::config::{ConfigError, Flavour, ImagePositions, ModelConfig};
 use crate::layer::{AuxTargets, Layer, LayerInput, RoutingStats, Work};
 use crate::moma::{self, ExpertTargets};
+use std::collections::BTreeMap;
 use tch::{Kind, Tensor, nn, nn::Module};
 use unimod_router::{LayerPlan, Router, Routers, RoutingMode, select};
 use unimod_tok::{Batch, IGNORE, Segment, Task};
@@ -46,8 +47,8 @@ impl Clone for KeepTokens {
 /// Per-task losses of one batch.
 #[derive(Debug)]
 pub struct Losses {
-    /// Mean cross-entropy per task over its loss positions; `None` for tasks not in the batch.
-    pub per_task: [Option<Tensor>; Task::COUNT],
+    /// Mean cross-entropy per task of the batch over its loss positions.
+    pub per_task: BTreeMap<Task, Tensor>,
     /// `[B]` mean cross-entropy of each sample over its own loss positions (detached; the unit
     /// of the analyses' standard errors).
     pub per_sample: Tensor,
@@ -271,7 +272,7 @@ impl UnifiedTransformer {
         &self.layers
     }
 
-    fn layer_input<'a>(&self, batch: &'a Batch, opts: &ForwardOptions) -> LayerInput<'a> {
+    fn layer_input<'a>(&'a self, batch: &'a Batch, opts: &ForwardOptions) -> LayerInput<'a> {
         let routable = &self.cfg.routing.routable;
         let mut routable_segment = batch.segment.zeros_like().to_kind(Kind::Bool);
         for g in routable {
@@ -279,6 +280,7 @@ impl UnifiedTransformer {
         }
         LayerInput {
             batch,
+            tasks: &self.cfg.tasks,
             index: batch.positions_index(),
             valid: batch.valid(),
             routable_segment,
@@ -307,8 +309,24 @@ impl UnifiedTransformer {
         opts: &ForwardOptions,
     ) -> Result<ModelOutput, ConfigError> {
         self.check_mode(opts.mode, false)?;
-        self.check_length(batch.seq_len())?;
+        self.check_batch(batch)?;
         Ok(self.run(batch, opts, None))
+    }
+
+    /// Refuses a batch longer than `max_seq_len` or holding a task the model does not know.
+    fn check_batch(&self, batch: &Batch) -> Result<(), ConfigError> {
+        self.check_length(batch.seq_len())?;
+        match batch
+            .tasks
+            .iter()
+            .find(|t| self.cfg.task_index(**t).is_none())
+        {
+            Some(task) => Err(ConfigError::BatchTask {
+                task: *task,
+                declared: self.cfg.tasks_list(),
+            }),
+            None => Ok(()),
+        }
     }
 
     fn check_length(&self, len: i64) -> Result<(), ConfigError> {
@@ -358,6 +376,7 @@ impl UnifiedTransformer {
         cache: &mut KvCache,
     ) -> Result<ModelOutput, ConfigError> {
         self.check_mode(opts.mode, true)?;
+        self.check_batch(batch)?;
         self.check_length(cache.len() + batch.seq_len())?;
         if cache.layers.is_empty() {
             cache.layers = (0..self.layers.len())
@@ -490,15 +509,14 @@ impl UnifiedTransformer {
                 .clamp_min(1.0);
         let device = out.logits.device();
         let mut total = Tensor::zeros([], (Kind::Float, device));
-        let mut per_task: [Option<Tensor>; Task::COUNT] = [None, None, None];
-        for task in Task::ALL {
-            if !batch.tasks.contains(&task) {
-                continue;
-            }
-            let w = batch.task.eq(task as i64).to_kind(Kind::Float).unsqueeze(1) * &labelled;
+        let mut per_task = BTreeMap::new();
+        let tasks: std::collections::BTreeSet<Task> = batch.tasks.iter().copied().collect();
+        for task in tasks {
+            let of_task: Vec<f32> = batch.tasks.iter().map(|t| f32::from(*t == task)).collect();
+            let w = Tensor::from_slice(&of_task).to_device(device).unsqueeze(1) * &labelled;
             let loss = (&per_token * &w).sum(Kind::Float) / w.sum(Kind::Float).clamp_min(1.0);
             total += &loss * self.cfg.loss.get(task);
-            per_task[task.index()] = Some(loss);
+            per_task.insert(task, loss);
         }
         let aux = out.aux_loss.as_ref().map_or_else(
             || Tensor::zeros([], (Kind::Float, device)),

@@ -7,7 +7,7 @@ use unimod_model::{
     ForwardOptions, KvCache, ModelConfig, UnifiedTransformer, checkpoint, flops, generate,
 };
 use unimod_router::{Capacities, LayerPlan, Routers, RoutingMode, Schedule};
-use unimod_tok::{Batch, Flavour, FormatConfig, Segment, Sequence, VocabLayout};
+use unimod_tok::{Batch, Flavour, FormatConfig, Segment, Sequence, Task, VocabLayout};
 
 const VOCAB: VocabLayout = VocabLayout {
     n_text: 40,
@@ -343,11 +343,7 @@ fn cached_decoding_equals_full_forward_with_causal_routing() {
 
 #[test]
 fn each_task_is_routed_by_its_own_router_only() {
-    let cap = Capacities {
-        t2i: Some(0.5),
-        mmu: Some(0.5),
-        lm: None,
-    };
+    let cap = Capacities::of([(Task::T2I, 0.5), (Task::MMU, 0.5)]);
     let cfg = config(Flavour::Showo, routed_everywhere(cap, 3));
     let (vs, model) = build(&cfg, 0);
     let b = batch(&sequences(Flavour::Showo, true));
@@ -390,12 +386,87 @@ fn each_task_is_routed_by_its_own_router_only() {
     }
 }
 
+/// A task beyond t2i / mmu / lm is configuration: declared in `model.tasks`, it gets its own
+/// router column (after the built-in ones), its own capacity and its own loss; a batch or a
+/// schedule naming an undeclared task is refused with the task named.
+#[test]
+fn a_task_named_in_config_is_routed_by_its_own_column_at_its_capacity() {
+    let video = Task::named("video").unwrap();
+    let cap = Capacities::of([(Task::T2I, 0.5), (video, 0.25)]);
+    let mut cfg = config(Flavour::Showo, routed_everywhere(cap, 3));
+    cfg.tasks = vec![Task::T2I, Task::MMU, video];
+    let (vs, model) = build(&cfg, 4);
+    // A "video" sample laid out as a T2I one: the model sees only its task label.
+    let t2i = sequences(Flavour::Showo, true).remove(0);
+    let clip = Sequence {
+        task: video,
+        ..t2i.clone()
+    };
+    let b = batch(&[t2i, clip]);
+    let opts = ForwardOptions::default();
+    let before = model.forward(&b, &opts).unwrap();
+    for s in &before.routing {
+        let routable = |i: i64| s.routable.get(i).sum(Kind::Int64).int64_value(&[]) as usize;
+        let kept = |i: i64| {
+            s.processed_mask
+                .get(i)
+                .logical_and(&s.routable.get(i))
+                .sum(Kind::Int64)
+                .int64_value(&[]) as usize
+        };
+        assert_eq!(kept(0), unimod_router::tokens_kept(0.5, routable(0)));
+        assert_eq!(kept(1), unimod_router::tokens_kept(0.25, routable(1)));
+        assert!(s.processed.as_ref().unwrap().contains_key(&video));
+    }
+    let losses = model.losses(&b, &before);
+    assert_eq!(
+        losses.per_task.keys().copied().collect::<Vec<_>>(),
+        [Task::T2I, video]
+    );
+    // Column 1 of every router is video's: changing it leaves the T2I sample alone.
+    tch::no_grad(|| {
+        for (name, v) in vs.variables() {
+            if name.contains("router.proj") {
+                assert_eq!(v.size()[0], 2, "{name}: one column per routed task");
+                let mut col = v.narrow(0, 1, 1);
+                col.copy_(&(Tensor::randn(col.size(), tch::kind::FLOAT_CPU) * 3.0));
+            }
+        }
+    });
+    let after = model.forward(&b, &opts).unwrap();
+    assert!(before.logits.get(0).equal(&after.logits.get(0)));
+    assert!(!before.logits.get(1).equal(&after.logits.get(1)));
+    // Refusals name the task.
+    let audio = Sequence {
+        task: Task::named("audio").unwrap(),
+        ..sequences(Flavour::Showo, true).remove(0)
+    };
+    let e = model
+        .forward(&batch(&[audio]), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`audio`") && e.contains("t2i, mmu, video"),
+        "{e}"
+    );
+    cfg.tasks = Task::BUILT_IN.to_vec();
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("`video`") && e.contains("does not declare"),
+        "{e}"
+    );
+}
+
 /// Layers share what they can within a forward pass (masks, budgets); layers routing other tasks
 /// or at other capacities must still keep exactly their own k.
 #[test]
 fn each_layer_keeps_its_own_capacity() {
     let at = |t2i: Option<f64>, mmu: Option<f64>| LayerPlan::Routed {
-        capacity: Capacities { t2i, mmu, lm: None },
+        capacity: Capacities::of(
+            [(Task::T2I, t2i), (Task::MMU, mmu)]
+                .into_iter()
+                .filter_map(|(t, c)| c.map(|c| (t, c))),
+        ),
         routers: Routers::PerTask,
     };
     let plans = [
@@ -446,11 +517,7 @@ fn each_layer_keeps_its_own_capacity() {
 
 #[test]
 fn gradients_reach_every_parameter() {
-    let cap = Capacities {
-        t2i: Some(0.5),
-        mmu: Some(0.75),
-        lm: None,
-    };
+    let cap = Capacities::of([(Task::T2I, 0.5), (Task::MMU, 0.75)]);
     let cfg = config(Flavour::Showo, routed_everywhere(cap, 3));
     let (vs, model) = build(&cfg, 0);
     let b = batch(&sequences(Flavour::Showo, false));
@@ -541,11 +608,7 @@ fn checkpoint_round_trip_and_refusal() {
 #[test]
 fn causal_decisions_learn_to_agree_with_top_k() {
     use tch::nn::OptimizerConfig;
-    let cap = Capacities {
-        t2i: Some(0.5),
-        mmu: Some(0.5),
-        lm: None,
-    };
+    let cap = Capacities::of([(Task::T2I, 0.5), (Task::MMU, 0.5)]);
     let mut cfg = config(Flavour::Emu3, routed_everywhere(cap, 3));
     cfg.routing.aux_loss = 0.1;
     let (vs, model) = build(&cfg, 0);
@@ -588,7 +651,11 @@ fn causal_decisions_learn_to_agree_with_top_k() {
 #[test]
 fn each_task_is_processed_at_its_own_width() {
     let at = |t2i: Option<f64>, mmu: Option<f64>| LayerPlan::Routed {
-        capacity: Capacities { t2i, mmu, lm: None },
+        capacity: Capacities::of(
+            [(Task::T2I, t2i), (Task::MMU, mmu)]
+                .into_iter()
+                .filter_map(|(t, c)| c.map(|c| (t, c))),
+        ),
         routers: Routers::PerTask,
     };
     let plans = vec![
@@ -730,6 +797,7 @@ fn every_baseline_schedule_trains() {
         t2i: Some(Ramp::Constant(0.8)),
         mmu: Some(Ramp::Linear([1.0, 0.2])),
         lm: None,
+        tasks: Default::default(),
         routers,
     };
     let schedules = [
@@ -948,11 +1016,7 @@ fn moma(cfg: &ModelConfig) -> ModelConfig {
 /// routers decide, equals the full forward in the same causal mode.
 #[test]
 fn moma_learns_everywhere_and_decodes_cached() {
-    let cap = Capacities {
-        t2i: Some(0.5),
-        mmu: Some(0.75),
-        lm: None,
-    };
+    let cap = Capacities::of([(Task::T2I, 0.5), (Task::MMU, 0.75)]);
     for schedule in [Schedule::Dense, routed_everywhere(cap, 3)] {
         for flavour in [Flavour::Showo, Flavour::Emu3] {
             let cfg = moma(&config(flavour, schedule.clone()));

@@ -40,7 +40,7 @@ fn batch(ids: &Tensor) -> Batch {
     let seqs: Vec<Sequence> = rows
         .iter()
         .map(|r| Sequence {
-            task: Task::Lm,
+            task: Task::LM,
             tokens: r.iter().map(|t| t + TEXT_OFFSET).collect(),
             labels: vec![IGNORE; r.len()],
             segments: vec![Segment::Text; r.len()],

@@ -7,6 +7,7 @@
 //! (special tokens, protected segments) are always processed.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use unimod_vocab::Task;
 
@@ -23,44 +24,107 @@ pub enum Routers {
     Global,
 }
 
-/// Per-task capacity of one layer; `None` means the task's tokens are all processed.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+/// Per-task capacities of one layer; a task without one has its tokens all processed.
+///
+/// Written as a table of task names, `{ t2i = 0.8, mmu = 0.2 }`; the key `"*"` gives every task
+/// not named (what a router shared by all tasks uses: `{ "*" = 0.125 }`).
+///
+/// ```
+/// use unimod_router::Capacities;
+/// use unimod_vocab::Task;
+///
+/// let video = Task::named("video").unwrap();
+/// let c: Capacities = toml::from_str("t2i = 0.8\nvideo = 0.3").unwrap();
+/// assert_eq!(c.get(Task::T2I), Some(0.8));
+/// assert_eq!(c.get(Task::MMU), None); // processed whole
+/// assert_eq!(c.routed_tasks(&[Task::T2I, Task::MMU, video]), [Task::T2I, video]);
+/// assert_eq!(Capacities::all(0.5).get(video), Some(0.5));
+/// ```
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(try_from = "BTreeMap<String, f64>", into = "BTreeMap<String, f64>")]
 pub struct Capacities {
-    /// Text-to-image samples' capacity.
-    pub t2i: Option<f64>,
-    /// Multimodal-understanding samples' capacity.
-    pub mmu: Option<f64>,
-    /// Language-modelling samples' capacity.
-    pub lm: Option<f64>,
+    per_task: BTreeMap<Task, f64>,
+    /// The capacity of every task not in `per_task`.
+    others: Option<f64>,
+}
+
+/// The key of [`Capacities`] that names every task not named.
+const OTHERS: &str = "*";
+
+impl TryFrom<BTreeMap<String, f64>> for Capacities {
+    type Error = unimod_vocab::BadTaskName;
+    fn try_from(map: BTreeMap<String, f64>) -> Result<Capacities, Self::Error> {
+        let mut c = Capacities::default();
+        for (name, value) in map {
+            if name == OTHERS {
+                c.others = Some(value);
+            } else {
+                c.per_task.insert(Task::named(&name)?, value);
+            }
+        }
+        Ok(c)
+    }
+}
+
+impl From<Capacities> for BTreeMap<String, f64> {
+    fn from(c: Capacities) -> Self {
+        let mut map: BTreeMap<String, f64> = c
+            .per_task
+            .iter()
+            .map(|(t, v)| (t.to_string(), *v))
+            .collect();
+        if let Some(v) = c.others {
+            map.insert(OTHERS.into(), v);
+        }
+        map
+    }
 }
 
 impl Capacities {
     /// Every task at capacity `c`.
     pub fn all(c: f64) -> Self {
         Capacities {
-            t2i: Some(c),
-            mmu: Some(c),
-            lm: Some(c),
+            per_task: BTreeMap::new(),
+            others: Some(c),
+        }
+    }
+
+    /// The named tasks at their capacities, the others processed whole.
+    pub fn of(tasks: impl IntoIterator<Item = (Task, f64)>) -> Self {
+        Capacities {
+            per_task: tasks.into_iter().collect(),
+            others: None,
         }
     }
 
     /// The task's capacity, `None` when its tokens are all processed.
     pub fn get(&self, task: Task) -> Option<f64> {
-        match task {
-            Task::T2i => self.t2i,
-            Task::Mmu => self.mmu,
-            Task::Lm => self.lm,
-        }
+        self.per_task.get(&task).copied().or(self.others)
     }
 
-    /// The tasks with a capacity, in [`Task::ALL`] order: the order of a layer's router
+    /// The tasks named one by one (not those `"*"` covers).
+    pub fn named_tasks(&self) -> impl Iterator<Item = Task> + '_ {
+        self.per_task.keys().copied()
+    }
+
+    /// The tasks of `tasks` that have a capacity, in task order: the order of a layer's router
     /// columns.
-    pub fn routed_tasks(&self) -> Vec<Task> {
-        Task::ALL
-            .into_iter()
+    pub fn routed_tasks(&self, tasks: &[Task]) -> Vec<Task> {
+        let mut routed: Vec<Task> = tasks
+            .iter()
+            .copied()
             .filter(|t| self.get(*t).is_some())
-            .collect()
+            .collect();
+        routed.sort();
+        routed
+    }
+
+    /// Every value given, with the task it is for (`None`: the `"*"` entry).
+    fn values(&self) -> impl Iterator<Item = (Option<Task>, f64)> + '_ {
+        self.per_task
+            .iter()
+            .map(|(t, v)| (Some(*t), *v))
+            .chain(self.others.map(|v| (None, v)))
     }
 }
 
@@ -82,18 +146,21 @@ pub enum LayerPlan {
 }
 
 impl LayerPlan {
-    /// The paper's name for the layer type.
-    pub fn label(&self) -> &'static str {
+    /// The paper's name for the layer type: `t2i-MoD` (one task routed, named after it),
+    /// `shared-MoD` (several tasks, each by its own router), `generic-MoD` (one router for all).
+    pub fn label(&self) -> String {
         match self {
-            LayerPlan::Dense => "dense",
-            LayerPlan::Skip => "skip",
-            LayerPlan::Routed { capacity, routers } => {
-                match (capacity.t2i, capacity.mmu, routers) {
-                    (_, _, Routers::Shared | Routers::Global) => "generic-MoD",
-                    (Some(_), Some(_), _) => "shared-MoD",
-                    (Some(_), None, _) => "t2i-MoD",
-                    (None, Some(_), _) => "mmu-MoD",
-                    (None, None, _) => "lm-MoD",
+            LayerPlan::Dense => "dense".into(),
+            LayerPlan::Skip => "skip".into(),
+            LayerPlan::Routed {
+                routers: Routers::Shared | Routers::Global,
+                ..
+            } => "generic-MoD".into(),
+            LayerPlan::Routed { capacity, .. } => {
+                let named: Vec<Task> = capacity.named_tasks().collect();
+                match (named.as_slice(), capacity.others) {
+                    ([one], None) => format!("{one}-MoD"),
+                    _ => "shared-MoD".into(),
                 }
             }
         }
@@ -192,6 +259,10 @@ pub enum Schedule {
         /// LM's capacity over the routed layers; absent: LM tokens all processed.
         #[serde(default)]
         lm: Option<Ramp>,
+        /// Any other task's capacity over the routed layers, by name (`{ video = 0.3 }`); the
+        /// task must be declared in `model.tasks`.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        tasks: BTreeMap<Task, Ramp>,
         /// Per-task routers (UniMoD) by default; `shared` is the paper's "w/o task-aware
         /// router" ablation.
         #[serde(default)]
@@ -277,9 +348,12 @@ pub enum ScheduleError {
     #[error("routing.schedule: capacity {value} for {task} in layer {layer} is outside (0, 1]")]
     Capacity {
         layer: usize,
-        task: Task,
+        task: String,
         value: f64,
     },
+    /// A built-in task given both by its own key and in `tasks`.
+    #[error("routing.schedule: {task}'s capacity is given twice (as `{task}` and in `tasks`)")]
+    Twice { task: Task },
     /// An explicit schedule whose length is not the model's depth.
     #[error("routing.schedule: explicit schedule has {got} layers, the model has {n_layers}")]
     LayerCount { got: usize, n_layers: usize },
@@ -343,6 +417,7 @@ impl Schedule {
     ///
     /// ```
     /// use unimod_router::{LayerPlan, Schedule};
+    /// use unimod_vocab::Task;
     ///
     /// // The paper's Show-o recipe on an 8-layer model: the last half routes, T2I keeps 80 %,
     /// // MMU falls from 100 % to 20 % across those layers.
@@ -356,8 +431,8 @@ impl Schedule {
     /// assert_eq!(plans[3], LayerPlan::Dense);
     /// assert_eq!(plans[4].label(), "shared-MoD");
     /// let LayerPlan::Routed { capacity, .. } = &plans[7] else { unreachable!() };
-    /// assert_eq!(capacity.t2i, Some(0.8));
-    /// assert!((capacity.mmu.unwrap() - 0.2).abs() < 1e-12);
+    /// assert_eq!(capacity.get(Task::T2I), Some(0.8));
+    /// assert!((capacity.get(Task::MMU).unwrap() - 0.2).abs() < 1e-12);
     /// // A layer the model does not have is refused, not ignored.
     /// let bad: Schedule = toml::from_str(r#"kind = "mod"
     ///                                       layers = [9]"#).unwrap();
@@ -410,16 +485,25 @@ impl Schedule {
                 t2i,
                 mmu,
                 lm,
+                tasks,
                 routers,
             } => {
-                let ramp = |r: &Option<Ramp>, i, n| r.as_ref().map(|r| r.at(i, n));
+                let built_in = [(Task::T2I, t2i), (Task::MMU, mmu), (Task::LM, lm)];
+                if let Some(task) = built_in
+                    .iter()
+                    .find(|(t, r)| r.is_some() && tasks.contains_key(t))
+                    .map(|(t, _)| *t)
+                {
+                    return Err(ScheduleError::Twice { task });
+                }
+                let ramps: Vec<(Task, &Ramp)> = built_in
+                    .iter()
+                    .filter_map(|(t, r)| r.as_ref().map(|r| (*t, r)))
+                    .chain(tasks.iter().map(|(t, r)| (*t, r)))
+                    .collect();
                 route(
                     &layers.resolve(n_layers),
-                    &|i, n| Capacities {
-                        t2i: ramp(t2i, i, n),
-                        mmu: ramp(mmu, i, n),
-                        lm: ramp(lm, i, n),
-                    },
+                    &|i, n| Capacities::of(ramps.iter().map(|(t, r)| (*t, r.at(i, n)))),
                     *routers,
                 )?
             }
@@ -459,10 +543,9 @@ impl Schedule {
 fn validate(plans: &[LayerPlan]) -> Result<(), ScheduleError> {
     for (layer, p) in plans.iter().enumerate() {
         if let LayerPlan::Routed { capacity, .. } = p {
-            for task in Task::ALL {
-                if let Some(value) = capacity.get(task)
-                    && !(value > 0.0 && value <= 1.0)
-                {
+            for (task, value) in capacity.values() {
+                if !(value > 0.0 && value <= 1.0) {
+                    let task = task.map_or_else(|| OTHERS.to_string(), |t| t.to_string());
                     return Err(ScheduleError::Capacity { layer, task, value });
                 }
             }
@@ -502,13 +585,16 @@ mod tests {
                 LayerPlan::Routed {
                     capacity,
                     routers: Routers::PerTask,
-                } => *capacity,
+                } => capacity.clone(),
                 other => panic!("{other:?}"),
             })
             .collect();
-        assert_eq!(caps[0].mmu, Some(1.0));
-        assert!((caps[11].mmu.unwrap() - 0.2).abs() < 1e-12);
-        assert!(caps.iter().all(|c| c.t2i == Some(0.8) && c.lm.is_none()));
+        assert_eq!(caps[0].get(Task::MMU), Some(1.0));
+        assert!((caps[11].get(Task::MMU).unwrap() - 0.2).abs() < 1e-12);
+        assert!(
+            caps.iter()
+                .all(|c| c.get(Task::T2I) == Some(0.8) && c.get(Task::LM).is_none())
+        );
         assert_eq!(plans[12].label(), "shared-MoD");
     }
 
@@ -524,7 +610,7 @@ mod tests {
                     capacity,
                 } => {
                     assert!((3..7).contains(&l), "layer {l} routed");
-                    assert_eq!(capacity.t2i, Some(0.5));
+                    assert_eq!(capacity.get(Task::T2I), Some(0.5));
                 }
                 LayerPlan::Dense => assert!(!(3..7).contains(&l), "layer {l} dense"),
                 other => panic!("{other:?}"),
@@ -536,10 +622,44 @@ mod tests {
         assert!(e.to_string().contains("routes no layer"), "{e}");
     }
 
+    /// A task beyond the built-in ones is configuration: its capacity by name, its own label
+    /// when it is the only task of a layer, refusals for a bad name or a capacity given twice.
+    #[test]
+    fn unimod_routes_any_named_task() {
+        let video = Task::named("video").unwrap();
+        let plans =
+            parse("schedule = { kind = 'unimod', t2i = 0.8, tasks = { video = [0.6, 0.2] } }")
+                .resolve(4)
+                .unwrap();
+        let LayerPlan::Routed { capacity, .. } = &plans[3] else {
+            panic!("{:?}", plans[3])
+        };
+        assert_eq!(capacity.get(Task::T2I), Some(0.8));
+        assert!((capacity.get(video).unwrap() - 0.2).abs() < 1e-12);
+        assert_eq!(capacity.get(Task::MMU), None);
+        let only_video = parse("schedule = { kind = 'unimod', tasks = { video = 0.5 } }");
+        assert_eq!(only_video.resolve(4).unwrap()[2].label(), "video-MoD");
+        let twice = parse("schedule = { kind = 'unimod', t2i = 0.5, tasks = { t2i = 0.4 } }");
+        assert!(
+            twice
+                .resolve(4)
+                .unwrap_err()
+                .to_string()
+                .contains("given twice")
+        );
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct W {
+            schedule: Schedule,
+        }
+        let bad = toml::from_str::<W>("schedule = { kind = 'unimod', tasks = { 'Vid eo' = 0.5 } }");
+        assert!(bad.unwrap_err().to_string().contains("is not accepted"));
+    }
+
     #[test]
     fn plain_mod_routes_every_other_layer() {
         let plans = parse("schedule = { kind = 'mod' }").resolve(6).unwrap();
-        let labels: Vec<&str> = plans.iter().map(LayerPlan::label).collect();
+        let labels: Vec<String> = plans.iter().map(LayerPlan::label).collect();
         assert_eq!(
             labels,
             [
@@ -565,7 +685,7 @@ mod tests {
                 LayerPlan::Dense => assert!(r > 0.75, "layer {l}: {r}"),
                 LayerPlan::Routed { capacity, routers } => {
                     assert_eq!(*routers, Routers::Shared);
-                    assert!((capacity.get(Task::Mmu).unwrap() - r.max(0.25)).abs() < 1e-12);
+                    assert!((capacity.get(Task::MMU).unwrap() - r.max(0.25)).abs() < 1e-12);
                 }
                 LayerPlan::Skip => panic!("layer {l} skipped"),
             }

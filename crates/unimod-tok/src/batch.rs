@@ -56,15 +56,13 @@ pub struct Batch {
     pub tokens: Tensor,
     /// `[B, S]` targets or [`IGNORE`].
     pub labels: Tensor,
-    /// `[B]` task of each sample ([`Task`] as i64).
-    pub task: Tensor,
     /// `[B, S]` [`Segment`] of each token as i64.
     pub segment: Tensor,
     /// `[B, S]` last key index each token may attend to.
     pub attn_upto: Tensor,
     /// `[B, S]` position ids for RoPE.
     pub positions: Tensor,
-    /// Host copy of each sample's task.
+    /// Each sample's task (a model maps them to its own task ids).
     pub tasks: Vec<Task>,
     /// Host count of tokens per segment in each sample: routers size their gathers from it
     /// without reading the device.
@@ -162,7 +160,6 @@ impl Batch {
         let segment = flat(&|q| q.segments.iter().map(|g| *g as i64).collect());
         let attn_upto = flat(&|q| q.attn_upto.clone());
         let tasks: Vec<Task> = seqs.iter().map(|q| q.task).collect();
-        let task_ids: Vec<i64> = tasks.iter().map(|t| *t as i64).collect();
         let mut next_position = Vec::with_capacity(seqs.len());
         let mut pos = Vec::with_capacity(seqs.len() * s);
         for (i, q) in seqs.iter().enumerate() {
@@ -189,7 +186,6 @@ impl Batch {
         Ok(Batch {
             tokens,
             labels,
-            task: Tensor::from_slice(&task_ids).to_device(device),
             segment,
             attn_upto,
             positions,

@@ -228,7 +228,7 @@ impl FormatConfig {
             None => false,
         };
         let prompt = if drop_prompt { &[][..] } else { prompt };
-        let mut b = Builder::new(Task::T2i);
+        let mut b = Builder::new(Task::T2I);
         b.special(Special::T2i);
         b.pads(self.text_len - prompt.len() - 2);
         b.special(Special::Bos);
@@ -336,7 +336,7 @@ impl FormatConfig {
                 max: self.text_len,
             });
         }
-        let mut b = Builder::new(Task::Mmu);
+        let mut b = Builder::new(Task::MMU);
         b.special(Special::Mmu);
         b.special(Special::Soi);
         self.image(&mut b, vocab, codes);
@@ -375,7 +375,7 @@ impl FormatConfig {
                 max,
             });
         }
-        let mut b = Builder::new(Task::Lm);
+        let mut b = Builder::new(Task::LM);
         b.special(Special::Lm);
         b.special(Special::Bos);
         b.text(text, Segment::Text);
@@ -387,28 +387,30 @@ impl FormatConfig {
     }
 
     /// Tokens per segment of a full-length sequence of `task` (text segment filled, questions
-    /// and answers splitting it evenly): what the analytic FLOPs count assumes.
-    pub fn composition(&self, task: Task) -> [usize; Segment::COUNT] {
+    /// and answers splitting it evenly): what the analytic FLOPs count assumes. `None` for a
+    /// task that has no format here (one beyond [`Task::BUILT_IN`]).
+    pub fn composition(&self, task: Task) -> Option<[usize; Segment::COUNT]> {
         let mut c = [0usize; Segment::COUNT];
         let text = self.text_len - 2;
         let rows = self.image_block_len() - self.image_tokens();
         match task {
-            Task::T2i | Task::Mmu => {
+            Task::T2I | Task::MMU => {
                 c[Segment::Special.index()] = 5;
                 c[Segment::Image.index()] = self.image_tokens() + rows;
-                if task == Task::T2i {
+                if task == Task::T2I {
                     c[Segment::Prompt.index()] = text;
                 } else {
                     c[Segment::Question.index()] = text / 2;
                     c[Segment::Answer.index()] = text - text / 2;
                 }
             }
-            Task::Lm => {
+            Task::LM => {
                 c[Segment::Special.index()] = 3;
                 c[Segment::Text.index()] = self.seq_len() - 3;
             }
+            _ => return None,
         }
-        c
+        Some(c)
     }
 }
 

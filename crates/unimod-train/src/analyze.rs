@@ -6,7 +6,7 @@
 use crate::plots::{heatmap, line_chart};
 use crate::train::RunContext;
 use crate::{RunConfig, data};
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -54,7 +54,7 @@ impl Default for AnalysisConfig {
     }
 }
 
-const TASKS: [Task; 2] = [Task::T2i, Task::Mmu];
+const TASKS: [Task; 2] = [Task::T2I, Task::MMU];
 
 /// A checkpoint and its context, analysed into `out`.
 pub struct Analyzer<'a> {
@@ -80,9 +80,10 @@ impl Analyzer<'_> {
             lm: 0,
         };
         match task {
-            Task::T2i => c.train.mix.t2i = self.cfg.analysis.samples,
-            Task::Mmu => c.train.mix.mmu = self.cfg.analysis.samples,
-            Task::Lm => c.train.mix.lm = self.cfg.analysis.samples,
+            Task::T2I => c.train.mix.t2i = self.cfg.analysis.samples,
+            Task::MMU => c.train.mix.mmu = self.cfg.analysis.samples,
+            Task::LM => c.train.mix.lm = self.cfg.analysis.samples,
+            other => bail!("the analyses read built-in tasks only, not `{other}`"),
         }
         self.ctx.batch(&c, Split::Val, 2_000_000, true)
     }
@@ -391,9 +392,9 @@ impl Analyzer<'_> {
         &self,
         probe: Option<(&UnifiedTransformer, &RunContext, &RunConfig)>,
     ) -> Result<(String, Option<Vec<Competition>>)> {
-        let (t, m) = (self.batch(Task::T2i)?, self.batch(Task::Mmu)?);
+        let (t, m) = (self.batch(Task::T2I)?, self.batch(Task::MMU)?);
         let cos =
-            interaction::gradient_cosine(self.model, self.vs, (&t, Task::T2i), (&m, Task::Mmu))?;
+            interaction::gradient_cosine(self.model, self.vs, (&t, Task::T2I), (&m, Task::MMU))?;
         let mut md = String::from(
             "## Task interaction\n\nCosine similarity of the T2I and MMU loss gradients with respect to each layer's block weights (negative: the tasks pull the layer apart).\n\n| layer | gradient cosine |\n|---|---|\n",
         );
@@ -558,7 +559,7 @@ pub type Patterns = Vec<(Task, Vec<LayerAttention>)>;
 /// mean over layers with the standard error over layers (the layers as samples).
 pub fn attention_finding(patterns: &Patterns) -> Option<Finding> {
     let of = |task| patterns.iter().find(|(t, _)| *t == task).map(|(_, p)| p);
-    let (t2i, mmu) = (of(Task::T2i)?, of(Task::Mmu)?);
+    let (t2i, mmu) = (of(Task::T2I)?, of(Task::MMU)?);
     let diff: Vec<f64> = t2i
         .iter()
         .zip(mmu)
@@ -651,7 +652,7 @@ pub fn findings(
             .iter()
             .find(|r| r.task == task && r.ranking == Ranking::Attention)
     };
-    if let (Some(t), Some(m)) = (curve(Task::T2i), curve(Task::Mmu)) {
+    if let (Some(t), Some(m)) = (curve(Task::T2I), curve(Task::MMU)) {
         let n = t.losses.len();
         let routable = first_routable.min(n)..n;
         let ((a, sa), (b, sb)) = (

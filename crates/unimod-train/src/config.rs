@@ -81,6 +81,13 @@ impl RunConfig {
     pub fn validate(&self) -> Result<()> {
         use unimod_tok::check::{float_above, float_in, int_in, plain_name};
         self.model_for_format().validate()?;
+        if let Some(t) = self.model.tasks.iter().find(|t| !t.is_built_in()) {
+            bail!(
+                "model.tasks names `{t}`: the model routes any declared task, but this trainer \
+                 builds sequences for t2i, mmu and lm only (a new task's data and format are code: \
+                 docs/extending.md)"
+            );
+        }
         self.format.validate()?;
         let d = &self.data;
         let image_size = match d.dataset.as_str() {

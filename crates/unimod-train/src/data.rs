@@ -402,12 +402,13 @@ impl Default for TaskMix {
 }
 
 impl TaskMix {
-    /// Samples of task `t` per batch.
+    /// Samples of task `t` per batch (0 for a task without a format here).
     pub fn get(&self, t: Task) -> usize {
         match t {
-            Task::T2i => self.t2i,
-            Task::Mmu => self.mmu,
-            Task::Lm => self.lm,
+            Task::T2I => self.t2i,
+            Task::MMU => self.mmu,
+            Task::LM => self.lm,
+            _ => 0,
         }
     }
 }
@@ -428,7 +429,7 @@ pub fn sequence(
     let e = world.example(pool.split, index as u64);
     let codes = &pool.codes[index];
     Ok(match task {
-        Task::T2i => {
+        Task::T2I => {
             let fitting = fitting_captions(text, format, &e)?;
             let Some(choice) = (!fitting.is_empty()).then(|| rng.gen_range(0..fitting.len()))
             else {
@@ -445,7 +446,7 @@ pub fn sequence(
                 training.then_some(rng as &mut dyn rand::RngCore),
             )?
         }
-        Task::Mmu => {
+        Task::MMU => {
             let mut encoded = Vec::new();
             for qa in e.qa.choose_multiple(rng, format.mmu_turns.min(e.qa.len())) {
                 encoded.push((text.encode(&qa.question)?, text.encode(&qa.answer)?));
@@ -460,13 +461,15 @@ pub fn sequence(
             }
             format.mmu_turns(layout, codes, &turns)?
         }
-        Task::Lm => {
+        Task::LM => {
             let qa = &e.qa[rng.gen_range(0..e.qa.len())];
             let line = format!("{} . {} {}", e.captions[0].text, qa.question, qa.answer);
             let mut ids = text.encode(&line)?;
             ids.truncate(format.seq_len() - 3);
             format.lm(&ids)?
         }
+        // `TaskMix` gives other tasks no samples, and the config check refuses them.
+        other => bail!("the trainer has no sequence format for task `{other}`"),
     })
 }
 
@@ -501,8 +504,8 @@ pub fn batch_sequences(
     step: u64,
     training: bool,
 ) -> Result<Vec<Sequence>> {
-    let per_batch: usize = Task::ALL.iter().map(|t| mix.get(*t)).sum();
-    let jobs: Vec<(Task, usize)> = Task::ALL
+    let per_batch: usize = Task::BUILT_IN.iter().map(|t| mix.get(*t)).sum();
+    let jobs: Vec<(Task, usize)> = Task::BUILT_IN
         .iter()
         .flat_map(|t| std::iter::repeat_n(*t, mix.get(*t)))
         .enumerate()

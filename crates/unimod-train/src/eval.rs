@@ -193,11 +193,9 @@ struct Validation {
 fn validation(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) -> Result<Validation> {
     let (mut sums, mut sums_causal) = (BTreeMap::new(), BTreeMap::new());
     let add = |sums: &mut BTreeMap<String, f64>, l: &unimod_model::Losses| {
-        for t in Task::ALL {
-            if let Some(v) = &l.per_task[t.index()] {
-                *sums.entry(t.name().to_string()).or_default() +=
-                    v.double_value(&[]) / cfg.eval.val_batches as f64;
-            }
+        for (t, v) in &l.per_task {
+            *sums.entry(t.name().to_string()).or_default() +=
+                v.double_value(&[]) / cfg.eval.val_batches as f64;
         }
     };
     let causal = ForwardOptions {
@@ -314,7 +312,7 @@ pub fn images(
                     allowed: &grammar,
                     stop: None,
                     temperature: cfg.eval.sampling.temperature,
-                    mode: generate::mode_for(model, Task::T2i),
+                    mode: generate::mode_for(model, Task::T2I),
                     guidance: (guidance > 0.0).then_some((uncond.as_slice(), guidance)),
                 },
                 ctx.device,
@@ -361,7 +359,7 @@ pub fn answers(
             allowed: &|_| allowed.shallow_clone(),
             stop: Some(Special::Eos.id()),
             temperature: 0.0,
-            mode: generate::mode_for(model, Task::Mmu),
+            mode: generate::mode_for(model, Task::MMU),
             guidance: None,
         },
         ctx.device,

@@ -17,6 +17,7 @@ pub fn paper_schedule(name: &str) -> Option<Schedule> {
         t2i: Some(t2i),
         mmu: Some(mmu),
         lm: None,
+        tasks: Default::default(),
         routers: Routers::PerTask,
     };
     match name {
@@ -49,7 +50,7 @@ pub fn parse_mix(arg: &str) -> Result<Vec<(Task, f64)>> {
             let (k, v) = part
                 .split_once('=')
                 .with_context(|| format!("--mix {arg}: expected task=weight"))?;
-            let task = Task::ALL
+            let task = Task::BUILT_IN
                 .into_iter()
                 .find(|t| t.name() == k.trim())
                 .with_context(|| format!("--mix: unknown task `{k}` (t2i, mmu, lm)"))?;
@@ -118,10 +119,7 @@ pub fn report(cfg: &RunConfig, schedule: &Schedule, mix: &[(Task, f64)]) -> Resu
     )?;
     writeln!(table, "|---|---|---|---|---|---|---|---|")?;
     for &(task, _) in mix {
-        let seq = Composition {
-            task,
-            segments: cfg.format.composition(task),
-        };
+        let seq = composition(cfg, task)?;
         let n = seq.len() as f64;
         let dense = flops::forward(m, &flops::analytic_work(m, &dense_plans, &seq), n);
         let routed = flops::forward(m, &flops::analytic_work(m, &plans, &seq), n);
@@ -167,14 +165,18 @@ pub fn report(cfg: &RunConfig, schedule: &Schedule, mix: &[(Task, f64)]) -> Resu
     )?;
     if m.mot || m.moma.is_some() {
         writeln!(table)?;
-        writeln!(table, "{}", family(cfg, &plans, mix))?;
+        writeln!(table, "{}", family(cfg, &plans, mix)?)?;
     }
     Ok(FlopsReport { rows, table })
 }
 
 /// Parameters and FLOPs of Mixture-of-Transformers or MoMa against the same shape with one
 /// set of block weights (the table above compares schedules of the same family).
-fn family(cfg: &RunConfig, plans: &[unimod_router::LayerPlan], mix: &[(Task, f64)]) -> String {
+fn family(
+    cfg: &RunConfig,
+    plans: &[unimod_router::LayerPlan],
+    mix: &[(Task, f64)],
+) -> Result<String> {
     let m = &cfg.model;
     let plain = unimod_model::ModelConfig {
         mot: false,
@@ -182,15 +184,12 @@ fn family(cfg: &RunConfig, plans: &[unimod_router::LayerPlan], mix: &[(Task, f64
         ..m.clone()
     };
     let wsum: f64 = mix.iter().map(|(_, w)| w).sum();
-    let per_sequence = |c: &unimod_model::ModelConfig| -> f64 {
+    let per_sequence = |c: &unimod_model::ModelConfig| -> Result<f64> {
         mix.iter()
             .map(|&(task, w)| {
-                let seq = Composition {
-                    task,
-                    segments: cfg.format.composition(task),
-                };
+                let seq = composition(cfg, task)?;
                 let work = flops::analytic_work(c, plans, &seq);
-                w / wsum * flops::forward(c, &work, seq.len() as f64).total()
+                Ok(w / wsum * flops::forward(c, &work, seq.len() as f64).total())
             })
             .sum()
     };
@@ -204,8 +203,8 @@ fn family(cfg: &RunConfig, plans: &[unimod_router::LayerPlan], mix: &[(Task, f64
         }
         (None, _) => "Mixture-of-Transformers".to_string(),
     };
-    let (f, f0) = (per_sequence(m), per_sequence(&plain));
-    format!(
+    let (f, f0) = (per_sequence(m)?, per_sequence(&plain)?);
+    Ok(format!(
         "{name}: {:.3e} parameters, {:.3e} active per token (one set of block weights: {:.3e}); \
          forward FLOPs per sequence of the mix {:.1} GFLOPs total under this schedule, {:.1} with one \
          FFN per block ({:+.1} %).",
@@ -215,7 +214,16 @@ fn family(cfg: &RunConfig, plans: &[unimod_router::LayerPlan], mix: &[(Task, f64
         f / 1e9,
         f0 / 1e9,
         100.0 * (f / f0 - 1.0)
-    )
+    ))
+}
+
+/// A full-length sequence of a built-in task, as the analytic count assumes it.
+fn composition(cfg: &RunConfig, task: Task) -> Result<Composition> {
+    let segments = cfg
+        .format
+        .composition(task)
+        .with_context(|| format!("task `{task}` has no sequence format to count FLOPs on"))?;
+    Ok(Composition { task, segments })
 }
 
 /// Dense and routed forward FLOPs of real batches: their text lengths and padding, which

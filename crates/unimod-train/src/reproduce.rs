@@ -338,7 +338,7 @@ fn table3(req: &Request, outcomes: &[Outcome]) -> Result<Vec<Row>> {
         let path = req.configs.join(file);
         let cfg = RunConfig::load(Some(&path), &[])?;
         let schedule = flops_report::paper_schedule(recipe).expect("a paper recipe");
-        let mix = [(Task::T2i, 1.0), (Task::Mmu, 1.0)];
+        let mix = [(Task::T2I, 1.0), (Task::MMU, 1.0)];
         let r = flops_report::report(&cfg, &schedule, &mix)?;
         let linear = |routed: bool| {
             r.rows

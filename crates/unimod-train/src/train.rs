@@ -238,7 +238,7 @@ impl RunContext {
         }
         c.model.validate()?;
         let sequences =
-            c.train.mix.get(Task::T2i) + c.train.mix.get(Task::Mmu) + c.train.mix.get(Task::Lm);
+            c.train.mix.get(Task::T2I) + c.train.mix.get(Task::MMU) + c.train.mix.get(Task::LM);
         if sequences == 0 {
             bail!("train.mix: every task has ratio 0");
         }
@@ -259,8 +259,8 @@ impl RunContext {
             .enumerate()
         {
             if let unimod_router::LayerPlan::Routed { capacity, .. } = plan {
-                for t in capacity.routed_tasks() {
-                    if c.train.mix.get(t) == 0 && t != Task::Lm {
+                for t in capacity.routed_tasks(&c.model.tasks) {
+                    if c.train.mix.get(t) == 0 && t != Task::LM {
                         bail!(
                             "train.mix.{t} = 0, but the schedule routes {t} tokens in layer {layer}"
                         );
@@ -457,13 +457,10 @@ pub fn train(
             m.flops += flops::forward(&cfg.model, &out.work, n).total() * flops::TRAIN_MULTIPLIER;
             let total = losses.total.double_value(&[]);
             if !total.is_finite() {
-                let per_task: Vec<String> = Task::ALL
+                let per_task: Vec<String> = losses
+                    .per_task
                     .iter()
-                    .filter_map(|t| {
-                        losses.per_task[t.index()]
-                            .as_ref()
-                            .map(|l| format!("{t} {:.4}", l.double_value(&[])))
-                    })
+                    .map(|(t, l)| format!("{t} {:.4}", l.double_value(&[])))
                     .collect();
                 let scores: Vec<String> = out
                     .routing
@@ -485,16 +482,14 @@ pub fn train(
             }
             m.loss += total / acc as f64;
             m.aux += losses.aux.double_value(&[]) / acc as f64;
-            for t in Task::ALL {
-                if let Some(l) = &losses.per_task[t.index()] {
-                    let v = l.double_value(&[]) / acc as f64;
-                    let slot = match t {
-                        Task::T2i => &mut m.t2i,
-                        Task::Mmu => &mut m.mmu,
-                        Task::Lm => &mut m.lm,
-                    };
-                    *slot = Some(slot.unwrap_or(0.0) + v);
-                }
+            for (t, l) in &losses.per_task {
+                let v = l.double_value(&[]) / acc as f64;
+                let slot = match *t {
+                    Task::T2I => &mut m.t2i,
+                    Task::MMU => &mut m.mmu,
+                    _ => &mut m.lm,
+                };
+                *slot = Some(slot.unwrap_or(0.0) + v);
             }
             if micro == 0 {
                 m.kept = out
@@ -503,8 +498,9 @@ pub fn train(
                     .map(|s| {
                         (
                             s.layer,
-                            std::array::from_fn(|i| {
-                                s.processed[i].map(|p| p as f64 / s.total[i].max(1) as f64)
+                            Task::BUILT_IN.map(|t| {
+                                let processed = s.processed.as_ref()?.get(&t)?;
+                                Some(*processed as f64 / s.total[&t].max(1) as f64)
                             }),
                         )
                     })
