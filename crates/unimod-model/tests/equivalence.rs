@@ -457,6 +457,32 @@ fn a_task_named_in_config_is_routed_by_its_own_column_at_its_capacity() {
     );
 }
 
+/// docs/extending.md's "Adding a task" config is a valid model config that routes the task.
+#[test]
+fn the_documented_task_config_routes_its_task() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/extending.md"
+    ))
+    .unwrap();
+    let section = doc.split("## Adding a task").nth(1).expect("the section");
+    let toml_block = section.split("```toml\n").nth(1).unwrap();
+    let toml_block = toml_block.split("```").next().unwrap();
+    #[derive(serde::Deserialize)]
+    struct File {
+        model: ModelConfig,
+    }
+    let cfg = toml::from_str::<File>(toml_block).unwrap().model;
+    cfg.validate().unwrap();
+    let video = Task::named("video").unwrap();
+    assert_eq!(cfg.loss.get(video), 0.5);
+    let plans = cfg.routing.schedule.resolve(cfg.n_layers).unwrap();
+    let LayerPlan::Routed { capacity, .. } = plans.last().unwrap() else {
+        panic!("the last layer routes")
+    };
+    assert_eq!(capacity.get(video), Some(0.3));
+}
+
 /// Layers share what they can within a forward pass (masks, budgets); layers routing other tasks
 /// or at other capacities must still keep exactly their own k.
 #[test]
