@@ -72,6 +72,21 @@ fn summary(per_sample: &Tensor, bound: &Tensor) -> Arank {
 ///
 /// # Shapes
 /// `query`, `key`: `[B, H, T, hd]`; `valid`: `[B, T]` bool.
+///
+/// ```
+/// use tch::{Device, Kind, Tensor};
+/// use unimod_analysis::arank;
+///
+/// // 20 tokens, head dimension 8: the attention matrix q·kᵀ has rank at most 8.
+/// let q = Tensor::randn([1, 2, 20, 8], (Kind::Float, Device::Cpu));
+/// let k = Tensor::randn([1, 2, 20, 8], (Kind::Float, Device::Cpu));
+/// let valid = Tensor::ones([1, 20], (Kind::Bool, Device::Cpu));
+/// let r = arank::bilinear(&q, &k, &valid);
+/// assert_eq!((r.mean, r.bound), (8.0, 8.0));
+/// // Keys that span one direction give rank 1.
+/// let k1 = Tensor::randn([1, 2, 20, 1], (Kind::Float, Device::Cpu)) * Tensor::ones([8], (Kind::Float, Device::Cpu));
+/// assert_eq!(arank::bilinear(&q, &k1, &valid).mean, 1.0);
+/// ```
 pub fn bilinear(query: &Tensor, key: &Tensor, valid: &Tensor) -> Arank {
     let keep = valid.unsqueeze(1).unsqueeze(-1).to_kind(Kind::Double);
     let (q, k) = (

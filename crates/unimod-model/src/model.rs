@@ -81,6 +81,46 @@ pub struct ModelOutput {
 
 /// The unified transformer of Show-o or Emu3 shape: embeddings, blocks under their layer plans
 /// (dense, skipped or routed), a final norm and the LM head over text and image codes.
+///
+/// A small Show-o model under the paper's UniMoD recipe, one T2I and one MMU sequence, their
+/// losses and the FLOPs of the work done:
+///
+/// ```
+/// use tch::{Device, nn::VarStore};
+/// use unimod_model::{ForwardOptions, ModelConfig, UnifiedTransformer, flops};
+/// use unimod_router::Schedule;
+/// use unimod_tok::{Batch, FormatConfig, Task, VocabLayout};
+///
+/// let vocab = VocabLayout { n_text: 40, n_codes: 16 };
+/// let mut cfg = ModelConfig { vocab, d_model: 32, n_layers: 4, n_heads: 4, n_kv_heads: 4,
+///                             d_ffn: 64, ..Default::default() };
+/// cfg.routing.schedule = toml::from_str(r#"kind = "unimod"
+///                                          t2i = 0.8
+///                                          mmu = [1.0, 0.2]"#).unwrap();
+/// let vs = VarStore::new(Device::Cpu);
+/// let model = UnifiedTransformer::new(&vs.root(), &cfg)?;
+///
+/// // Sequences as the trainer builds them: text ids, image codes 0..16 (2×2 per image).
+/// let format = FormatConfig { text_len: 8, image_side: 2, ..Default::default() };
+/// let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+/// let seqs = [
+///     format.t2i(&vocab, &[11, 12, 13], Some(&[1, 5, 9, 2]), Some(&mut rng))?,
+///     format.mmu(&vocab, &[3, 4, 7, 8], &[20, 21], Some(&[24]))?,
+/// ];
+/// let batch = Batch::from_sequences(&seqs, Device::Cpu)?;
+/// let out = model.forward(&batch, &ForwardOptions::default())?;
+/// assert_eq!(out.logits.size(), [2, batch.seq_len(), vocab.size() as i64]);
+///
+/// let losses = model.losses(&batch, &out);
+/// losses.total.backward();
+/// assert!(losses.per_task.contains_key(&Task::T2I) && losses.per_task.contains_key(&Task::MMU));
+/// // Layers 2 and 3 route: each task keeps its capacity of its routable tokens there.
+/// assert_eq!(out.routing.len(), 2);
+/// let tokens = (batch.size() as i64 * batch.seq_len()) as f64;
+/// let f = flops::forward(&cfg, &out.work, tokens);
+/// assert!(f.total() > 0.0 && f.router > 0.0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct UnifiedTransformer {
     /// The configuration it was built from.
