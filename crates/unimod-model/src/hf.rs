@@ -246,6 +246,33 @@ pub fn config(dir: &Path, n_codes: usize) -> Result<HfConfig, HfError> {
     })
 }
 
+impl HfConfig {
+    /// `cfg` with the backbone's architecture: vocabulary, width, depth, heads, FFN, norms,
+    /// block style, biases and RoPE. What a checkpoint does not fix stays `cfg`'s: the flavour
+    /// (the sequence format decides it), routing, loss weights, tasks, image positions and
+    /// `max_seq_len` (RoPE has no learned length).
+    pub fn architecture_of(&self, cfg: &ModelConfig) -> ModelConfig {
+        let b = &self.model;
+        ModelConfig {
+            vocab: b.vocab,
+            d_model: b.d_model,
+            n_layers: b.n_layers,
+            n_heads: b.n_heads,
+            n_kv_heads: b.n_kv_heads,
+            ffn: b.ffn,
+            d_ffn: b.d_ffn,
+            norm: b.norm,
+            norm_eps: b.norm_eps,
+            block: b.block,
+            bias: b.bias,
+            head_bias: b.head_bias,
+            rotary_fraction: b.rotary_fraction,
+            rope_theta: b.rope_theta,
+            ..cfg.clone()
+        }
+    }
+}
+
 /// Where one of our variables comes from in the checkpoint.
 enum Source {
     One(String),

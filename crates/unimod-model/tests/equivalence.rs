@@ -611,7 +611,10 @@ fn checkpoint_round_trip_and_refusal() {
     assert!(e.contains("has shape") && e.contains("expects"), "{e}");
     // The config a checkpoint carries is compared as a config: one written before fields with
     // defaults existed (here `head_bias` and `tasks`) still matches; a different value is named.
-    assert!(toml.contains("\ntasks = [\"t2i\", \"mmu\", \"lm\"]"), "{toml}");
+    assert!(
+        toml.contains("\ntasks = [\"t2i\", \"mmu\", \"lm\"]"),
+        "{toml}"
+    );
     let older: String = toml
         .lines()
         .filter(|l| !l.starts_with("head_bias") && !l.starts_with("tasks"))

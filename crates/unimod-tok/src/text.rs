@@ -33,9 +33,16 @@ fn err(e: impl std::fmt::Display) -> TextError {
     TextError::Tokenizers(e.to_string())
 }
 
-/// The text tokenizer of a run: a byte-level BPE whose first ids are the [`Special`] tokens.
+/// The text tokenizer of a run: a byte-level BPE trained here, whose first ids are the
+/// [`Special`] tokens, or a pretrained backbone's `tokenizer.json`, whose ids sit after them.
 pub struct TextTokenizer {
     inner: Tokenizer,
+    /// Added to the inner tokenizer's ids: 0 for a trained BPE (its specials are its own first
+    /// ids), `Special::ALL.len()` for a pretrained one (the unified vocabulary puts the specials
+    /// first and the backbone's text after them, as `unimod_model::hf` loads its embeddings).
+    offset: i64,
+    /// The text vocabulary's size, specials included.
+    size: usize,
 }
 
 impl TextTokenizer {
@@ -64,7 +71,12 @@ impl TextTokenizer {
             .build()
             .map_err(err)?;
         tk.train(&mut trainer, texts).map_err(err)?;
-        Ok(TextTokenizer { inner: tk.into() })
+        let inner: Tokenizer = tk.into();
+        Ok(TextTokenizer {
+            size: inner.get_vocab_size(true),
+            inner,
+            offset: 0,
+        })
     }
 
     /// Writes it as a `tokenizer.json`.
@@ -75,6 +87,7 @@ impl TextTokenizer {
     /// Reads a `tokenizer.json`, refusing one whose specials are not at their ids.
     pub fn load(path: &Path) -> Result<TextTokenizer, TextError> {
         let inner = Tokenizer::from_file(path).map_err(err)?;
+        let size = inner.get_vocab_size(true);
         for s in Special::ALL {
             let found = inner.token_to_id(s.text());
             if found.map(i64::from) != Some(s.id()) {
@@ -86,18 +99,47 @@ impl TextTokenizer {
                 });
             }
         }
-        Ok(TextTokenizer { inner })
+        Ok(TextTokenizer {
+            inner,
+            offset: 0,
+            size,
+        })
+    }
+
+    /// A pretrained backbone's `tokenizer.json` (any Hugging Face tokenizer) for a model whose
+    /// text embedding rows are the backbone's `n_text` rows after the [`Special`] ones: its id
+    /// `i` becomes `Special::ALL.len() + i`. `n_text` is the backbone's `vocab_size` (often
+    /// above the tokenizer's own count: padded embedding tables); a tokenizer with ids at or
+    /// past it is refused.
+    pub fn pretrained(path: &Path, n_text: usize) -> Result<TextTokenizer, TextError> {
+        let inner = Tokenizer::from_file(path)
+            .map_err(|e| TextError::Tokenizers(format!("{}: {e}", path.display())))?;
+        let own = inner.get_vocab_size(true);
+        if own > n_text {
+            return Err(TextError::Tokenizers(format!(
+                "{} has {own} tokens, more than the backbone's vocab_size {n_text}",
+                path.display()
+            )));
+        }
+        Ok(TextTokenizer {
+            inner,
+            offset: Special::ALL.len() as i64,
+            size: Special::ALL.len() + n_text,
+        })
     }
 
     /// Vocabulary size, specials included.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.size
     }
 
     /// Token ids of `text` (no special tokens added).
     pub fn encode(&self, text: &str) -> Result<Vec<i64>, TextError> {
         let e = self.inner.encode(text, false).map_err(err)?;
-        Ok(e.get_ids().iter().map(|&i| i as i64).collect())
+        Ok(e.get_ids()
+            .iter()
+            .map(|&i| i as i64 + self.offset)
+            .collect())
     }
 
     /// Decodes text ids, skipping special tokens and anything outside the text vocabulary.
@@ -105,8 +147,8 @@ impl TextTokenizer {
         let n = self.vocab_size() as i64;
         let ids: Vec<u32> = ids
             .iter()
-            .filter(|&&i| i >= 0 && i < n)
-            .map(|&i| i as u32)
+            .filter(|&&i| i >= self.offset && i < n)
+            .map(|&i| (i - self.offset) as u32)
             .collect();
         Ok(self
             .inner
@@ -146,6 +188,25 @@ mod tests {
             Special::Mask.id(),
             back.inner.token_to_id("<|mask|>").unwrap() as i64
         );
+        // Read as a pretrained backbone's tokenizer, its ids move past the specials (its own
+        // specials are then plain text); one larger than the backbone's vocabulary is refused.
+        let n = tk.vocab_size();
+        let pre = TextTokenizer::pretrained(&path, n + 4).unwrap();
+        let offset = Special::ALL.len() as i64;
+        let shifted: Vec<i64> = tk
+            .encode("red circle")
+            .unwrap()
+            .iter()
+            .map(|i| i + offset)
+            .collect();
+        assert_eq!(pre.encode("red circle").unwrap(), shifted);
+        assert_eq!(pre.decode(&shifted).unwrap(), "red circle");
+        assert_eq!(pre.vocab_size(), Special::ALL.len() + n + 4);
+        let e = TextTokenizer::pretrained(&path, n - 1)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("more than the backbone's vocab_size"), "{e}");
         std::fs::remove_file(path).unwrap();
     }
 }

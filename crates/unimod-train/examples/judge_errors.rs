@@ -22,7 +22,7 @@ fn main() -> Result<()> {
     );
     let device = tch::Device::Cpu;
     let world = data::dataset(&cfg.data)?;
-    let tk = data::tokenizers(world.as_ref(), &ShapesJudge, &cfg.tokenizer, device)?;
+    let tk = data::tokenizers(world.as_ref(), &ShapesJudge, &cfg.tokenizer, None, device)?;
     let examples: Vec<Example> = (0..512).map(|i| world.example(Split::Test, i)).collect();
     let clean: Vec<Image> = examples.iter().map(|e| e.image.clone()).collect();
     let x = unimod_tok::vq::to_device(&clean, device);

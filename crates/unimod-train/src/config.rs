@@ -88,6 +88,21 @@ impl RunConfig {
                  docs/extending.md)"
             );
         }
+        if self.train.backbone.is_some() {
+            if self.train.init_from.is_some() {
+                bail!(
+                    "train.backbone and train.init_from both name starting weights: give one \
+                     (init_from continues a run of this project, backbone starts from a \
+                     Hugging Face checkpoint)"
+                );
+            }
+            if self.model.mot || self.model.moma.is_some() {
+                bail!(
+                    "train.backbone loads a dense decoder; model.mot and model.moma cannot \
+                     start from it yet (train a dense run from it, then train.init_from that run)"
+                );
+            }
+        }
         self.format.validate()?;
         let d = &self.data;
         let image_size = match d.dataset.as_str() {

@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor, nn};
 use unimod_tok::dataset::{Dataset, Example, Image, Split};
@@ -163,23 +163,43 @@ pub fn short_hash<B: AsRef<[u8]>>(parts: impl IntoIterator<Item = B>) -> String 
 }
 
 /// The tokenizers for `data` + `tok`: loaded from the cache when trained before with the same
-/// configuration, trained (and cached) otherwise.
+/// configuration, trained (and cached) otherwise. With `pretrained = (backbone directory, its
+/// vocab_size)`, the text tokenizer is the backbone's `tokenizer.json` (copied into the cache
+/// entry, whose key includes its hash) instead of a BPE trained here.
 pub fn tokenizers(
     world: &dyn Dataset,
     judge: &dyn T2iJudge,
     tok: &TokenizerConfig,
+    pretrained: Option<(&Path, usize)>,
     device: Device,
 ) -> Result<Tokenizers> {
-    let dir = cache::artifacts_dir()
-        .join("tokenizers")
-        .join(key(&(world.fingerprint(), tok)));
+    let backbone = match pretrained {
+        Some((dir, vocab)) => {
+            let path = dir.join("tokenizer.json");
+            let bytes = std::fs::read(&path)
+                .with_context(|| format!("train.backbone: cannot read {}", path.display()))?;
+            Some((path, short_hash([bytes]), vocab))
+        }
+        None => None,
+    };
+    let key = match &backbone {
+        None => key(&(world.fingerprint(), tok)),
+        Some((_, hash, vocab)) => key(&(world.fingerprint(), tok, hash, vocab)),
+    };
+    let dir = cache::artifacts_dir().join("tokenizers").join(key);
+    let text_of = |path: &Path| -> Result<TextTokenizer> {
+        Ok(match &backbone {
+            Some((_, _, vocab)) => TextTokenizer::pretrained(path, *vocab)?,
+            None => TextTokenizer::load(path)?,
+        })
+    };
     let (text_path, vq_path, report_path) = (
         dir.join("tokenizer.json"),
         dir.join("vq.safetensors"),
         dir.join("report.json"),
     );
     let (text, vq_vs, vq, train_seconds) = if report_path.exists() {
-        let text = TextTokenizer::load(&text_path)
+        let text = text_of(&text_path)
             .with_context(|| format!("cached tokenizer in {}", dir.display()))?;
         let (vq_vs, vq) = VqVae::load(&vq_path, device)
             .with_context(|| format!("cached tokenizer in {}", dir.display()))?;
@@ -191,11 +211,21 @@ pub fn tokenizers(
     } else {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let start = std::time::Instant::now();
-        let texts: Vec<String> = (0..tok.text_examples)
-            .into_par_iter()
-            .flat_map_iter(|i| texts_of(&world.example(Split::Train, i)))
-            .collect();
-        let text = TextTokenizer::train(texts.into_iter(), tok.text_vocab)?;
+        let text = match &backbone {
+            Some((path, _, _)) => {
+                std::fs::copy(path, &text_path).with_context(|| {
+                    format!("copying {} to {}", path.display(), text_path.display())
+                })?;
+                text_of(&text_path)?
+            }
+            None => {
+                let texts: Vec<String> = (0..tok.text_examples)
+                    .into_par_iter()
+                    .flat_map_iter(|i| texts_of(&world.example(Split::Train, i)))
+                    .collect();
+                TextTokenizer::train(texts.into_iter(), tok.text_vocab)?
+            }
+        };
         tch::manual_seed(tok.image.seed);
         let vq_vs = nn::VarStore::new(device);
         let vq = VqVae::new(&vq_vs.root(), tok.image);
@@ -210,7 +240,9 @@ pub fn tokenizers(
             },
         )?;
         bar.finish_and_clear();
-        text.save(&text_path)?;
+        if backbone.is_none() {
+            text.save(&text_path)?;
+        }
         vq.save(&vq_vs, &vq_path)?;
         (text, vq_vs, vq, start.elapsed().as_secs_f64())
     };

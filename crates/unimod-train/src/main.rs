@@ -473,7 +473,8 @@ fn run(cli: Cli) -> Result<()> {
             let device = unimod_train::device::parse(&device)?;
             let world = data::dataset(&cfg.data)?;
             let judge = data::judge(&cfg.data, device)?;
-            let tk = data::tokenizers(world.as_ref(), judge.as_ref(), &cfg.tokenizer, device)?;
+            let (tk, _) =
+                unimod_train::train::tokenizers(&cfg, world.as_ref(), judge.as_ref(), device)?;
             let r = &tk.report;
             println!("tokenizers in {}", tk.dir.display());
             println!(

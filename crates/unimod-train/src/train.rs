@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tch::{Device, Kind, nn::VarStore};
-use unimod_model::{ForwardOptions, UnifiedTransformer, checkpoint, flops};
+use unimod_model::{ForwardOptions, UnifiedTransformer, checkpoint, flops, hf};
 use unimod_tok::dataset::{Dataset, Split};
 use unimod_tok::judge::T2iJudge;
 use unimod_tok::{Batch, Task};
@@ -62,6 +62,14 @@ pub struct TrainConfig {
     /// modality's copy from the dense weights: the warm start of Liang et al.).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<PathBuf>,
+    /// Start from a pretrained decoder in Hugging Face format: a directory with `config.json`,
+    /// `*.safetensors` and `tokenizer.json` (Phi, Show-o's backbone, or a Llama-family model,
+    /// Emu3's). Its architecture replaces `[model]`'s shape fields, its tokenizer the BPE trained
+    /// here, and its weights the random ones; image-code rows start as `image_init` says (from
+    /// the mean of its text rows, then the VQ codebook by default), routers as initialised.
+    /// Evaluating the run reads the directory again for its config and tokenizer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backbone: Option<PathBuf>,
 }
 
 /// `train.precision`.
@@ -116,6 +124,7 @@ impl Default for TrainConfig {
             image_init: ImageInit::Random,
             precision: Precision::Auto,
             init_from: None,
+            backbone: None,
         }
     }
 }
@@ -175,6 +184,30 @@ pub struct TrainSummary {
     pub interrupted: bool,
 }
 
+/// The run's tokenizers, with its backbone's configuration where `train.backbone` names one
+/// (whose tokenizer is then the text tokenizer).
+pub fn tokenizers(
+    cfg: &RunConfig,
+    world: &dyn Dataset,
+    judge: &dyn T2iJudge,
+    device: Device,
+) -> Result<(Tokenizers, Option<hf::HfConfig>)> {
+    let backbone = match &cfg.train.backbone {
+        Some(dir) => Some(
+            hf::config(dir, cfg.tokenizer.image.codebook_size as usize)
+                .with_context(|| format!("train.backbone = {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let pretrained = cfg
+        .train
+        .backbone
+        .as_deref()
+        .zip(backbone.as_ref().map(|b| b.vocab));
+    let tk = data::tokenizers(world, judge, &cfg.tokenizer, pretrained, device)?;
+    Ok((tk, backbone))
+}
+
 /// Everything a run needs besides its config: tokenizers and pools, shared by the runs of an
 /// experiment.
 pub struct RunContext {
@@ -190,6 +223,8 @@ pub struct RunContext {
     pub val: Pool,
     /// Where batches are put.
     pub device: Device,
+    /// `train.backbone`'s configuration, mapped.
+    pub backbone: Option<hf::HfConfig>,
 }
 
 impl RunContext {
@@ -197,7 +232,7 @@ impl RunContext {
     pub fn new(cfg: &RunConfig, device: Device) -> Result<RunContext> {
         let world = data::dataset(&cfg.data)?;
         let judge = data::judge(&cfg.data, device)?;
-        let tokenizers = data::tokenizers(world.as_ref(), judge.as_ref(), &cfg.tokenizer, device)?;
+        let (tokenizers, backbone) = tokenizers(cfg, world.as_ref(), judge.as_ref(), device)?;
         let train = data::pool(
             &tokenizers,
             world.as_ref(),
@@ -219,6 +254,7 @@ impl RunContext {
             train,
             val,
             device,
+            backbone,
         })
     }
 
@@ -226,6 +262,9 @@ impl RunContext {
     pub fn resolve(&self, cfg: &RunConfig) -> Result<RunConfig> {
         let mut c = cfg.clone();
         c.model = c.model_for_format();
+        if let Some(b) = &self.backbone {
+            c.model = b.architecture_of(&c.model);
+        }
         c.model.vocab = self.tokenizers.layout();
         if c.format.seq_len() as i64 > c.model.max_seq_len {
             bail!(
@@ -377,8 +416,13 @@ pub fn train(
                 missing[0]
             );
         }
-    } else if cfg.train.image_init == ImageInit::Codebook {
-        model.init_image_rows(&ctx.tokenizers.vq.codebook)?;
+    } else {
+        if let (Some(dir), Some(b)) = (&cfg.train.backbone, &ctx.backbone) {
+            hf::load(dir, b, &vs).with_context(|| format!("train.backbone = {}", dir.display()))?;
+        }
+        if cfg.train.image_init == ImageInit::Codebook {
+            model.init_image_rows(&ctx.tokenizers.vq.codebook)?;
+        }
     }
     std::fs::write(dir.join("config.toml"), cfg.to_toml())
         .with_context(|| format!("writing {}", dir.join("config.toml").display()))?;
