@@ -57,6 +57,11 @@ impl Block {
     }
 }
 
+/// The share of true entries of a bool tensor.
+fn share(t: &Tensor) -> f64 {
+    t.to_kind(Kind::Float).mean(Kind::Float).double_value(&[])
+}
+
 fn main() {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
@@ -81,29 +86,16 @@ fn main() {
         let seq = (start + step_up).narrow(1, 0, 33).remainder(VOCAB);
         let (input, target) = (seq.narrow(1, 0, 32), seq.narrow(1, 1, 32));
         let index = Tensor::arange(32, (Kind::Int64, Device::Cpu)).expand([16, 32], false);
-        let everyone = index.ge(0);
+        let (everyone, nobody) = (index.ge(0), index.lt(0));
         let (mut x, mut aux, mut kept) = (embed.forward(&input), Tensor::from(0f32), 0.0);
         for (block, router) in blocks.iter().zip(&routers) {
             x = match router {
                 None => &x + block.update(&x, &index, &everyone),
                 Some(r) => {
-                    let nobody = everyone.logical_not();
-                    let routed = r.forward(
-                        &x,
-                        &everyone,
-                        &nobody,
-                        None,
-                        RoutingMode::TopK,
-                        |x, i, a| block.update(x, i, a),
-                    );
+                    let update = |x: &Tensor, i: &Tensor, a: &Tensor| block.update(x, i, a);
+                    let routed = r.forward(&x, &everyone, &nobody, None, RoutingMode::TopK, update);
                     aux += routed.aux_loss.unwrap();
-                    kept += routed
-                        .selection
-                        .processed
-                        .to_kind(Kind::Float)
-                        .mean(Kind::Float)
-                        .double_value(&[])
-                        / 2.0;
+                    kept += share(&routed.selection.processed) / 2.0;
                     routed.hidden
                 }
             };
