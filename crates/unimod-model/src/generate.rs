@@ -163,6 +163,42 @@ pub struct Decoding<'a> {
 
 /// Autoregressive continuation of `prompts` (unpadded, possibly of different lengths) with a
 /// KV cache. Returns each prompt's generated tokens (up to and including `stop`).
+///
+/// Answering an MMU question greedily, text tokens only, with the causal routing decoding uses
+/// (an untrained model here, so the answer is arbitrary but well-formed):
+///
+/// ```
+/// use tch::{Device, nn::VarStore};
+/// use unimod_model::{ModelConfig, UnifiedTransformer, generate};
+/// use unimod_tok::{FormatConfig, Segment, Special, Task, VocabLayout};
+///
+/// let vocab = VocabLayout { n_text: 40, n_codes: 16 };
+/// let mut cfg = ModelConfig { vocab, d_model: 32, n_layers: 2, n_heads: 4, n_kv_heads: 4,
+///                             d_ffn: 64, ..Default::default() };
+/// cfg.routing.schedule = toml::from_str("kind = 'mod'\ncapacity = 0.5").unwrap();
+/// let vs = VarStore::new(Device::Cpu);
+/// let model = UnifiedTransformer::new(&vs.root(), &cfg)?;
+/// let format = FormatConfig { text_len: 8, image_side: 2, ..Default::default() };
+/// let prompt = format.mmu(&vocab, &[3, 4, 7, 8], &[20, 21], None)?; // image + question
+/// let text = generate::text_only(&vocab);
+/// let answer = generate::autoregressive(
+///     &model,
+///     &[prompt],
+///     &generate::Decoding {
+///         max_new: 4,
+///         segment: Segment::Answer,
+///         allowed: &|_| text.shallow_clone(),
+///         stop: Some(Special::Eos.id()),
+///         temperature: 0.0,
+///         mode: generate::mode_for(&model, Task::MMU),
+///         guidance: None,
+///     },
+///     Device::Cpu,
+/// )?;
+/// assert!(!answer[0].is_empty() && answer[0].len() <= 4);
+/// assert!(answer[0].iter().all(|&t| t < vocab.n_text as i64));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn autoregressive(
     model: &UnifiedTransformer,
     prompts: &[Sequence],

@@ -208,6 +208,25 @@ impl FormatConfig {
     /// image token `<|mask|>` (Show-o; Emu3 generation uses [`FormatConfig::t2i_prefix`]).
     /// With `rng`, Show-o masks a cosine-scheduled share of the image and drops the prompt with
     /// probability `cond_dropout`.
+    ///
+    /// ```
+    /// use unimod_tok::{FormatConfig, Segment, Special, VocabLayout};
+    ///
+    /// let vocab = VocabLayout { n_text: 40, n_codes: 16 };
+    /// let f = FormatConfig { text_len: 6, image_side: 2, ..Default::default() }; // Show-o
+    /// let s = f.t2i(&vocab, &[11, 12], Some(&[1, 5, 9, 2]), None)?;
+    /// assert_eq!(s.len(), f.seq_len());
+    /// assert_eq!(s.tokens[0], Special::T2i.id());
+    /// // The four image codes follow `<|soi|>`, at the vocabulary's image offset.
+    /// let image: Vec<i64> = (0..s.len()).filter(|&i| s.segments[i] == Segment::Image)
+    ///     .map(|i| s.tokens[i]).collect();
+    /// assert_eq!(image, [41, 45, 49, 42]);
+    /// // The generation prompt: the same layout with every image token masked.
+    /// let prompt = f.t2i(&vocab, &[11, 12], None, None)?;
+    /// assert!((0..prompt.len()).filter(|&i| prompt.segments[i] == Segment::Image)
+    ///     .all(|i| prompt.tokens[i] == Special::Mask.id()));
+    /// # Ok::<(), unimod_tok::format::FormatError>(())
+    /// ```
     pub fn t2i(
         &self,
         vocab: &VocabLayout,
