@@ -59,11 +59,12 @@ pub fn competition(
         }
     }
     let out = tch::no_grad(|| model.forward(batch, &ForwardOptions::default()))?;
-    // `[B·S]` true for the tokens of samples of task `t`.
+    // `[B·S]` true for the tokens of samples of task `t` (in the batch: checked above).
     let tokens_of = |t: Task| {
-        let of_task: Vec<bool> = batch.tasks.iter().map(|x| *x == t).collect();
-        Tensor::from_slice(&of_task)
-            .to_device(batch.device())
+        let j = batch.task_set.iter().position(|x| *x == t).unwrap_or(0) as i64;
+        batch
+            .task
+            .eq(j)
             .unsqueeze(1)
             .expand([batch.size() as i64, batch.seq_len()], false)
             .flatten(0, 1)

@@ -107,32 +107,22 @@ impl LayerInput<'_> {
         if let Some((_, s)) = self.shared.borrow().iter().find(|(c, _)| c == capacity) {
             return s.clone();
         }
-        // Per sample, from the host's copy of the tasks: routed or not, its router column and
-        // its capacity; three small copies to the device per forward pass and capacities.
+        // Per sample, on the device from the batch's task index: routed or not, its router
+        // column and its capacity (one scalar op per task of the batch, no host copy).
         let routed = capacity.routed_tasks(self.tasks);
-        let column_of = |t: &Task| routed.iter().position(|r| r == t);
-        let tasks = &self.batch.tasks;
-        let device = self.valid.device();
-        let on_device = |t: Tensor| t.to_device(device);
-        let task_routed = on_device(Tensor::from_slice(
-            &tasks
-                .iter()
-                .map(|t| column_of(t).is_some())
-                .collect::<Vec<_>>(),
-        ));
-        let column: Vec<i64> = tasks
-            .iter()
-            .map(|t| column_of(t).unwrap_or(0) as i64)
-            .collect();
-        let per_sample: Vec<f64> = tasks
-            .iter()
-            .map(|t| {
-                capacity
-                    .get(*t)
-                    .filter(|_| column_of(t).is_some())
-                    .unwrap_or(0.0)
-            })
-            .collect();
+        let task = &self.batch.task;
+        let mut task_routed = task.zeros_like().to_kind(Kind::Bool);
+        let mut column = task.zeros_like();
+        let mut per_sample = task.zeros_like().to_kind(Kind::Double);
+        for (j, t) in self.batch.task_set.iter().enumerate() {
+            let (Some(i), Some(c)) = (routed.iter().position(|r| r == t), capacity.get(*t)) else {
+                continue;
+            };
+            let is_t = task.eq(j as i64);
+            task_routed = task_routed.logical_or(&is_t);
+            column += &is_t * i as i64;
+            per_sample += is_t.to_kind(Kind::Double) * c;
+        }
         let (b, s) = (self.batch.size() as i64, self.batch.seq_len());
         let routable = self
             .routable_segment
@@ -141,10 +131,8 @@ impl LayerInput<'_> {
         let shared = Rc::new(Shared {
             forced: self.valid.logical_and(&routable.logical_not()),
             routable,
-            column: on_device(Tensor::from_slice(&column))
-                .view([b, 1, 1])
-                .expand([b, s, 1], false),
-            capacity: on_device(Tensor::from_slice(&per_sample)),
+            column: column.view([b, 1, 1]).expand([b, s, 1], false),
+            capacity: per_sample,
             top_k: OnceCell::new(),
         });
         self.shared

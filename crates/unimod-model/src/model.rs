@@ -550,10 +550,8 @@ impl UnifiedTransformer {
         let device = out.logits.device();
         let mut total = Tensor::zeros([], (Kind::Float, device));
         let mut per_task = BTreeMap::new();
-        let tasks: std::collections::BTreeSet<Task> = batch.tasks.iter().copied().collect();
-        for task in tasks {
-            let of_task: Vec<f32> = batch.tasks.iter().map(|t| f32::from(*t == task)).collect();
-            let w = Tensor::from_slice(&of_task).to_device(device).unsqueeze(1) * &labelled;
+        for (j, &task) in batch.task_set.iter().enumerate() {
+            let w = batch.task.eq(j as i64).to_kind(Kind::Float).unsqueeze(1) * &labelled;
             let loss = (&per_token * &w).sum(Kind::Float) / w.sum(Kind::Float).clamp_min(1.0);
             total += &loss * self.cfg.loss.get(task);
             per_task.insert(task, loss);

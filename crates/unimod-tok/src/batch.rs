@@ -64,6 +64,11 @@ pub struct Batch {
     pub positions: Tensor,
     /// Each sample's task (a model maps them to its own task ids).
     pub tasks: Vec<Task>,
+    /// The distinct tasks of the batch, in task order.
+    pub task_set: Vec<Task>,
+    /// `[B]` i64 each sample's task as its place in `task_set`, on the batch's device, so that
+    /// per-task masks inside a forward pass need no copy from the host (a GPU sync).
+    pub task: Tensor,
     /// Host count of tokens per segment in each sample: routers size their gathers from it
     /// without reading the device.
     pub segment_counts: Vec<[usize; Segment::COUNT]>,
@@ -160,6 +165,16 @@ impl Batch {
         let segment = flat(&|q| q.segments.iter().map(|g| *g as i64).collect());
         let attn_upto = flat(&|q| q.attn_upto.clone());
         let tasks: Vec<Task> = seqs.iter().map(|q| q.task).collect();
+        let task_set: Vec<Task> = tasks
+            .iter()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let task_ids: Vec<i64> = tasks
+            .iter()
+            .map(|t| task_set.iter().position(|x| x == t).unwrap_or(0) as i64)
+            .collect();
         let mut next_position = Vec::with_capacity(seqs.len());
         let mut pos = Vec::with_capacity(seqs.len() * s);
         for (i, q) in seqs.iter().enumerate() {
@@ -190,6 +205,8 @@ impl Batch {
             attn_upto,
             positions,
             tasks,
+            task_set,
+            task: Tensor::from_slice(&task_ids).to_device(device),
             segment_counts,
             end: Continuation {
                 offset: offset + s as i64,
