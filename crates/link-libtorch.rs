@@ -3,7 +3,7 @@
 // It gives them an rpath to libtorch (no LD_LIBRARY_PATH needed) and force-links libtorch_cuda,
 // which the linker would otherwise drop, leaving `tch::Cuda::is_available()` false on a GPU
 // machine (docs/libtorch.md).
-fn main() {
+pub fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         return; // torch-sys explains a missing libtorch itself.

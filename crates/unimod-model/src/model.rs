@@ -525,8 +525,34 @@ impl UnifiedTransformer {
         Some(aux)
     }
 
+    /// Labelled positions of each of the model's tasks in `batch`: `[T]` f32 in `model.tasks`
+    /// order (data-parallel training sums them over the ranks for [`Self::losses_over`]).
+    pub fn label_counts(&self, batch: &Batch) -> Tensor {
+        let labelled = batch.labels.ne(IGNORE).to_kind(Kind::Float);
+        let per_sample = labelled.sum_dim_intlist(1, false, Kind::Float);
+        let counts: Vec<Tensor> =
+            self.cfg
+                .tasks
+                .iter()
+                .map(|t| match batch.task_set.iter().position(|s| s == t) {
+                    Some(j) => (&per_sample * batch.task.eq(j as i64).to_kind(Kind::Float))
+                        .sum(Kind::Float),
+                    None => Tensor::zeros([], (Kind::Float, per_sample.device())),
+                })
+                .collect();
+        Tensor::stack(&counts, 0)
+    }
+
     /// Cross-entropy per task over the positions with a label, weighted into the total.
     pub fn losses(&self, batch: &Batch, out: &ModelOutput) -> Losses {
+        self.losses_over(batch, out, &self.label_counts(batch))
+    }
+
+    /// [`Self::losses`] with each task's cross-entropy summed over this batch and divided by
+    /// `counts` (`[T]`, [`Self::label_counts`] of a larger batch this one is a part of): the
+    /// parts' losses then add up to the whole batch's, as data-parallel ranks and
+    /// accumulation micro-batches need.
+    pub fn losses_over(&self, batch: &Batch, out: &ModelOutput, counts: &Tensor) -> Losses {
         let (b, s, v) = out.logits.size3().expect("logits are [B, S, V]");
         let per_token = out
             .logits
@@ -552,7 +578,13 @@ impl UnifiedTransformer {
         let mut per_task = BTreeMap::new();
         for (j, &task) in batch.task_set.iter().enumerate() {
             let w = batch.task.eq(j as i64).to_kind(Kind::Float).unsqueeze(1) * &labelled;
-            let loss = (&per_token * &w).sum(Kind::Float) / w.sum(Kind::Float).clamp_min(1.0);
+            // A task the model does not declare cannot pass `forward`; its own count keeps
+            // `losses` total without a panic all the same.
+            let denominator = match self.cfg.task_index(task) {
+                Some(at) => counts.get(at as i64),
+                None => w.sum(Kind::Float),
+            };
+            let loss = (&per_token * &w).sum(Kind::Float) / denominator.clamp_min(1.0);
             total += &loss * self.cfg.loss.get(task);
             per_task.insert(task, loss);
         }

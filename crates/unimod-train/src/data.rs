@@ -523,7 +523,23 @@ pub fn fitting_captions(
     Ok(out)
 }
 
-/// The sequences of batch `step`: each task's sub-batch next to each other, in task order.
+/// The part of each batch a data-parallel rank builds: slot `i` of a batch belongs to rank
+/// `i mod world`, so the ranks' parts interleave the tasks alike and together are the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This rank.
+    pub rank: usize,
+    /// Ranks in the run.
+    pub world: usize,
+}
+
+impl Shard {
+    /// The whole batch (one process).
+    pub const WHOLE: Shard = Shard { rank: 0, world: 1 };
+}
+
+/// The sequences of batch `step` that `shard` builds: each task's sub-batch next to each other,
+/// in task order.
 #[allow(clippy::too_many_arguments)]
 pub fn batch_sequences(
     text: &TextTokenizer,
@@ -535,12 +551,14 @@ pub fn batch_sequences(
     seed: u64,
     step: u64,
     training: bool,
+    shard: Shard,
 ) -> Result<Vec<Sequence>> {
     let per_batch: usize = Task::BUILT_IN.iter().map(|t| mix.get(*t)).sum();
     let jobs: Vec<(Task, usize)> = Task::BUILT_IN
         .iter()
         .flat_map(|t| std::iter::repeat_n(*t, mix.get(*t)))
         .enumerate()
+        .filter(|(slot, _)| slot % shard.world.max(1) == shard.rank)
         .map(|(slot, t)| (t, slot))
         .collect();
     jobs.into_par_iter()

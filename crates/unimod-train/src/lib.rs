@@ -10,6 +10,7 @@ pub mod analyze;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod distributed;
 pub mod eval;
 pub mod experiment;
 pub mod flops_report;

@@ -100,6 +100,10 @@ enum Command {
         /// Replace the run the directory holds (its metrics, checkpoints and evaluation).
         #[arg(long)]
         overwrite: bool,
+        /// Data-parallel ranks on this machine (one per GPU on CUDA, NCCL summing the
+        /// gradients); `train.mix` is the global batch, split across them (docs/distributed.md).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+        nproc: u32,
     },
     /// Evaluate a checkpoint: validation losses, T2I judge score, MMU accuracy, router agreement.
     Eval {
@@ -247,6 +251,22 @@ enum Command {
     },
 }
 
+/// This process's arguments without `--nproc N` (what each rank it launches runs).
+fn without_nproc() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--nproc" => {
+                args.next();
+            }
+            _ if a.starts_with("--nproc=") => {}
+            _ => out.push(a),
+        }
+    }
+    out
+}
+
 /// Errors print as one chain of causes and exit 1: `RUST_BACKTRACE=1` must not dress an
 /// ordinary refusal up as a crash.
 fn main() -> std::process::ExitCode {
@@ -273,10 +293,15 @@ fn run(cli: Cli) -> Result<()> {
             out,
             resume,
             overwrite,
+            nproc,
         } => {
             let cfg = config.load()?;
+            if nproc > 1 {
+                return unimod_train::distributed::launch(nproc as usize, &without_nproc());
+            }
             let device = unimod_train::device::parse(&cfg.train.device)?;
-            let ctx = train::RunContext::new(&cfg, device)?;
+            let ctx = unimod_train::distributed::context(&cfg, device)?;
+            let leader = ctx.leader();
             let cfg = ctx.resolve(&cfg)?;
             let start = match (resume, overwrite) {
                 (true, _) => Start::Resume,
@@ -284,6 +309,9 @@ fn run(cli: Cli) -> Result<()> {
                 _ => Start::Fresh,
             };
             let s = train::train(&ctx, &cfg, &out, start, train::ctrl_c_flag(), None)?;
+            if !leader {
+                return Ok(());
+            }
             println!(
                 "{} steps, {:.3} training TFLOPs, {:.0} s{}; checkpoints in {}",
                 s.steps,
@@ -421,6 +449,7 @@ fn run(cli: Cli) -> Result<()> {
             seeds,
             fresh,
         } => {
+            unimod_train::distributed::single_process("experiment")?;
             let cfg = config.load()?;
             let device = unimod_train::device::parse(&cfg.train.device)?;
             let reuse = if fresh {
@@ -438,6 +467,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
             overrides,
         } => {
+            unimod_train::distributed::single_process("reproduce")?;
             use unimod_train::reproduce::{self, Item, Request, Scale};
             let scale = Scale::parse(&scale)?;
             let items = if what.is_empty() {

@@ -65,6 +65,15 @@ impl AdamW {
         );
     }
 
+    /// The variables whose gradients the backward pass fills (the compute copies under mixed
+    /// precision, else the master weights), in a fixed order: data-parallel ranks sum them.
+    pub fn trainable(&self) -> Vec<Tensor> {
+        match &self.compute {
+            Some(c) => c.iter().map(Tensor::shallow_clone).collect(),
+            None => self.params.iter().map(|(_, p)| p.shallow_clone()).collect(),
+        }
+    }
+
     /// Parameter `i`'s gradient in its master weight's kind (undefined when it has none).
     fn grad(&self, i: usize) -> Tensor {
         let p = &self.params[i].1;

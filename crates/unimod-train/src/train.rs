@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-use tch::{Device, Kind, nn::VarStore};
+use tch::{Device, Kind, Tensor, nn::VarStore};
 use unimod_model::{ForwardOptions, UnifiedTransformer, checkpoint, flops, hf};
 use unimod_tok::dataset::{Dataset, Split};
 use unimod_tok::judge::T2iJudge;
@@ -52,6 +52,10 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// How the image codes' embedding and output rows start.
     pub image_init: ImageInit,
+    /// TF32 for f32 matmuls and convolutions on CUDA (Ampere and newer; PyTorch's
+    /// `allow_tf32`): about 8× the f32 tensor rate at a 10-bit mantissa. No effect on the CPU or
+    /// under bf16.
+    pub tf32: bool,
     /// `"f32"`, or `"bf16"`: forward and backward on a bfloat16 copy of the weights, the
     /// update on f32 master weights and moments (which checkpoints keep); `"auto"`: bf16 on
     /// CUDA, f32 on CPU.
@@ -117,6 +121,7 @@ impl Default for TrainConfig {
             weight_decay: 0.01,
             grad_clip: 1.0,
             accumulation: 1,
+            tf32: true,
             seed: 0,
             device: "auto".into(),
             log_every: 10,
@@ -225,6 +230,8 @@ pub struct RunContext {
     pub device: Device,
     /// `train.backbone`'s configuration, mapped.
     pub backbone: Option<hf::HfConfig>,
+    /// The data-parallel ranks this process trains with (`None`: one process).
+    pub group: Option<unimod_dist::Group>,
 }
 
 impl RunContext {
@@ -255,7 +262,23 @@ impl RunContext {
             val,
             device,
             backbone,
+            group: None,
         })
+    }
+
+    /// The part of each training batch this process builds.
+    pub fn shard(&self) -> data::Shard {
+        self.group
+            .as_ref()
+            .map_or(data::Shard::WHOLE, |g| data::Shard {
+                rank: g.rank(),
+                world: g.world_size(),
+            })
+    }
+
+    /// Whether this process writes the run (rank 0, or the only process).
+    pub fn leader(&self) -> bool {
+        self.group.as_ref().is_none_or(|g| g.rank() == 0)
     }
 
     /// The config with the vocabulary layout of the trained tokenizers.
@@ -311,7 +334,8 @@ impl RunContext {
         Ok(c)
     }
 
-    /// The batch of `step` from `split` (the same for every run with this config and seed).
+    /// The batch of `step` from `split` (the same for every run with this config and seed);
+    /// of a training batch, this rank's part.
     pub fn batch(&self, cfg: &RunConfig, split: Split, step: u64, training: bool) -> Result<Batch> {
         let pool = if split == Split::Train {
             &self.train
@@ -328,6 +352,11 @@ impl RunContext {
             cfg.train.seed,
             step,
             training,
+            if training && split == Split::Train {
+                self.shard()
+            } else {
+                data::Shard::WHOLE
+            },
         )?;
         Ok(Batch::from_sequences(&seqs, self.device)?)
     }
@@ -392,8 +421,17 @@ pub fn train(
     stop: Arc<AtomicBool>,
     until: Option<usize>,
 ) -> Result<TrainSummary> {
-    let _lock = RunLock::acquire(dir)?;
-    rundir::prepare(dir, start)?;
+    // Data-parallel: rank 0 owns the directory (lock, config, metrics, checkpoints); the others
+    // read it (a resumed checkpoint) once rank 0 has prepared it.
+    let leader = ctx.leader();
+    let _lock = leader.then(|| RunLock::acquire(dir)).transpose()?;
+    unimod_dist::set_tf32(cfg.train.tf32);
+    if leader {
+        rundir::prepare(dir, start)?;
+    }
+    if let Some(g) = &ctx.group {
+        g.barrier()?;
+    }
     let (mut vs, model) = build_model(cfg, ctx.device)?;
     let mut opt = AdamW::new(&vs, cfg.train.weight_decay);
     let mut state = State::default();
@@ -424,8 +462,18 @@ pub fn train(
             model.init_image_rows(&ctx.tokenizers.vq.codebook)?;
         }
     }
-    std::fs::write(dir.join("config.toml"), cfg.to_toml())
-        .with_context(|| format!("writing {}", dir.join("config.toml").display()))?;
+    if leader {
+        std::fs::write(dir.join("config.toml"), cfg.to_toml())
+            .with_context(|| format!("writing {}", dir.join("config.toml").display()))?;
+    }
+    if let Some(g) = &ctx.group {
+        // Every rank starts from rank 0's weights (they are equal already when seeded alike).
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, t) in &vars {
+            g.broadcast(t, 0)?;
+        }
+    }
     // Mixed precision: the steps run on a low-precision copy of the master weights.
     let kind = cfg.train.precision.kind(ctx.device);
     let compute = match kind {
@@ -439,23 +487,36 @@ pub fn train(
     };
     let model = compute.as_ref().map_or(&model, |(_, m)| m);
     let mut saved = (start == Start::Resume).then_some(state.step);
-    truncate_metrics(&dir.join("metrics.jsonl"), state.step)?;
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("metrics.jsonl"))
-        .with_context(|| format!("opening {}", dir.join("metrics.jsonl").display()))?;
-    let peak = unimod_model::bench::matmul_rate_of(ctx.device, kind);
+    let mut metrics = match leader {
+        true => {
+            truncate_metrics(&dir.join("metrics.jsonl"), state.step)?;
+            Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("metrics.jsonl"))
+                    .with_context(|| format!("opening {}", dir.join("metrics.jsonl").display()))?,
+            )
+        }
+        false => None,
+    };
+    let world = ctx.shard().world;
+    let peak = unimod_model::bench::matmul_rate_of(ctx.device, kind) * world as f64;
     let bar = progress::bar(
         cfg.train.steps as u64,
         &dir.file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_default(),
     );
+    if !leader {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
     bar.set_position(state.step as u64);
     let mut interrupted = false;
     while state.step < cfg.train.steps {
-        if stop.load(Ordering::SeqCst) || until.is_some_and(|u| state.step >= u) {
+        let stopping = stop.load(Ordering::SeqCst) || until.is_some_and(|u| state.step >= u);
+        // Ranks stop together (Ctrl-C reaches them at different steps).
+        if any_rank(ctx, stopping)? {
             interrupted = true;
             break;
         }
@@ -489,52 +550,51 @@ pub fn train(
             mfu: 0.0,
             kept: Vec::new(),
         };
+        // The step's loss is the mean over its whole batch, whatever its split into
+        // micro-batches and ranks: each part's per-task sums are divided by the step's counts,
+        // and the parts' gradients add up.
         let acc = cfg.train.accumulation.max(1);
-        let mut tokens = 0.0;
-        for micro in 0..acc {
-            let b = ctx.batch(cfg, Split::Train, (step * acc + micro) as u64, true)?;
-            let out = model.forward(&b, &ForwardOptions::default())?;
-            let losses = model.losses(&b, &out);
-            (&losses.total / acc as f64).backward();
+        let batches = (0..acc)
+            .map(|micro| ctx.batch(cfg, Split::Train, (step * acc + micro) as u64, true))
+            .collect::<Result<Vec<Batch>>>()?;
+        let counts = batches
+            .iter()
+            .map(|b| model.label_counts(b))
+            .reduce(|a, b| a + b)
+            .expect("accumulation ≥ 1");
+        if let Some(g) = &ctx.group {
+            g.all_reduce_sum(&counts)?;
+        }
+        let parts = (acc * world) as f64;
+        // loss, aux, t2i, mmu, lm, tokens, FLOPs of this rank, summed over the ranks below.
+        let mut sums = [0.0f64; 7];
+        let mut trouble = None;
+        for (micro, b) in batches.iter().enumerate() {
+            let out = model.forward(b, &ForwardOptions::default())?;
+            let losses = model.losses_over(b, &out, &counts);
+            // Router losses are means over a part's tokens: their mean over the parts.
+            let objective = match parts > 1.0 {
+                true => &losses.total - &losses.aux * (1.0 - 1.0 / parts),
+                false => losses.total.shallow_clone(),
+            };
+            objective.backward();
             let n = (b.size() as i64 * b.seq_len()) as f64;
-            tokens += n;
-            m.flops += flops::forward(&cfg.model, &out.work, n).total() * flops::TRAIN_MULTIPLIER;
-            let total = losses.total.double_value(&[]);
-            if !total.is_finite() {
-                let per_task: Vec<String> = losses
-                    .per_task
-                    .iter()
-                    .map(|(t, l)| format!("{t} {:.4}", l.double_value(&[])))
-                    .collect();
-                let scores: Vec<String> = out
-                    .routing
-                    .iter()
-                    .map(|s| {
-                        format!(
-                            "layer {} router |score| max {:.3e}",
-                            s.layer,
-                            s.scores.abs().max().double_value(&[])
-                        )
-                    })
-                    .collect();
-                bail!(
-                    "non-finite loss at step {step} (losses: {}; {}); no update was applied and {}",
-                    per_task.join(", "),
-                    scores.join("; "),
-                    rundir::on_disk(dir)
-                );
+            let total = objective.double_value(&[]);
+            if !total.is_finite() && trouble.is_none() {
+                trouble = Some(non_finite_detail(&losses, &out));
             }
-            m.loss += total / acc as f64;
-            m.aux += losses.aux.double_value(&[]) / acc as f64;
+            sums[0] += total;
+            sums[1] += losses.aux.double_value(&[]) / parts;
             for (t, l) in &losses.per_task {
-                let v = l.double_value(&[]) / acc as f64;
                 let slot = match *t {
-                    Task::T2I => &mut m.t2i,
-                    Task::MMU => &mut m.mmu,
-                    _ => &mut m.lm,
+                    Task::T2I => 2,
+                    Task::MMU => 3,
+                    _ => 4,
                 };
-                *slot = Some(slot.unwrap_or(0.0) + v);
+                sums[slot] += l.double_value(&[]);
             }
+            sums[5] += n;
+            sums[6] += flops::forward(&cfg.model, &out.work, n).total() * flops::TRAIN_MULTIPLIER;
             if micro == 0 {
                 m.kept = out
                     .routing
@@ -551,6 +611,32 @@ pub fn train(
                     .collect();
             }
         }
+        if let Some(g) = &ctx.group {
+            let t = Tensor::from_slice(&sums).to_device(ctx.device);
+            g.all_reduce_sum(&t)?;
+            sums = Vec::<f64>::try_from(t.to_device(Device::Cpu))?
+                .try_into()
+                .expect("7 sums");
+            g.all_reduce_gradients(&opt.trainable(), GRADIENT_BUCKET_BYTES)?;
+        }
+        if !sums[0].is_finite() {
+            bail!(
+                "non-finite loss at step {step} ({}); no update was applied and {}",
+                trouble.unwrap_or_else(|| "on another rank".into()),
+                rundir::on_disk(dir)
+            );
+        }
+        let present = |task: Task| {
+            let at = cfg.model.task_index(task)?;
+            (counts.double_value(&[at as i64]) > 0.0).then_some(())
+        };
+        m.loss = sums[0];
+        m.aux = sums[1];
+        m.t2i = present(Task::T2I).map(|_| sums[2]);
+        m.mmu = present(Task::MMU).map(|_| sums[3]);
+        m.lm = present(Task::LM).map(|_| sums[4]);
+        let tokens = sums[5];
+        m.flops = sums[6];
         m.grad_norm = opt.clip_grad_norm(cfg.train.grad_clip);
         if !m.grad_norm.is_finite() {
             bail!(
@@ -570,7 +656,9 @@ pub fn train(
         m.flops_total = state.flops_total;
         m.wall_s = state.wall_s;
         m.mfu = m.flops / m.step_s / peak;
-        writeln!(metrics, "{}", serde_json::to_string(&m)?)?;
+        if let Some(f) = metrics.as_mut() {
+            writeln!(f, "{}", serde_json::to_string(&m)?)?;
+        }
         bar.set_position(state.step as u64);
         if step % cfg.train.log_every.max(1) == 0 {
             bar.set_message(format!(
@@ -580,13 +668,14 @@ pub fn train(
                 m.mmu.unwrap_or(f64::NAN)
             ));
         }
-        if cfg.train.checkpoint_every > 0 && state.step % cfg.train.checkpoint_every == 0 {
+        if leader && cfg.train.checkpoint_every > 0 && state.step % cfg.train.checkpoint_every == 0
+        {
             save_checkpoint(dir, &ctx.tokenizers.digest, cfg, &vs, &opt, &state)?;
             saved = Some(state.step);
         }
     }
     bar.finish_and_clear();
-    if saved != Some(state.step) {
+    if leader && saved != Some(state.step) {
         save_checkpoint(dir, &ctx.tokenizers.digest, cfg, &vs, &opt, &state)?;
     }
     Ok(TrainSummary {
@@ -595,6 +684,40 @@ pub fn train(
         wall_s: state.wall_s,
         interrupted,
     })
+}
+
+/// Gradients are summed over the ranks in buffers of this size (DDP's default bucket).
+const GRADIENT_BUCKET_BYTES: usize = 25 << 20;
+
+/// Whether `mine` holds on any rank (on the only one without a group).
+fn any_rank(ctx: &RunContext, mine: bool) -> Result<bool> {
+    let Some(g) = &ctx.group else {
+        return Ok(mine);
+    };
+    let t = Tensor::from_slice(&[mine as i32 as f32]).to_device(ctx.device);
+    g.all_reduce_sum(&t)?;
+    Ok(t.double_value(&[0]) > 0.0)
+}
+
+/// What a non-finite loss looked like: the per-task losses and the routers' largest scores.
+fn non_finite_detail(losses: &unimod_model::Losses, out: &unimod_model::ModelOutput) -> String {
+    let per_task: Vec<String> = losses
+        .per_task
+        .iter()
+        .map(|(t, l)| format!("{t} {:.4}", l.double_value(&[])))
+        .collect();
+    let scores: Vec<String> = out
+        .routing
+        .iter()
+        .map(|s| {
+            format!(
+                "layer {} router |score| max {:.3e}",
+                s.layer,
+                s.scores.abs().max().double_value(&[])
+            )
+        })
+        .collect();
+    format!("losses: {}; {}", per_task.join(", "), scores.join("; "))
 }
 
 /// `to`'s variables set from `from`'s of the same names, cast to their kind.
