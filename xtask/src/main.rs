@@ -58,6 +58,10 @@ enum Task {
         /// quick (minutes, checks the command), cpu (about an hour) or gpu.
         #[arg(long, default_value = "cpu")]
         scale: String,
+        /// The runs' config (configs/reproduce-long.toml: the longer budget whose dense model
+        /// meets issue #15's goal; docs/main-job.md).
+        #[arg(long, default_value = "configs/reproduce.toml")]
+        config: PathBuf,
         #[arg(long, default_value_t = 3)]
         seeds: u32,
         /// `key=value` overrides of configs/reproduce.toml (repeatable).
@@ -116,12 +120,18 @@ fn main() -> Result<()> {
         Task::Reproduce {
             what,
             scale,
+            config,
             seeds,
             overrides,
         } => {
             setup::run(&root)?;
             let mut args = vec!["reproduce".to_string()];
             args.extend(what);
+            // Each config reproduces into its own folder, so the runs of one are never reused
+            // for, or replaced by, another's.
+            let stem = config.file_stem().map_or("reproduce".into(), |s| s.to_string_lossy());
+            args.extend(["--config".into(), config.display().to_string()]);
+            args.extend(["--out".into(), format!("runs/{stem}")]);
             args.extend(["--scale".into(), scale, "--seeds".into(), seeds.to_string()]);
             unimod_with(&root, args, overrides)?;
         }
