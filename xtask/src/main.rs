@@ -129,7 +129,9 @@ fn main() -> Result<()> {
             args.extend(what);
             // Each config reproduces into its own folder, so the runs of one are never reused
             // for, or replaced by, another's.
-            let stem = config.file_stem().map_or("reproduce".into(), |s| s.to_string_lossy());
+            let stem = config
+                .file_stem()
+                .map_or("reproduce".into(), |s| s.to_string_lossy());
             args.extend(["--config".into(), config.display().to_string()]);
             args.extend(["--out".into(), format!("runs/{stem}")]);
             args.extend(["--scale".into(), scale, "--seeds".into(), seeds.to_string()]);

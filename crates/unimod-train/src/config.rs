@@ -346,6 +346,22 @@ mod tests {
         assert!(format!("{e:#}").contains("capacity 1.5"), "{e:#}");
     }
 
+    /// Every config the repository ships loads and validates (a typo in one would otherwise
+    /// surface only when someone runs it).
+    #[test]
+    fn every_shipped_config_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                RunConfig::load(Some(&p), &[]).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 10, "only {n} configs found in {}", dir.display());
+    }
+
     #[test]
     fn extends_merges_tables_and_refuses_loops() {
         let dir = std::env::temp_dir().join(format!("unimod-extends-{}", std::process::id()));

@@ -590,9 +590,21 @@ fn seeds_needed(d: &Difference, outcomes: &[Outcome], name: &str) -> f64 {
 fn table2(cfg: &RunConfig, outcomes: &[Outcome]) -> Vec<Row> {
     let metrics = experiment::metrics(cfg);
     let mut rows = Vec::new();
-    for (single, metric, task) in [
-        ("t2i-only", &metrics[0], "T2I whole captions"),
-        ("mmu-only", &metrics[2], "MMU accuracy"),
+    // Sequences of `task` per step, and in all, of the variant named (the base mix without one).
+    let share = |name: &str, task: Task| {
+        let mix = cfg
+            .experiment
+            .variants
+            .iter()
+            .find(|v| v.name == name)
+            .and_then(|v| v.mix.clone())
+            .unwrap_or_else(|| cfg.train.mix.clone());
+        let all: usize = Task::BUILT_IN.iter().map(|t| mix.get(*t)).sum();
+        format!("{} of {all} sequences per step", mix.get(task))
+    };
+    for (single, metric, task, t) in [
+        ("t2i-only", &metrics[0], "T2I whole captions", Task::T2I),
+        ("mmu-only", &metrics[2], "MMU accuracy", Task::MMU),
     ] {
         if !outcomes.iter().any(|o| o.variant == single) {
             continue;
@@ -605,7 +617,9 @@ fn table2(cfg: &RunConfig, outcomes: &[Outcome]) -> Vec<Row> {
         rows.push(Row {
             item: Item::Table2,
             what: format!(
-                "{task}: joint (half the batch for this task) vs {single} (all of it), same steps"
+                "{task}: joint ({}) vs {single} ({}), same steps",
+                share("dense", t),
+                share(single, t)
             ),
             paper: "the tasks interfere little (Show-o* joint: GenEval 0.63, MME 1032.0; one-task rows not given)".into(),
             ours: format!(
