@@ -40,7 +40,8 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Global gradient-norm clip (0: none).
     pub grad_clip: f64,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step; the step's loss is each task's mean over the labelled
+    /// positions of all of them (as one batch of them all would give).
     pub accumulation: usize,
     /// Seed of the initialisation and the data order.
     pub seed: u64,
