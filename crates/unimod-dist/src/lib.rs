@@ -421,6 +421,19 @@ impl Group {
 
 impl Drop for Group {
     fn drop(&mut self) {
+        // Rank 0 serves the store: it stays until every rank has said it is done with it, or a
+        // rank still reading a sum or polling a barrier would find the server gone.
+        if self.world_size > 1 && self.add("unimod/exit", 1).is_ok() && self.rank == 0 {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while std::time::Instant::now() < deadline {
+                match self.add("unimod/exit", 0) {
+                    Ok(n) if n < self.world_size as i64 => {
+                        std::thread::sleep(Duration::from_millis(2))
+                    }
+                    _ => break,
+                }
+            }
+        }
         unsafe {
             if !self.nccl.is_null() {
                 ffi::unimod_nccl_free(self.nccl);
