@@ -597,8 +597,8 @@ fn table2(cfg: &RunConfig, outcomes: &[Outcome]) -> Vec<Row> {
             .variants
             .iter()
             .find(|v| v.name == name)
-            .and_then(|v| v.mix.clone())
-            .unwrap_or_else(|| cfg.train.mix.clone());
+            .and_then(|v| v.mix)
+            .unwrap_or(cfg.train.mix);
         let all: usize = Task::BUILT_IN.iter().map(|t| mix.get(*t)).sum();
         format!("{} of {all} sequences per step", mix.get(task))
     };
