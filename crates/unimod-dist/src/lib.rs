@@ -266,16 +266,14 @@ impl Group {
             }),
             Backend::Store => {
                 let key = self.next_key("sum");
-                let mine = to_bytes(t)?;
-                self.set(&format!("{key}/{}", self.rank), &mine)?;
+                self.set(&format!("{key}/{}", self.rank), &to_bytes(t)?)?;
                 let mut total: Option<Tensor> = None;
                 for r in 0..self.world_size {
-                    let bytes = if r == self.rank {
-                        mine.clone()
-                    } else {
-                        self.get(&format!("{key}/{r}"))?
+                    // Added in rank order on every rank, so every rank gets the same bits.
+                    let part = match r == self.rank {
+                        true => t.shallow_clone(),
+                        false => from_bytes(&self.get(&format!("{key}/{r}"))?, t)?,
                     };
-                    let part = from_bytes(&bytes, t)?;
                     total = Some(match total {
                         None => part,
                         Some(acc) => acc + part,

@@ -627,9 +627,11 @@ pub fn train(
                 rundir::on_disk(dir)
             );
         }
+        // One copy of the step's label counts to the host (a sync on a GPU), not one per task.
+        let counts = Vec::<f64>::try_from(counts.to_kind(Kind::Double).to_device(Device::Cpu))?;
         let present = |task: Task| {
             let at = cfg.model.task_index(task)?;
-            (counts.double_value(&[at as i64]) > 0.0).then_some(())
+            (counts[at] > 0.0).then_some(())
         };
         m.loss = sums[0];
         m.aux = sums[1];

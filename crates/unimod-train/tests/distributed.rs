@@ -2,34 +2,21 @@
 //! rendezvous store) against one process with the same global batch, and a two-rank resume.
 //! The NCCL path is the same trainer with another backend; it needs a GPU (docs/distributed.md).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::Tensor;
 
+/// `model.d_model` of `common::MINIATURE`.
 const D_MODEL: i64 = 32;
-const SETTINGS: &[&str] = &[
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.n_kv_heads=2",
-    "model.d_ffn=64",
-    "format.text_len=32",
-    "format.image_side=8",
-    "data.train_pool=64",
-    "data.val_pool=32",
-    "tokenizer.text_vocab=512",
-    "tokenizer.text_examples=1000",
-    "tokenizer.image={ steps = 20, channels = 8, codebook_size = 32, batch_size = 8, restart_every = 10 }",
-    "train.steps=6",
-    "train.warmup=2",
-    "train.mix={ t2i = 3, mmu = 3, lm = 0 }",
-    "train.device=\"cpu\"",
-];
+/// The miniature run, dense, with a global batch of 6 sequences.
+const SETTINGS: &[&str] = &["train.mix={ t2i = 3, mmu = 3, lm = 0 }"];
 
 fn train(cache: &Path, out: &Path, extra: &[&str], ok: bool) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_unimod"));
     cmd.arg("train").arg("--out").arg(out);
-    for s in SETTINGS {
+    for s in common::MINIATURE.iter().chain(SETTINGS) {
         cmd.args(["--set", s]);
     }
     cmd.args(extra).env("UNIMOD_CACHE", cache);

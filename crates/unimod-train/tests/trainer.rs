@@ -1,6 +1,8 @@
 //! The trainer end to end on a miniature world: tokenizers, training, exact resume, bad
 //! configs, evaluation. One test binary, so the cache it points at stays its own.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -10,29 +12,15 @@ use unimod_train::rundir::{self, Start};
 use unimod_train::train::{self, RunContext};
 
 fn config(dir: &std::path::Path, extra: &[&str]) -> RunConfig {
-    let mut set: Vec<String> = [
-        "model.d_model=32",
-        "model.n_layers=2",
-        "model.n_heads=2",
-        "model.n_kv_heads=2",
-        "model.d_ffn=64",
-        "format.text_len=32",
-        "format.image_side=8",
-        "data.train_pool=64",
-        "data.val_pool=32",
-        "tokenizer.text_vocab=512",
-        "tokenizer.text_examples=1000",
-        "tokenizer.image={ steps = 20, channels = 8, codebook_size = 32, batch_size = 8, restart_every = 10 }",
-        "train.steps=6",
-        "train.warmup=2",
-        "train.mix={ t2i = 2, mmu = 2, lm = 1 }",
-        "train.device=\"cpu\"",
-        "eval={ val_batches = 1, t2i_samples = 4, mmu_samples = 4, sampling = { steps = 2 } }",
-        "model.routing.schedule={ kind = 'unimod', layers = [1], t2i = 0.5, mmu = 0.5 }",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut set: Vec<String> = common::MINIATURE
+        .iter()
+        .chain(&[
+            "train.mix={ t2i = 2, mmu = 2, lm = 1 }",
+            "eval={ val_batches = 1, t2i_samples = 4, mmu_samples = 4, sampling = { steps = 2 } }",
+            "model.routing.schedule={ kind = 'unimod', layers = [1], t2i = 0.5, mmu = 0.5 }",
+        ])
+        .map(|s| s.to_string())
+        .collect();
     set.extend(extra.iter().map(|s| s.to_string()));
     let _ = dir;
     RunConfig::load(None, &set).unwrap()
