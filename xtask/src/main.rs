@@ -49,6 +49,9 @@ enum Task {
         /// Train every variant again instead of reusing finished runs.
         #[arg(long)]
         fresh: bool,
+        /// Reuse finished runs of the same config made by another build of the program.
+        #[arg(long, conflicts_with = "fresh")]
+        reuse_other_builds: bool,
     },
     /// The paper's tables and figures regenerated beside the paper's numbers, with verdicts,
     /// into `runs/reproduce/REPORT.md` (finished runs of the same config and program reused).
@@ -104,6 +107,7 @@ fn main() -> Result<()> {
             seeds,
             overrides,
             fresh,
+            reuse_other_builds,
         } => {
             setup::run(&root)?;
             let mut args = vec![
@@ -114,6 +118,9 @@ fn main() -> Result<()> {
             args.extend(["--seeds".to_string(), seeds.to_string()]);
             if fresh {
                 args.push("--fresh".into());
+            }
+            if reuse_other_builds {
+                args.push("--reuse-other-builds".into());
             }
             unimod_with(&root, args, overrides)?;
         }

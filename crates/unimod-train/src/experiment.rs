@@ -160,17 +160,27 @@ pub struct Outcome {
 pub enum Reuse {
     /// Reuse it (training is deterministic on one device: the result would be the same).
     Finished,
+    /// Reuse a finished run of the same resolved config even when another build of the program
+    /// made it: for adding seeds after a change that leaves training and evaluation alone, where
+    /// retraining the seeds already run would cost hours. The report lists every such run, so
+    /// the reader can check which builds produced it.
+    SameConfig,
     /// Train every variant again.
     Never,
 }
 
-/// The digest of a resolved run config and of the running program's binary: a run made with
-/// both unchanged is the run this one would make. The `[experiment]` section (the other
+/// A resolved run config as far as it bears on the run: the `[experiment]` section (the other
 /// variants) and `[analysis]` do not change a run's training or evaluation, so they are left out.
-fn run_digest(cfg: &RunConfig) -> Result<String> {
+fn run_config_text(cfg: &RunConfig) -> String {
     let mut cfg = cfg.clone();
     cfg.experiment = Default::default();
     cfg.analysis = Default::default();
+    cfg.to_toml()
+}
+
+/// The digest of a resolved run config and of the running program's binary: a run made with
+/// both unchanged is the run this one would make.
+fn run_digest(cfg: &RunConfig) -> Result<String> {
     static PROGRAM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let program = match PROGRAM.get() {
         Some(p) => p,
@@ -182,16 +192,32 @@ fn run_digest(cfg: &RunConfig) -> Result<String> {
         }
     };
     Ok(crate::data::short_hash([
-        cfg.to_toml().as_bytes(),
+        run_config_text(cfg).as_bytes(),
         program.as_bytes(),
     ]))
 }
 
-/// The outcome a finished run left in `run_dir`, when its digest is `digest`.
-fn finished(run_dir: &Path, digest: &str) -> Option<Outcome> {
+/// The outcome a finished run left in `run_dir`, when `reuse` allows it for a run of `cfg`
+/// whose digest is `digest`; the flag is true when another build of the program made it.
+fn finished(
+    run_dir: &Path,
+    cfg: &RunConfig,
+    digest: &str,
+    reuse: Reuse,
+) -> Option<(Outcome, bool)> {
+    if reuse == Reuse::Never {
+        return None;
+    }
     let text = std::fs::read_to_string(run_dir.join("outcome.json")).ok()?;
     let o: Outcome = serde_json::from_str(&text).ok()?;
-    (o.digest == digest).then_some(o)
+    if o.digest == digest {
+        return Some((o, false));
+    }
+    // The saved config is read back through the current schema, so a field added since (with
+    // its default) does not count as a difference; one the run set otherwise does.
+    let saved = RunConfig::load(Some(&run_dir.join("config.toml")), &[]).ok()?;
+    (reuse == Reuse::SameConfig && run_config_text(&saved) == run_config_text(cfg))
+        .then_some((o, true))
 }
 
 /// Trains and evaluates every variant for every seed (reusing outcomes of the same config and
@@ -205,6 +231,7 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device, reuse: Reuse) -> Re
     let ctx = RunContext::new(cfg, device)?;
     let stop = train::ctrl_c_flag();
     let mut outcomes = Vec::new();
+    let mut other_builds = Vec::new();
     for s in 0..seeds as u64 {
         for v in &exp.variants {
             let seed = cfg.train.seed + s;
@@ -226,11 +253,15 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device, reuse: Reuse) -> Re
                 .resolve(&c)
                 .with_context(|| format!("variant {}", v.name))?;
             let digest = run_digest(&c)?;
-            if reuse == Reuse::Finished
-                && let Some(o) = finished(&run_dir, &digest)
-            {
+            if let Some((o, other_build)) = finished(&run_dir, &c, &digest, reuse) {
+                let by = if other_build {
+                    other_builds.push(format!("{} (seed {})", v.name, c.train.seed));
+                    "another build of the program"
+                } else {
+                    "program"
+                };
                 eprintln!(
-                    "== {} (seed {}): reusing {} (same config and program)",
+                    "== {} (seed {}): reusing {} (same config and {by})",
                     v.name,
                     c.train.seed,
                     run_dir.display()
@@ -279,7 +310,7 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device, reuse: Reuse) -> Re
     let table = table(&outcomes, &exp.variants);
     println!("{table}");
     let figures = plots::experiment(&dir, &outcomes)?;
-    write_report(&dir, cfg, &ctx, &table, &figures, &outcomes)?;
+    write_report(&dir, cfg, &ctx, &table, &figures, &outcomes, &other_builds)?;
     println!("report: {}", dir.join("report.md").display());
     Ok(outcomes)
 }
@@ -776,6 +807,7 @@ fn write_report(
     table: &str,
     figures: &[(String, PathBuf)],
     outcomes: &[Outcome],
+    other_builds: &[String],
 ) -> Result<()> {
     let mut r = String::new();
     writeln!(r, "# Experiment `{}`\n", cfg.experiment.name)?;
@@ -791,6 +823,13 @@ fn write_report(
         cfg.model.n_layers,
         cfg.format.image_tokens()
     )?;
+    if !other_builds.is_empty() {
+        writeln!(
+            r,
+            "Reused from another build of the program (same resolved config, `--reuse-other-builds`): {}.\n",
+            other_builds.join(", ")
+        )?;
+    }
     writeln!(r, "{table}")?;
     writeln!(
         r,

@@ -161,6 +161,11 @@ enum Command {
         /// program (reused by default).
         #[arg(long)]
         fresh: bool,
+        /// Reuse a finished run of the same resolved config even when another build of the
+        /// program made it (for adding seeds after a change that leaves training alone); the
+        /// report lists each such run.
+        #[arg(long, conflicts_with = "fresh")]
+        reuse_other_builds: bool,
     },
     /// The paper's tables and figures beside the paper's numbers, each row with its tolerance
     /// and verdict, into `<out>/REPORT.md`; finished runs of the same config and program are
@@ -448,12 +453,15 @@ fn run(cli: Cli) -> Result<()> {
             config,
             seeds,
             fresh,
+            reuse_other_builds,
         } => {
             unimod_train::distributed::single_process("experiment")?;
             let cfg = config.load()?;
             let device = unimod_train::device::parse(&cfg.train.device)?;
             let reuse = if fresh {
                 experiment::Reuse::Never
+            } else if reuse_other_builds {
+                experiment::Reuse::SameConfig
             } else {
                 experiment::Reuse::Finished
             };

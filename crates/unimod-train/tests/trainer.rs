@@ -394,9 +394,28 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
         o.iter().map(|o| o.eval.mmu_accuracy).collect::<Vec<_>>()
     };
     assert_eq!(accuracies(&again), accuracies(&outcomes));
+    // A run another build of the program made (its digest differs) is reused only when asked,
+    // and the report names it.
+    let outcome_path = exp_dir.join("dense-seed0/outcome.json");
+    let mut o: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&outcome_path).unwrap()).unwrap();
+    o["digest"] = "made-by-another-build".into();
+    std::fs::write(&outcome_path, o.to_string()).unwrap();
+    unimod_train::experiment::run(&exp, 1, tch::Device::Cpu, Reuse::SameConfig).unwrap();
+    assert_eq!(
+        stamp("dense"),
+        before,
+        "a run of the same config was trained again"
+    );
+    let report = std::fs::read_to_string(exp_dir.join("report.md")).unwrap();
+    let reused = report
+        .lines()
+        .find(|l| l.starts_with("Reused from another build of the program"))
+        .unwrap_or_else(|| panic!("{report}"));
+    assert!(reused.ends_with(": dense (seed 0)."), "{reused}");
     let mut changed = exp.clone();
     changed.train.lr *= 0.5;
-    unimod_train::experiment::run(&changed, 1, tch::Device::Cpu, Reuse::Finished).unwrap();
+    unimod_train::experiment::run(&changed, 1, tch::Device::Cpu, Reuse::SameConfig).unwrap();
     assert_ne!(stamp("dense"), before, "a run of another config was reused");
     assert!(
         report.contains("- **arank**: ")
