@@ -213,11 +213,13 @@ fn finished(
     if o.digest == digest {
         return Some((o, false));
     }
+    if reuse != Reuse::SameConfig {
+        return None;
+    }
     // The saved config is read back through the current schema, so a field added since (with
     // its default) does not count as a difference; one the run set otherwise does.
     let saved = RunConfig::load(Some(&run_dir.join("config.toml")), &[]).ok()?;
-    (reuse == Reuse::SameConfig && run_config_text(&saved) == run_config_text(cfg))
-        .then_some((o, true))
+    (run_config_text(&saved) == run_config_text(cfg)).then_some((o, true))
 }
 
 /// Trains and evaluates every variant for every seed (reusing outcomes of the same config and
