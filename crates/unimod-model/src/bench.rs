@@ -131,17 +131,18 @@ pub fn variants(
     Ok((b, vs))
 }
 
-/// One training step's work: forward, losses, backward, gradients cleared.
+/// One training step's work: gradients cleared (in place, so that they stay where a CUDA graph
+/// captured them), forward, losses, backward.
 pub fn step(v: &Variant, b: &Batch) {
+    for mut t in v.vs.trainable_variables() {
+        t.zero_grad();
+    }
     // Top-k without a cache is every model's own mode: nothing to refuse.
     let out = v
         .model
         .forward(b, &ForwardOptions::default())
         .expect("top-k forward is always allowed");
     v.model.losses(b, &out).total.backward();
-    for mut t in v.vs.trainable_variables() {
-        t.zero_grad();
-    }
 }
 
 /// Waits for queued GPU work, so that a host timer measures it.
@@ -165,12 +166,64 @@ pub fn time_steps(
             step(v, b);
         }
     }
+    let mut steps: Vec<_> = vs.iter().map(|v| move || step(v, b)).collect();
+    interleaved(&mut steps, device, rounds)
+}
+
+/// The steps of [`time_steps`], each captured once in a CUDA graph and timed as one replay
+/// (after `warmup` eager steps on a side stream, at least 2); and the largest gradient
+/// difference between a replay and an eager step of any variant, relative to that gradient's
+/// largest entry (0 when the graph computes what eager launches compute).
+pub fn time_graphed_steps(
+    vs: &[Variant],
+    b: &Batch,
+    device: Device,
+    warmup: usize,
+    rounds: usize,
+) -> Result<(Vec<f64>, f64), unimod_kernels::CudaError> {
+    let mut graphs = Vec::with_capacity(vs.len());
+    let mut worst: f64 = 0.0;
+    for v in vs {
+        unimod_kernels::on_side_stream(device, || {
+            for _ in 0..warmup.max(2) {
+                step(v, b);
+            }
+        })?;
+        let graph = unimod_kernels::Graph::capture(device, || step(v, b))?;
+        graph.replay()?;
+        let replayed: Vec<Tensor> =
+            v.vs.trainable_variables()
+                .iter()
+                .map(|t| t.grad().copy())
+                .collect();
+        step(v, b);
+        for (r, t) in replayed.iter().zip(v.vs.trainable_variables()) {
+            let e = t.grad();
+            let scale = e.abs().max().double_value(&[]).max(f64::MIN_POSITIVE);
+            worst = worst.max((r - &e).abs().max().double_value(&[]) / scale);
+        }
+        graphs.push(graph);
+    }
+    let mut replays: Vec<_> = graphs
+        .iter()
+        .map(|g| {
+            move || {
+                g.replay()
+                    .expect("a graph that replayed once replays again")
+            }
+        })
+        .collect();
+    Ok((interleaved(&mut replays, device, rounds), worst))
+}
+
+/// Median seconds of each of `steps` over `rounds` interleaved rounds.
+fn interleaved(steps: &mut [impl FnMut()], device: Device, rounds: usize) -> Vec<f64> {
     sync(device);
-    let mut times = vec![Vec::with_capacity(rounds); vs.len()];
+    let mut times = vec![Vec::with_capacity(rounds); steps.len()];
     for _ in 0..rounds {
-        for (v, t) in vs.iter().zip(&mut times) {
+        for (step, t) in steps.iter_mut().zip(&mut times) {
             let start = Instant::now();
-            step(v, b);
+            step();
             sync(device);
             t.push(start.elapsed().as_secs_f64());
         }
@@ -389,6 +442,9 @@ mod tests {
         assert_eq!(vs.len(), 2);
         assert!(vs[1].train_flops < vs[0].train_flops);
         let secs = time_steps(&vs, &b, Device::Cpu, 0, 1);
+        // CUDA graphs are refused on a CPU, before any step runs.
+        let err = time_graphed_steps(&vs, &b, Device::Cpu, 1, 1).unwrap_err();
+        assert!(err.to_string().contains("need a CUDA device"), "{err}");
         let rows = decode_rows(shape, &[0.5], Device::Cpu, 1).unwrap();
         // dense and one routed variant, for an image and an answer
         assert_eq!(rows.len(), 4, "{rows:?}");

@@ -238,6 +238,10 @@ enum Command {
         /// against the matmul rate measured in the same kind.
         #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"], conflicts_with = "decode")]
         precision: String,
+        /// Also time each step captured in a CUDA graph and replayed (one launch per step), in
+        /// rows of their own after the eager ones; CUDA devices only.
+        #[arg(long, conflicts_with = "decode")]
+        graph: bool,
     },
     /// Analytic forward FLOPs per sequence, dense vs the config's (or another) schedule.
     Flops {
@@ -594,8 +598,29 @@ fn run(cli: Cli) -> Result<()> {
             set,
             decode,
             precision,
+            graph,
         } => {
             use unimod_model::bench::{self, Shape};
+            // The rows of one batch's variants: eager, then (--graph) replayed CUDA graphs.
+            let rows = |label: &str, b: &unimod_tok::Batch, vs: &[bench::Variant], device, peak| {
+                let secs = bench::time_steps(vs, b, device, 2, rounds);
+                let mut rows = bench::table_rows(label, b, vs, &secs, peak);
+                if graph {
+                    let (secs, diff) = bench::time_graphed_steps(vs, b, device, 2, rounds)
+                        .with_context(|| format!("--graph, {label}"))?;
+                    rows.extend(bench::table_rows(
+                        &format!("{label} graph"),
+                        b,
+                        vs,
+                        &secs,
+                        peak,
+                    ));
+                    rows.push(format!(
+                        "\n{label}: a graph replay's gradients differ from an eager step's by at most {diff:.1e} of their largest entry"
+                    ));
+                }
+                anyhow::Ok(rows)
+            };
             let kind = match precision.as_str() {
                 "bf16" => tch::Kind::BFloat16,
                 _ => tch::Kind::Float,
@@ -618,6 +643,11 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
             let device = unimod_train::device::parse(&device)?;
+            if graph && !device.is_cuda() {
+                anyhow::bail!(
+                    "--graph: CUDA graphs need a CUDA device (--device cuda), not {device:?}"
+                );
+            }
             let peak = bench::matmul_rate_of(device, kind);
             let header = format!(
                 "device {device:?}, measured {precision} matmul rate {:.1} GFLOP/s\n\n{}",
@@ -630,9 +660,8 @@ fn run(cli: Cli) -> Result<()> {
                 let (b, mut vs, skipped) = unimod_train::experiment::bench_variants(&ctx, &cfg)
                     .with_context(|| format!("--experiment {}", path.display()))?;
                 in_kind(&mut vs);
-                let secs = bench::time_steps(&vs, &b, device, 2, rounds);
                 println!("{header}");
-                for row in bench::table_rows(&cfg.experiment.name, &b, &vs, &secs, peak) {
+                for row in rows(&cfg.experiment.name, &b, &vs, device, peak)? {
                     println!("{row}");
                 }
                 if !skipped.is_empty() {
@@ -665,8 +694,7 @@ fn run(cli: Cli) -> Result<()> {
                 let (b, mut vs) = bench::variants(shape(d), &capacities, device)
                     .with_context(|| format!("--d-model {d}"))?;
                 in_kind(&mut vs);
-                let secs = bench::time_steps(&vs, &b, device, 2, rounds);
-                for row in bench::table_rows(&format!("d{d}×{layers}"), &b, &vs, &secs, peak) {
+                for row in rows(&format!("d{d}×{layers}"), &b, &vs, device, peak)? {
                     println!("{row}");
                 }
             }

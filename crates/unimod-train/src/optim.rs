@@ -1,9 +1,26 @@
 //! AdamW with weight decay only on matrices, its learning-rate schedule (linear warm-up, then
-//! cosine decay to `min_lr`), and gradient clipping. Written out rather than taken from tch so
-//! that its state (moments, step) is saved in checkpoints and a resumed run continues exactly.
+//! cosine decay to `min_lr`), and gradient clipping. Its own rather than tch's so that its state
+//! (moments, step) is saved in checkpoints and a resumed run continues exactly. The update is
+//! written out below ([`AdamW::step`] with [`Update::WrittenOut`]) and runs by default as
+//! libtorch's fused AdamW, the same arithmetic in one pass per parameter (tested equal).
 
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use tch::{Kind, Tensor, nn::VarStore};
+use unimod_kernels::adamw;
+
+/// How [`AdamW::step`] updates (`train.adamw`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Update {
+    /// libtorch's fused AdamW (`torch.optim.AdamW(fused=True)`): one pass per parameter
+    /// instead of about sixteen kernels (5× faster on a CPU at d 512, one launch per parameter
+    /// list on a GPU).
+    #[default]
+    Fused,
+    /// The update as written in [`AdamW::step`]: the readable reference.
+    WrittenOut,
+}
 
 /// AdamW (decoupled weight decay) over a VarStore's trainable variables, decaying matrices
 /// only, with f32 moments whatever the compute precision.
@@ -19,6 +36,8 @@ pub struct AdamW {
     decay: Vec<bool>,
     /// Updates taken (bias correction reads it; checkpoints save it).
     pub step: i64,
+    /// How the update runs.
+    pub update: Update,
     beta1: f64,
     beta2: f64,
     eps: f64,
@@ -46,6 +65,7 @@ impl AdamW {
             v,
             decay,
             step: 0,
+            update: Update::default(),
             beta1: 0.9,
             beta2: 0.95,
             eps: 1e-8,
@@ -119,9 +139,14 @@ impl AdamW {
         total
     }
 
-    /// One update at learning rate `lr`, with this step's clipping applied.
-    pub fn step(&mut self, lr: f64) {
+    /// One update at learning rate `lr`, with this step's clipping applied. Errors only when
+    /// libtorch refuses the fused update (then nothing was changed but the step count).
+    pub fn step(&mut self, lr: f64) -> Result<(), adamw::AdamwError> {
         self.step += 1;
+        match self.update {
+            Update::Fused => return self.fused_step(lr),
+            Update::WrittenOut => {}
+        }
         let (b1, b2) = (self.beta1, self.beta2);
         let (c1, c2) = (
             1.0 - b1.powi(self.step as i32),
@@ -149,6 +174,37 @@ impl AdamW {
                 let _ = p.g_sub_(&update);
             }
         });
+        Ok(())
+    }
+
+    /// [`AdamW::step`]'s update by libtorch's fused AdamW: one call for the decayed parameters,
+    /// one for the rest, clipping as a gradient divisor.
+    fn fused_step(&mut self, lr: f64) -> Result<(), adamw::AdamwError> {
+        let grads: Vec<Tensor> = (0..self.params.len()).map(|i| self.grad(i)).collect();
+        let Some(device) = grads.iter().find(|g| g.defined()).map(Tensor::device) else {
+            return Ok(());
+        };
+        let step = Tensor::from(self.step as f32).to_device(device);
+        let scale = (self.clip_scale != 1.0)
+            .then(|| Tensor::from((1.0 / self.clip_scale) as f32).to_device(device));
+        for decay in [true, false] {
+            let at: Vec<usize> = (0..self.params.len())
+                .filter(|&i| self.decay[i] == decay && grads[i].defined())
+                .collect();
+            let params: Vec<&Tensor> = at.iter().map(|&i| &self.params[i].1).collect();
+            let grads: Vec<&Tensor> = at.iter().map(|&i| &grads[i]).collect();
+            let m: Vec<&Tensor> = at.iter().map(|&i| &self.m[i]).collect();
+            let v: Vec<&Tensor> = at.iter().map(|&i| &self.v[i]).collect();
+            let hyper = adamw::Hyper {
+                lr,
+                beta1: self.beta1,
+                beta2: self.beta2,
+                weight_decay: if decay { self.weight_decay } else { 0.0 },
+                eps: self.eps,
+            };
+            adamw::step(&params, &grads, &m, &v, &step, hyper, scale.as_ref())?;
+        }
+        Ok(())
     }
 
     /// Moments as named tensors, for a checkpoint.
@@ -214,25 +270,80 @@ mod tests {
 
     #[test]
     fn minimises_a_quadratic_and_decays_only_matrices() {
-        let vs = nn::VarStore::new(Device::Cpu);
-        let w = vs.root().var("w", &[2, 2], nn::Init::Const(1.0));
-        let b = vs.root().var("b", &[2], nn::Init::Const(1.0));
-        let mut opt = AdamW::new(&vs, 0.5);
-        for _ in 0..200 {
-            opt.zero_grad();
-            let loss = (&w - 3.0).pow_tensor_scalar(2).sum(Kind::Float)
-                + (&b - 3.0).pow_tensor_scalar(2).sum(Kind::Float);
-            loss.backward();
-            opt.step(0.05);
+        for update in [Update::Fused, Update::WrittenOut] {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let w = vs.root().var("w", &[2, 2], nn::Init::Const(1.0));
+            let b = vs.root().var("b", &[2], nn::Init::Const(1.0));
+            let mut opt = AdamW::new(&vs, 0.5);
+            opt.update = update;
+            for _ in 0..200 {
+                opt.zero_grad();
+                let loss = (&w - 3.0).pow_tensor_scalar(2).sum(Kind::Float)
+                    + (&b - 3.0).pow_tensor_scalar(2).sum(Kind::Float);
+                loss.backward();
+                opt.step(0.05).unwrap();
+            }
+            let (wv, bv) = (
+                w.mean(Kind::Float).double_value(&[]),
+                b.mean(Kind::Float).double_value(&[]),
+            );
+            assert!((bv - 3.0).abs() < 0.05, "{update:?}: bias {bv}");
+            assert!(
+                wv < bv - 0.1,
+                "{update:?}: weight decay pulls the matrix below the bias: {wv} vs {bv}"
+            );
         }
-        let (wv, bv) = (
-            w.mean(Kind::Float).double_value(&[]),
-            b.mean(Kind::Float).double_value(&[]),
-        );
-        assert!((bv - 3.0).abs() < 0.05, "bias {bv}");
+    }
+
+    /// Twenty clipped, decayed updates of parameters of several shapes (one of them without a
+    /// gradient), fused and written out, from the same start on the same gradients.
+    #[test]
+    fn the_fused_update_is_the_written_out_one() {
+        let run = |update| {
+            tch::manual_seed(0);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let root = vs.root();
+            let w = root.randn("w", &[16, 8], 0.0, 1.0);
+            let b = root.randn("b", &[8], 0.0, 1.0);
+            let _unused = root.randn("unused", &[3, 3], 0.0, 1.0);
+            let mut opt = AdamW::new(&vs, 0.1);
+            opt.update = update;
+            let mut norms = Vec::new();
+            for step in 0..20 {
+                opt.zero_grad();
+                let x = Tensor::randn([4, 16], (Kind::Float, Device::Cpu));
+                let loss = (x.matmul(&w) + &b).tanh().square().sum(Kind::Float);
+                loss.backward();
+                norms.push(opt.clip_grad_norm(0.5));
+                opt.step(learning_rate(step, 20, 5, 0.05, 0.005)).unwrap();
+            }
+            let params = vs.variables();
+            let m = opt.state();
+            (params, m, norms)
+        };
+        let (fused, fused_m, fused_norms) = run(Update::Fused);
+        let (written, written_m, written_norms) = run(Update::WrittenOut);
         assert!(
-            wv < bv - 0.1,
-            "weight decay pulls the matrix below the bias: {wv} vs {bv}"
+            fused_norms.iter().all(|&n| n > 0.5),
+            "clipping was exercised"
         );
+        for (name, p) in &written {
+            let diff = (p - &fused[name]).abs().max().double_value(&[]);
+            assert!(
+                diff < 1e-5,
+                "{name}: fused and written-out differ by {diff}"
+            );
+        }
+        assert_eq!(
+            fused["unused"], written["unused"],
+            "a parameter without a gradient is left alone"
+        );
+        for ((k, a), (_, b)) in fused_m.iter().zip(&written_m) {
+            let diff = (a - b).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "moment {k} differs by {diff}");
+        }
+        for (a, b) in fused_norms.iter().zip(&written_norms) {
+            assert!((a - b).abs() < 1e-4 * a, "gradient norms {a} vs {b}");
+        }
     }
 }

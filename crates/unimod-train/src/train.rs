@@ -6,7 +6,7 @@
 //! continues bit-identically on CPU.
 
 use crate::data::{self, Pool, TaskMix, Tokenizers};
-use crate::optim::{AdamW, learning_rate};
+use crate::optim::{AdamW, Update, learning_rate};
 use crate::rundir::{self, Part, RunLock, Start, TOKENIZERS_FILE};
 use crate::{RunConfig, progress};
 use anyhow::{Context, Result, bail};
@@ -40,6 +40,9 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Global gradient-norm clip (0: none).
     pub grad_clip: f64,
+    /// `"fused"` (libtorch's fused AdamW, one pass per parameter) or `"written_out"` (the
+    /// readable update of `optim.rs`): the same arithmetic, different rounding.
+    pub adamw: Update,
     /// Micro-batches per optimizer step; the step's loss is each task's mean over the labelled
     /// positions of all of them (as one batch of them all would give).
     pub accumulation: usize,
@@ -121,6 +124,7 @@ impl Default for TrainConfig {
             warmup: 50,
             weight_decay: 0.01,
             grad_clip: 1.0,
+            adamw: Update::Fused,
             accumulation: 1,
             tf32: true,
             seed: 0,
@@ -435,6 +439,7 @@ pub fn train(
     }
     let (mut vs, model) = build_model(cfg, ctx.device)?;
     let mut opt = AdamW::new(&vs, cfg.train.weight_decay);
+    opt.update = cfg.train.adamw;
     let mut state = State::default();
     if start == Start::Resume {
         state = load_checkpoint(ctx, dir, cfg, &mut vs, &mut opt)?;
@@ -650,7 +655,8 @@ pub fn train(
                 cfg.train.lr
             );
         }
-        opt.step(lr);
+        opt.step(lr)
+            .with_context(|| format!("step {step}: train.adamw = {:?}", cfg.train.adamw))?;
         m.step_s = t0.elapsed().as_secs_f64();
         state.step += 1;
         state.flops_total += m.flops;
@@ -867,13 +873,14 @@ fn load_checkpoint(
 /// Fields a resumed run may change: how long and how fast it goes on, and what it reports.
 /// Anything else (model, data, format, tokenizers, the batch stream's seed, mix and
 /// accumulation) would make the resumed run a different run, so it is refused.
-const RESUMABLE: [&str; 11] = [
+const RESUMABLE: [&str; 12] = [
     "train.steps",
     "train.lr",
     "train.min_lr",
     "train.warmup",
     "train.weight_decay",
     "train.grad_clip",
+    "train.adamw",
     "train.device",
     "train.log_every",
     "train.checkpoint_every",
