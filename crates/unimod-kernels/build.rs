@@ -28,6 +28,7 @@ fn main() {
     link::main();
     println!("cargo:rerun-if-changed=csrc/graph.cpp");
     println!("cargo:rerun-if-changed=csrc/adamw.cpp");
+    println!("cargo:rerun-if-changed=csrc/ops.cpp");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let Ok(libtorch) = std::env::var("LIBTORCH").map(PathBuf::from) else {
         return;
@@ -39,6 +40,7 @@ fn main() {
         .cpp(true)
         .file("csrc/graph.cpp")
         .file("csrc/adamw.cpp")
+        .file("csrc/ops.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

@@ -63,8 +63,8 @@ pub fn unimod_schedule(n_layers: usize, capacity: f64) -> Schedule {
     }
 }
 
-/// A mixed batch in the config's flavour: `per_task` T2I sequences (24 text tokens) and as many
-/// MMU sequences.
+/// A mixed batch in the config's flavour: `per_task` T2I sequences (24 text tokens), then as
+/// many MMU sequences.
 pub fn batch(cfg: &ModelConfig, shape: Shape, device: Device) -> Batch {
     Batch::from_sequences(&sequences(cfg, shape), device).expect("benchmark batch is well formed")
 }
@@ -80,16 +80,17 @@ fn sequences(cfg: &ModelConfig, shape: Shape) -> Vec<Sequence> {
         .map(|i| (i * 7) % cfg.vocab.n_codes as u32)
         .collect();
     let text: Vec<i64> = (0..12).map(|i| 20 + i).collect();
-    let seqs: Vec<Sequence> = (0..shape.per_task)
-        .flat_map(|_| {
-            [
-                f.t2i(&cfg.vocab, &text, Some(&codes), Some(&mut rng))
-                    .expect("benchmark T2I sequence fits its format"),
-                f.mmu(&cfg.vocab, &codes, &text[..8], Some(&text[8..]))
-                    .expect("benchmark MMU sequence fits its format"),
-            ]
-        })
-        .collect();
+    // Each task's sequences together, as the trainer batches them (Show-o's per-task
+    // sub-batches): a routed layer then runs one group per task, not one per sample.
+    let t2i = (0..shape.per_task).map(|_| {
+        f.t2i(&cfg.vocab, &text, Some(&codes), Some(&mut rng))
+            .expect("benchmark T2I sequence fits its format")
+    });
+    let mut seqs: Vec<Sequence> = t2i.collect();
+    seqs.extend((0..shape.per_task).map(|_| {
+        f.mmu(&cfg.vocab, &codes, &text[..8], Some(&text[8..]))
+            .expect("benchmark MMU sequence fits its format")
+    }));
     seqs
 }
 
@@ -214,6 +215,43 @@ pub fn time_graphed_steps(
         })
         .collect();
     Ok((interleaved(&mut replays, device, rounds), worst))
+}
+
+/// Operators one step of each variant dispatches (counted over one step, after a warm-up
+/// step that creates the gradients).
+pub fn op_counts(
+    vs: &[Variant],
+    b: &Batch,
+) -> Result<Vec<unimod_kernels::ops::OpCount>, unimod_kernels::ops::OpsError> {
+    vs.iter()
+        .map(|v| {
+            step(v, b);
+            Ok(unimod_kernels::ops::count(|| step(v, b))?.1)
+        })
+        .collect()
+}
+
+/// The header of [`op_rows`]' table.
+pub const OPS_HEADER: &str = "| config | variant | operators/step | computing (≈ GPU launches) | vs dense |\n|---|---|---|---|---|";
+
+/// Rows of operator counts per step; `counts[i]` belongs to `vs[i]`, the first is dense.
+pub fn op_rows(
+    label: &str,
+    vs: &[Variant],
+    counts: &[unimod_kernels::ops::OpCount],
+) -> Vec<String> {
+    vs.iter()
+        .zip(counts)
+        .map(|(v, c)| {
+            format!(
+                "| {label} | {} | {} | {} | {:.2}× |",
+                v.name,
+                c.ops,
+                c.kernels,
+                c.kernels as f64 / counts[0].kernels.max(1) as f64
+            )
+        })
+        .collect()
 }
 
 /// Median seconds of each of `steps` over `rounds` interleaved rounds.

@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use unimod_tok::dataset::{Image, Split};
 use unimod_train::rundir::Start;
-use unimod_train::{RunConfig, data, eval, experiment, flops_report, train};
+use unimod_train::{RunConfig, data, eval, experiment, flops_report, optim, train};
 
 #[derive(Parser)]
 #[command(
@@ -601,7 +601,8 @@ fn run(cli: Cli) -> Result<()> {
             graph,
         } => {
             use unimod_model::bench::{self, Shape};
-            // The rows of one batch's variants: eager, then (--graph) replayed CUDA graphs.
+            // The rows of one batch's variants: eager, then (--graph) replayed CUDA graphs; and
+            // the operators one step of each dispatches (≈ GPU launches).
             let rows = |label: &str, b: &unimod_tok::Batch, vs: &[bench::Variant], device, peak| {
                 let secs = bench::time_steps(vs, b, device, 2, rounds);
                 let mut rows = bench::table_rows(label, b, vs, &secs, peak);
@@ -619,6 +620,26 @@ fn run(cli: Cli) -> Result<()> {
                         "\n{label}: a graph replay's gradients differ from an eager step's by at most {diff:.1e} of their largest entry"
                     ));
                 }
+                let counts = bench::op_counts(vs, b)?;
+                rows.push(format!("\n{}", bench::OPS_HEADER));
+                rows.extend(bench::op_rows(label, vs, &counts));
+                // The update that follows each step, for the dense model.
+                let mut updates = Vec::new();
+                for update in [optim::Update::WrittenOut, optim::Update::Fused] {
+                    let mut opt = optim::AdamW::new(&vs[0].vs, 0.01);
+                    opt.update = update;
+                    let (done, n) = unimod_kernels::ops::count(|| {
+                        opt.clip_grad_norm(1.0);
+                        opt.step(1e-4)
+                    })?;
+                    done?;
+                    updates.push(format!("{update:?} {} ({})", n.kernels, n.ops));
+                }
+                rows.push(format!(
+                    "\n{label}: operators of dense's AdamW update, computing (all): {}",
+                    updates.join(", ")
+                ));
+                rows.push(String::new());
                 anyhow::Ok(rows)
             };
             let kind = match precision.as_str() {
