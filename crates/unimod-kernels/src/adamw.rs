@@ -111,7 +111,47 @@ pub fn step(
     }
 }
 
+/// The global L2 norm of `tensors` (an f32 scalar on their device; 0 for none) by one
+/// multi-tensor norm: what gradient clipping reads, in a handful of kernels instead of two per
+/// tensor.
+///
+/// ```
+/// use tch::Tensor;
+/// let (a, b) = (Tensor::from_slice(&[3.0f32]), Tensor::from_slice(&[4.0f32]));
+/// let n = unimod_kernels::adamw::global_norm(&[&a, &b]).unwrap();
+/// assert_eq!(n.double_value(&[]), 5.0);
+/// ```
+pub fn global_norm(tensors: &[&Tensor]) -> Result<Tensor, AdamwError> {
+    if tensors.is_empty() {
+        return Ok(Tensor::from(0.0f32));
+    }
+    let ptrs: Vec<*mut c_void> = tensors.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+    let mut out = std::ptr::null_mut();
+    let mut err = [0 as c_char; 2048];
+    let rc = tch::no_grad(|| unsafe {
+        unimod_global_norm(
+            ptrs.as_ptr(),
+            ptrs.len(),
+            &mut out,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    });
+    match rc {
+        // Safety: the shim returned a new at::Tensor for the caller to own, as tch's own do.
+        0 => Ok(unsafe { Tensor::from_ptr(out as *mut torch_sys::C_tensor) }),
+        _ => Err(AdamwError::Torch(crate::graph::message(&err))),
+    }
+}
+
 unsafe extern "C" {
+    fn unimod_global_norm(
+        tensors: *const *mut c_void,
+        n: usize,
+        out: *mut *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
     fn unimod_fused_adamw(
         params: *const *mut c_void,
         grads: *const *mut c_void,

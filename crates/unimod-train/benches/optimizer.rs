@@ -33,7 +33,8 @@ fn run(c: &mut Criterion) {
             g.bench_function(format!("{update:?}"), |it| {
                 it.iter(|| {
                     // A clipping factor below 1, as most steps of a run have.
-                    opt.clip_grad_norm(1e-3);
+                    opt.clip_grad_norm(1e-3)
+                        .expect("the norm takes these tensors");
                     opt.step(1e-4)
                         .expect("the fused update takes these tensors");
                 })

@@ -629,7 +629,7 @@ fn run(cli: Cli) -> Result<()> {
                     let mut opt = optim::AdamW::new(&vs[0].vs, 0.01);
                     opt.update = update;
                     let (done, n) = unimod_kernels::ops::count(|| {
-                        opt.clip_grad_norm(1.0);
+                        opt.clip_grad_norm(1.0)?;
                         opt.step(1e-4)
                     })?;
                     done?;

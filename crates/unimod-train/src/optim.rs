@@ -117,26 +117,32 @@ impl AdamW {
     }
 
     /// Scales this step's gradients so their global norm is at most `max_norm` (applied in
-    /// [`AdamW::step`]); returns the norm before.
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+    /// [`AdamW::step`]); returns the norm before (a fused update reads it by one multi-tensor
+    /// norm).
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64, adamw::AdamwError> {
         self.clip_scale = 1.0;
-        let norms: Vec<Tensor> = (0..self.params.len())
-            .filter_map(|i| {
-                let g = self.grad(i);
-                g.defined().then(|| g.pow_tensor_scalar(2).sum(Kind::Float))
-            })
+        let grads: Vec<Tensor> = (0..self.params.len())
+            .map(|i| self.grad(i))
+            .filter(Tensor::defined)
             .collect();
-        if norms.is_empty() {
-            return 0.0;
+        if grads.is_empty() {
+            return Ok(0.0);
         }
-        let total = Tensor::stack(&norms, 0)
-            .sum(Kind::Float)
-            .sqrt()
-            .double_value(&[]);
+        let total = match self.update {
+            Update::WrittenOut => {
+                let squares: Vec<Tensor> = grads
+                    .iter()
+                    .map(|g| g.pow_tensor_scalar(2).sum(Kind::Float))
+                    .collect();
+                Tensor::stack(&squares, 0).sum(Kind::Float).sqrt()
+            }
+            Update::Fused => adamw::global_norm(&grads.iter().collect::<Vec<_>>())?,
+        }
+        .double_value(&[]);
         if max_norm > 0.0 && total > max_norm {
             self.clip_scale = max_norm / (total + 1e-6);
         }
-        total
+        Ok(total)
     }
 
     /// One update at learning rate `lr`, with this step's clipping applied. Errors only when
@@ -314,7 +320,7 @@ mod tests {
                 let x = Tensor::randn([4, 16], (Kind::Float, Device::Cpu));
                 let loss = (x.matmul(&w) + &b).tanh().square().sum(Kind::Float);
                 loss.backward();
-                norms.push(opt.clip_grad_norm(0.5));
+                norms.push(opt.clip_grad_norm(0.5).unwrap());
                 opt.step(learning_rate(step, 20, 5, 0.05, 0.005)).unwrap();
             }
             let params = vs.variables();

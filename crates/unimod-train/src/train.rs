@@ -645,7 +645,9 @@ pub fn train(
         m.lm = present(Task::LM).map(|_| sums[4]);
         let tokens = sums[5];
         m.flops = sums[6];
-        m.grad_norm = opt.clip_grad_norm(cfg.train.grad_clip);
+        m.grad_norm = opt
+            .clip_grad_norm(cfg.train.grad_clip)
+            .with_context(|| format!("step {step}: train.adamw = {:?}", cfg.train.adamw))?;
         if !m.grad_norm.is_finite() {
             bail!(
                 "non-finite gradient norm at step {step} (loss {:.4e}); no update was applied and {}; \
