@@ -63,30 +63,56 @@ pub struct Shared {
     /// `[B]` f64 each sample's capacity (0 for unrouted tasks), on the device, so that k is
     /// computed there: copying per-step counts from the host would sync the GPU.
     capacity: Tensor,
-    top_k: OnceCell<(Vec<Group>, BTreeMap<Task, usize>)>,
+    top_k: OnceCell<TopK>,
 }
 
-/// A run of consecutive samples of one task (a batch holds each task's samples together, as
-/// Show-o concatenates per-task sub-batches). A routed layer processes each group at its own
-/// gather width, so a task kept at capacity 0.2 is not padded to the width of one kept at 0.8
-/// or not routed at all: the compute saved is each task's own. A task the layer does not route
-/// keeps all its valid tokens (they are all forced), so padding is skipped alike.
+/// The samples of one task (a batch holds each task's samples together, as Show-o concatenates
+/// per-task sub-batches). A routed layer processes each group at its own gather width, so a
+/// task kept at capacity 0.2 is not padded to the width of one kept at 0.8 or not routed at
+/// all: the compute saved is each task's own. A task the layer does not route keeps all its
+/// valid tokens (they are all forced), so padding is skipped alike.
 #[derive(Debug)]
 struct Group {
-    start: i64,
-    len: i64,
+    rows: Rows,
     budget: select::Budget,
+}
+
+/// Which rows of the batch a group holds.
+#[derive(Debug)]
+enum Rows {
+    /// `len` consecutive rows from `start`: a view, no copy.
+    Run { start: i64, len: i64 },
+    /// `[n]` i64 row indices on the device: a task whose samples are interleaved with
+    /// another's, gathered so that the layer still runs one group per task, not one per run.
+    Picked(Tensor),
+}
+
+impl Rows {
+    /// These rows of a `[B, ..]` tensor.
+    fn of(&self, t: &Tensor) -> Tensor {
+        match self {
+            Rows::Run { start: 0, len } if *len == t.size()[0] => t.shallow_clone(),
+            Rows::Run { start, len } => t.narrow(0, *start, *len),
+            Rows::Picked(index) => t.index_select(0, index),
+        }
+    }
 }
 
 impl Group {
     /// The group's rows of a `[B, ..]` tensor.
     fn rows(&self, t: &Tensor) -> Tensor {
-        if self.start == 0 && self.len == t.size()[0] {
-            t.shallow_clone()
-        } else {
-            t.narrow(0, self.start, self.len)
-        }
+        self.rows.of(t)
     }
+}
+
+/// How a routed layer's top-k runs on a batch (built once per forward for all layers with the
+/// same capacities): its groups, the tokens it processes per task (host counts), and, when the
+/// groups are not in batch order, `[B]` the rows of the groups' concatenation that restore it.
+#[derive(Debug)]
+struct TopK {
+    groups: Vec<Group>,
+    processed: BTreeMap<Task, usize>,
+    restore: Option<Tensor>,
 }
 
 impl LayerInput<'_> {
@@ -587,7 +613,11 @@ impl RoutedLayer {
         n_router_evals: f64,
     ) -> LayerOutput {
         let b = input.batch;
-        let (groups, processed) = shared.top_k.get_or_init(|| self.budget(input, shared));
+        let TopK {
+            groups,
+            processed,
+            restore,
+        } = shared.top_k.get_or_init(|| self.budget(input, shared));
         let capture = input.capture_attention && groups.len() == 1;
         let (mut hidden, mut in_topk, mut kept) = (Vec::new(), Vec::new(), Vec::new());
         let (mut attention, mut work, mut experts) = (None, Work::default(), Vec::new());
@@ -616,9 +646,15 @@ impl RoutedLayer {
             experts.extend(applied.experts);
             work = work.plus(applied.work);
         }
-        let cat = |v: Vec<Tensor>| match v.len() {
-            1 => v.into_iter().next().expect("one group"),
-            _ => Tensor::cat(&v, 0),
+        let cat = |v: Vec<Tensor>| {
+            let all = match v.len() {
+                1 => v.into_iter().next().expect("one group"),
+                _ => Tensor::cat(&v, 0),
+            };
+            match restore {
+                Some(rows) => all.index_select(0, rows),
+                None => all,
+            }
         };
         let (hidden, in_topk, processed_mask) = (cat(hidden), cat(in_topk), cat(kept));
         let aux_targets = AuxTargets {
@@ -649,7 +685,7 @@ impl RoutedLayer {
     /// Each sample keeps its non-routable tokens and k = max(1, ceil(capacity × n_routable)) of
     /// its routable ones, within its task group's gather width; also the tokens processed per
     /// task, counted on the host.
-    fn budget(&self, input: &LayerInput, shared: &Shared) -> (Vec<Group>, BTreeMap<Task, usize>) {
+    fn budget(&self, input: &LayerInput, shared: &Shared) -> TopK {
         let b = input.batch;
         let mut processed = BTreeMap::new();
         let n_keep: Vec<usize> = (0..b.size())
@@ -670,40 +706,75 @@ impl RoutedLayer {
         // The same k as the host counts above (same f64 arithmetic as `tokens_kept`), computed
         // from device tensors; the host counts give only the gather widths and the statistics.
         let n_keep_t = select::keep_per_sample(&shared.routable, &shared.forced, &shared.capacity);
-        // (start, end, width) of each run of one task.
-        let mut runs = Vec::new();
-        let mut start = 0;
-        while start < b.size() {
-            let task = b.tasks[start];
-            let end = (start..b.size())
-                .find(|&i| b.tasks[i] != task)
-                .unwrap_or(b.size());
-            let width = n_keep[start..end].iter().copied().max().unwrap_or(1).max(1) as i64;
-            runs.push((start, end, width));
-            start = end;
-        }
-        let group = |start: usize, end: usize, width: i64| {
-            let (start, len) = (start as i64, (end - start) as i64);
-            let rows = |t: &Tensor| t.narrow(0, start, len);
-            Group {
-                start,
-                len,
-                budget: select::Budget::new(
-                    &rows(&shared.routable),
-                    &rows(&shared.forced),
-                    &rows(&n_keep_t),
-                    width,
-                ),
+        // Each task's samples, tasks in order of first appearance.
+        let mut tasks: Vec<(Task, Vec<usize>)> = Vec::new();
+        for (i, task) in b.tasks.iter().enumerate() {
+            match tasks.iter_mut().find(|(t, _)| t == task) {
+                Some((_, rows)) => rows.push(i),
+                None => tasks.push((*task, vec![i])),
             }
+        }
+        let width =
+            |rows: &[usize]| rows.iter().map(|&i| n_keep[i]).max().unwrap_or(1).max(1) as i64;
+        let group = |rows: Rows, width: i64| Group {
+            budget: select::Budget::new(
+                &rows.of(&shared.routable),
+                &rows.of(&shared.forced),
+                &rows.of(&n_keep_t),
+                width,
+            ),
+            rows,
         };
-        // Splitting saves nothing when every run has the same width (capacity 1, one task):
+        let widths: Vec<i64> = tasks.iter().map(|(_, rows)| width(rows)).collect();
+        // Splitting saves nothing when every task has the same width (capacity 1, one task):
         // then the whole batch is one group, which keeps those cases bit-identical to dense.
-        let groups = if runs.iter().all(|r| r.2 == runs[0].2) {
-            vec![group(0, b.size(), runs[0].2)]
-        } else {
-            runs.into_iter().map(|(s, e, w)| group(s, e, w)).collect()
-        };
-        (groups, processed)
+        if widths.iter().all(|w| *w == widths[0]) {
+            let all = Rows::Run {
+                start: 0,
+                len: b.size() as i64,
+            };
+            return TopK {
+                groups: vec![group(all, widths[0])],
+                processed,
+                restore: None,
+            };
+        }
+        let device = shared.routable.device();
+        let order: Vec<i64> = tasks
+            .iter()
+            .flat_map(|(_, rows)| rows.iter().map(|&i| i as i64))
+            .collect();
+        let groups = tasks
+            .iter()
+            .zip(widths)
+            .map(|((_, rows), width)| {
+                let rows = match rows.windows(2).all(|p| p[1] == p[0] + 1) {
+                    true => Rows::Run {
+                        start: rows[0] as i64,
+                        len: rows.len() as i64,
+                    },
+                    false => {
+                        let index: Vec<i64> = rows.iter().map(|&i| i as i64).collect();
+                        Rows::Picked(Tensor::from_slice(&index).to_device(device))
+                    }
+                };
+                group(rows, width)
+            })
+            .collect();
+        // Row `order[j]` of the batch is row j of the groups' concatenation.
+        let in_order = order.iter().enumerate().all(|(j, &i)| i == j as i64);
+        let restore = (!in_order).then(|| {
+            let mut inverse = vec![0i64; order.len()];
+            for (j, &i) in order.iter().enumerate() {
+                inverse[i as usize] = j as i64;
+            }
+            Tensor::from_slice(&inverse).to_device(device)
+        });
+        TopK {
+            groups,
+            processed,
+            restore,
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

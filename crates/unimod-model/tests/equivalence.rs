@@ -744,6 +744,55 @@ fn each_task_is_processed_at_its_own_width() {
     }
 }
 
+/// A batch whose tasks alternate is routed as the same sequences with each task's together: one
+/// group per task at its own width (the same tokens computed), the same outputs per sequence.
+#[test]
+fn an_interleaved_batch_is_routed_as_its_grouped_permutation() {
+    let at = |t2i: f64, mmu: f64| LayerPlan::Routed {
+        capacity: Capacities::of([(Task::T2I, t2i), (Task::MMU, mmu)]),
+        routers: Routers::PerTask,
+    };
+    let plans = vec![LayerPlan::Dense, at(0.5, 0.25), at(0.75, 0.5)];
+    let cfg = config(Flavour::Showo, Schedule::Explicit { layers: plans });
+    let (_, model) = build(&cfg, 0);
+    // T2I and MMU sequences of two lengths of text: each task's samples keep different counts.
+    let (full, short) = (
+        sequences(Flavour::Showo, true),
+        sequences(Flavour::Showo, false),
+    );
+    let interleaved = [&full[0], &full[1], &short[0], &short[1]].map(Sequence::clone);
+    let grouped = [&full[0], &short[0], &full[1], &short[1]].map(Sequence::clone);
+    let to_grouped = [0i64, 2, 1, 3];
+    let run =
+        |s: &[Sequence]| tch::no_grad(|| model.forward(&batch(s), &Default::default()).unwrap());
+    let (a, b) = (run(&interleaved), run(&grouped));
+    for l in 0..3 {
+        assert_eq!(
+            a.work[l].tokens, b.work[l].tokens,
+            "layer {l}: tokens computed"
+        );
+        assert_eq!(
+            a.work[l].attention_pairs, b.work[l].attention_pairs,
+            "layer {l}: attention pairs"
+        );
+    }
+    for (i, &j) in to_grouped.iter().enumerate() {
+        let (x, y) = (a.logits.get(i as i64), b.logits.get(j));
+        assert!(
+            x.allclose(&y, 1e-5, 1e-6, false),
+            "sample {i}: {}",
+            (x - y).abs().max().double_value(&[])
+        );
+    }
+    // The routing statistics are per sample in batch order too.
+    for (ra, rb) in a.routing.iter().zip(&b.routing) {
+        let permuted = rb
+            .processed_mask
+            .index_select(0, &Tensor::from_slice(&to_grouped));
+        assert!(ra.processed_mask.equal(&permuted), "layer {}", ra.layer);
+    }
+}
+
 /// The causal (threshold) path gathers the tokens it keeps, as training does: fed the same
 /// selection, both give the same outputs, and a token a layer skips leaves it bit-identical.
 #[test]
