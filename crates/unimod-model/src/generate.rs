@@ -31,6 +31,8 @@ pub struct SamplingConfig {
     pub temperature: f64,
     /// Classifier-free guidance: logits = (1 + w)·cond − w·uncond.
     pub guidance: f64,
+    /// How `guidance` is spread over the decoding steps.
+    pub guidance_schedule: GuidanceSchedule,
     /// MaskGIT's randomised unmasking: Gumbel noise of this scale, annealed to 0 over the
     /// steps, is added to the confidence that picks which tokens stay masked. Without it the
     /// most confident code (plain background) wins everywhere and images come out empty.
@@ -45,8 +47,45 @@ impl Default for SamplingConfig {
             steps: 8,
             temperature: 1.0,
             guidance: 1.5,
+            guidance_schedule: GuidanceSchedule::Constant,
             choice_temperature: 4.5,
             seed: 0,
+        }
+    }
+}
+
+/// The weight of classifier-free guidance at each decoding step (MaskGIT's unmasking steps,
+/// or the generated positions of autoregressive decoding), for a configured weight `w`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuidanceSchedule {
+    /// `w` at every step.
+    #[default]
+    Constant,
+    /// From `w / n` at the first of `n` steps up to `w` at the last (Muse's schedule): the
+    /// first steps, which fix the layout, are guided least.
+    Increasing,
+    /// From `w` at the first step down to `w / n` at the last: the layout is guided most.
+    Decreasing,
+}
+
+impl GuidanceSchedule {
+    /// The guidance weight at step `step` (from 0) of `steps`, for a configured weight `w`.
+    ///
+    /// ```
+    /// use unimod_model::generate::GuidanceSchedule;
+    /// assert_eq!(GuidanceSchedule::Constant.weight(2.0, 0, 4), 2.0);
+    /// assert_eq!(GuidanceSchedule::Increasing.weight(2.0, 0, 4), 0.5);
+    /// assert_eq!(GuidanceSchedule::Increasing.weight(2.0, 3, 4), 2.0);
+    /// assert_eq!(GuidanceSchedule::Decreasing.weight(2.0, 0, 4), 2.0);
+    /// assert_eq!(GuidanceSchedule::Decreasing.weight(2.0, 3, 4), 0.5);
+    /// ```
+    pub fn weight(self, w: f64, step: usize, steps: usize) -> f64 {
+        let n = steps.max(1) as f64;
+        match self {
+            GuidanceSchedule::Constant => w,
+            GuidanceSchedule::Increasing => w * (step + 1) as f64 / n,
+            GuidanceSchedule::Decreasing => w * (n - step as f64) / n,
         }
     }
 }
@@ -108,8 +147,8 @@ pub fn maskgit(
                 .narrow(-1, lo, hi - lo);
             let logits = match uncond {
                 Some(_) => {
-                    logits.narrow(0, 0, b) * (1.0 + cfg.guidance)
-                        - logits.narrow(0, b, b) * cfg.guidance
+                    let w = cfg.guidance_schedule.weight(cfg.guidance, step, cfg.steps);
+                    logits.narrow(0, 0, b) * (1.0 + w) - logits.narrow(0, b, b) * w
                 }
                 None => logits,
             };
@@ -159,6 +198,8 @@ pub struct Decoding<'a> {
     /// prompt `i`) and `w`; logits = (1 + w)·cond − w·uncond, and both rows continue with
     /// the token drawn from the guided logits.
     pub guidance: Option<(&'a [Sequence], f64)>,
+    /// How `w` is spread over the `max_new` generated positions.
+    pub guidance_schedule: GuidanceSchedule,
 }
 
 /// Autoregressive continuation of `prompts` (unpadded, possibly of different lengths) with a
@@ -192,6 +233,7 @@ pub struct Decoding<'a> {
 ///         temperature: 0.0,
 ///         mode: generate::mode_for(&model, Task::MMU),
 ///         guidance: None,
+///         guidance_schedule: Default::default(),
 ///     },
 ///     Device::Cpu,
 /// )?;
@@ -231,8 +273,10 @@ pub fn autoregressive(
         mode: d.mode,
         ..Default::default()
     };
-    let guided = |logits: Tensor| match d.guidance {
+    // The logits of generated position `k`, guided.
+    let guided = |logits: Tensor, k: usize| match d.guidance {
         Some((_, w)) => {
+            let w = d.guidance_schedule.weight(w, k, d.max_new);
             logits.narrow(0, 0, n as i64) * (1.0 + w) - logits.narrow(0, n as i64, n as i64) * w
         }
         None => logits,
@@ -246,7 +290,7 @@ pub fn autoregressive(
             .to_device(device)
             .view([-1, 1, 1])
             .expand([-1, 1, logits.size()[2]], false);
-        let mut next_logits = guided(logits.gather(1, &idx, false).squeeze_dim(1));
+        let mut next_logits = guided(logits.gather(1, &idx, false).squeeze_dim(1), 0);
         let mut out = vec![Vec::new(); n];
         let mut done = vec![false; n];
         for k in 0..d.max_new {
@@ -282,6 +326,7 @@ pub fn autoregressive(
                     .forward_cached(&b, &opts, &mut cache)?
                     .logits
                     .squeeze_dim(1),
+                k + 1,
             );
         }
         Ok::<_, GenerateError>(out)

@@ -3,6 +3,7 @@
 //! checkpoint round-trip changes nothing.
 
 use tch::{Device, Kind, Tensor, nn::VarStore};
+use unimod_model::generate::GuidanceSchedule;
 use unimod_model::{
     ForwardOptions, KvCache, ModelConfig, UnifiedTransformer, checkpoint, flops, generate,
 };
@@ -204,55 +205,64 @@ fn guided_decoding_equals_guided_full_forward() {
         .collect();
     let grammar = generate::image_grammar(&VOCAB, 2);
     let w = 2.0;
-    let decoded = generate::autoregressive(
-        &model,
-        &cond,
-        &generate::Decoding {
-            max_new: 6,
-            segment: Segment::Image,
-            allowed: &grammar,
-            stop: None,
-            temperature: 0.0,
-            mode: RoutingMode::TopK,
-            guidance: Some((&uncond, w)),
-        },
-        Device::Cpu,
-    )
-    .unwrap();
-    let extend = |s: &Sequence, toks: &[i64]| {
-        let mut s = s.clone();
-        for t in toks {
-            s.attn_upto.push(s.tokens.len() as i64);
-            s.tokens.push(*t);
-            s.labels.push(unimod_tok::IGNORE);
-            s.segments.push(Segment::Image);
-        }
-        s
-    };
     let mut unguided_differs = false;
-    for (i, toks) in decoded.iter().enumerate() {
-        assert_eq!(toks.len(), 6);
-        for k in 0..toks.len() {
-            let rows = [extend(&cond[i], &toks[..k]), extend(&uncond[i], &toks[..k])];
-            let logits = tch::no_grad(|| {
-                model
-                    .forward(&batch(&rows), &Default::default())
-                    .unwrap()
-                    .logits
-            });
-            let at = |r: i64| logits.get(r).get(rows[0].len() as i64 - 1);
-            let allowed = grammar(k);
-            let pick = |l: Tensor| {
-                l.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY)
-                    .argmax(-1, false)
-                    .int64_value(&[])
-            };
-            assert_eq!(
-                toks[k],
-                pick(at(0) * (1.0 + w) - at(1) * w),
-                "row {i}, token {k}"
-            );
-            unguided_differs |= toks[k] != pick(at(0));
+    for schedule in [
+        GuidanceSchedule::Constant,
+        GuidanceSchedule::Increasing,
+        GuidanceSchedule::Decreasing,
+    ] {
+        let decoded = generate::autoregressive(
+            &model,
+            &cond,
+            &generate::Decoding {
+                max_new: 6,
+                segment: Segment::Image,
+                allowed: &grammar,
+                stop: None,
+                temperature: 0.0,
+                mode: RoutingMode::TopK,
+                guidance: Some((&uncond, w)),
+                guidance_schedule: schedule,
+            },
+            Device::Cpu,
+        )
+        .unwrap();
+        let extend = |s: &Sequence, toks: &[i64]| {
+            let mut s = s.clone();
+            for t in toks {
+                s.attn_upto.push(s.tokens.len() as i64);
+                s.tokens.push(*t);
+                s.labels.push(unimod_tok::IGNORE);
+                s.segments.push(Segment::Image);
+            }
+            s
+        };
+        for (i, toks) in decoded.iter().enumerate() {
+            assert_eq!(toks.len(), 6);
+            for k in 0..toks.len() {
+                let rows = [extend(&cond[i], &toks[..k]), extend(&uncond[i], &toks[..k])];
+                let logits = tch::no_grad(|| {
+                    model
+                        .forward(&batch(&rows), &Default::default())
+                        .unwrap()
+                        .logits
+                });
+                let at = |r: i64| logits.get(r).get(rows[0].len() as i64 - 1);
+                let allowed = grammar(k);
+                let pick = |l: Tensor| {
+                    l.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY)
+                        .argmax(-1, false)
+                        .int64_value(&[])
+                };
+                // Position k is guided at the schedule's weight for step k of 6.
+                let wk = schedule.weight(w, k, 6);
+                assert_eq!(
+                    toks[k],
+                    pick(at(0) * (1.0 + wk) - at(1) * wk),
+                    "{schedule:?}: row {i}, token {k}"
+                );
+                unguided_differs |= toks[k] != pick(at(0));
+            }
         }
     }
     assert!(

@@ -132,6 +132,14 @@ pub struct EvalReport {
     pub val_loss_causal: BTreeMap<String, f64>,
 }
 
+/// A short name for an evaluation under `overrides` (`--set` values): 8 hex digits of their
+/// SHA-256, so that the same settings land in the same folder.
+pub fn overrides_digest(overrides: &[String]) -> String {
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(overrides.join("\n").as_bytes());
+    hash.iter().take(4).map(|b| format!("{b:02x}")).collect()
+}
+
 /// Validation losses, T2I by the judge and MMU by exact match, with their controls, for the
 /// model `model` of a run.
 pub fn evaluate(
@@ -314,6 +322,7 @@ pub fn images(
                     temperature: cfg.eval.sampling.temperature,
                     mode: generate::mode_for(model, Task::T2I),
                     guidance: (guidance > 0.0).then_some((uncond.as_slice(), guidance)),
+                    guidance_schedule: cfg.eval.sampling.guidance_schedule,
                 },
                 ctx.device,
             )?;
@@ -361,6 +370,7 @@ pub fn answers(
             temperature: 0.0,
             mode: generate::mode_for(model, Task::MMU),
             guidance: None,
+            guidance_schedule: Default::default(),
         },
         ctx.device,
     )?;

@@ -113,6 +113,11 @@ enum Command {
         /// Overrides of the run's config (e.g. `eval.t2i_samples=128`).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
+        /// Folder for `eval.json`, the sample grid and the resolved config. Default: the run
+        /// directory without `--set`; with `--set`, `<run>/evals/<digest of the overrides>`, so
+        /// that the run's own evaluation is never replaced by one under other settings.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Generate images from captions (PNG grid) and answers to questions about validation images.
     Generate {
@@ -337,20 +342,31 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval {
             checkpoint,
             overrides,
+            out,
         } => {
             let cfg = run_config(&checkpoint, &overrides)?;
             let device = unimod_train::device::parse(&cfg.train.device)?;
             let ctx = train::RunContext::new(&cfg, device)?;
             let (_vs, model) = unimod_train::load::model_from_run(&checkpoint, &ctx)?;
-            let out = if checkpoint.join("checkpoints").exists() {
+            let run = if checkpoint.join("checkpoints").exists() {
                 checkpoint.clone()
             } else {
                 checkpoint.join("..").join("..")
             };
+            let out = match (out, overrides.is_empty()) {
+                (Some(out), _) => out,
+                (None, true) => run,
+                (None, false) => run.join("evals").join(eval::overrides_digest(&overrides)),
+            };
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            if !overrides.is_empty() {
+                unimod_train::write(out.join("eval.toml"), &toml::to_string(&cfg)?)?;
+            }
             let r = eval::evaluate(&ctx, &cfg, &model, &out)?;
             let json = serde_json::to_string_pretty(&r)?;
             unimod_train::write(out.join("eval.json"), &json)?;
             println!("{json}");
+            eprintln!("written to {}", out.display());
         }
         Command::Generate {
             checkpoint,

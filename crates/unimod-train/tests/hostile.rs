@@ -39,6 +39,10 @@ fn hostile_config_values_are_refused_by_name() {
         ("eval.sampling.steps=0", "eval.sampling.steps"),
         ("eval.sampling.temperature=nan", "eval.sampling.temperature"),
         ("eval.sampling.guidance=-1", "eval.sampling.guidance"),
+        (
+            "eval.sampling.guidance_schedule=\"wavy\"",
+            "guidance_schedule",
+        ),
         ("eval.t2i_samples=0", "eval.t2i_samples"),
         ("eval.mmu_samples=0", "eval.mmu_samples"),
         ("eval.max_answer_tokens=100000", "eval.max_answer_tokens"),

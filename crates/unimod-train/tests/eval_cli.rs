@@ -1,0 +1,90 @@
+//! `unimod eval` never replaces a run's own evaluation with one under other settings: with
+//! `--set` it writes to `<run>/evals/<digest>/` (with the resolved config), or to `--out`.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+fn unimod(cache: &Path, args: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_unimod"))
+        .args(args)
+        .env("UNIMOD_CACHE", cache)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        o.status.success(),
+        "unimod {args:?}: {}\n{stderr}",
+        o.status
+    );
+    stderr
+}
+
+#[test]
+fn evaluations_under_other_settings_keep_the_runs_own() {
+    let root = std::env::temp_dir().join(format!("unimod-eval-cli-{}", std::process::id()));
+    let (cache, run) = (root.join("cache"), root.join("run"));
+    let run_s = run.to_str().unwrap();
+    let mut train = vec!["train", "--out", run_s];
+    for s in common::MINIATURE {
+        train.extend(["--set", s]);
+    }
+    unimod(&cache, &train);
+    // The run's own evaluation (what an experiment's report reads).
+    let own = b"{ \"the run's own\": true }";
+    std::fs::write(run.join("eval.json"), own).unwrap();
+    let small = ["--set", "eval.t2i_samples=2", "--set", "eval.mmu_samples=2"];
+    unimod(
+        &cache,
+        &[&["eval", "--checkpoint", run_s][..], &small].concat(),
+    );
+    // Other settings: a folder of their own, named by them, with the config they resolve to.
+    let other = [
+        &small[..],
+        &[
+            "--set",
+            "eval.sampling={ guidance = 0.5, guidance_schedule = \"increasing\" }",
+        ],
+    ]
+    .concat();
+    let said = unimod(
+        &cache,
+        &[&["eval", "--checkpoint", run_s][..], &other].concat(),
+    );
+    let kept = std::fs::read(run.join("eval.json")).unwrap();
+    assert_eq!(kept, own, "the run's own evaluation is kept");
+    let evals: Vec<_> = std::fs::read_dir(run.join("evals"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(evals.len(), 2, "{evals:?}"); // the small one and the guided one
+    let guided = evals
+        .iter()
+        .find(|d| {
+            std::fs::read_to_string(d.join("eval.toml"))
+                .unwrap()
+                .contains("guidance_schedule = \"increasing\"")
+        })
+        .expect("the guided evaluation's resolved config");
+    assert!(guided.join("eval.json").exists());
+    assert!(said.contains(guided.to_str().unwrap()), "{said}");
+    // --out: where the user says.
+    let out = root.join("elsewhere");
+    unimod(
+        &cache,
+        &[
+            &[
+                "eval",
+                "--checkpoint",
+                run_s,
+                "--out",
+                out.to_str().unwrap(),
+            ][..],
+            &other,
+        ]
+        .concat(),
+    );
+    assert!(out.join("eval.json").exists());
+    std::fs::remove_dir_all(&root).unwrap();
+}
