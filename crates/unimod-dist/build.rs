@@ -9,6 +9,12 @@ use std::path::PathBuf;
 fn main() {
     link::main();
     println!("cargo:rerun-if-changed=csrc/c10d.cpp");
+    // The error convention every shim shares lives beside unimod-kernels' shims.
+    let shared = std::path::Path::new("../unimod-kernels/csrc");
+    println!(
+        "cargo:rerun-if-changed={}",
+        shared.join("guarded.h").display()
+    );
     let Ok(libtorch) = std::env::var("LIBTORCH").map(PathBuf::from) else {
         return;
     };
@@ -20,6 +26,7 @@ fn main() {
         .file("csrc/c10d.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
+        .include(shared)
         .flag("-std=c++17")
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .flag("-DGLOG_USE_GLOG_EXPORT")

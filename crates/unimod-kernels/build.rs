@@ -29,6 +29,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/graph.cpp");
     println!("cargo:rerun-if-changed=csrc/adamw.cpp");
     println!("cargo:rerun-if-changed=csrc/ops.cpp");
+    println!("cargo:rerun-if-changed=csrc/guarded.h");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let Ok(libtorch) = std::env::var("LIBTORCH").map(PathBuf::from) else {
         return;

@@ -7,12 +7,15 @@
 // ProcessGroupNCCL is not used because its headers include the CUDA toolkit's (CCCL, nvcc's
 // crt/), which the wheel does not ship.
 // Compiled against the same libtorch as tch, as torch-sys compiles its own wrapper. No C++
-// exception crosses the boundary: every entry point catches and returns the message.
+// exception crosses the boundary: every entry point catches and returns the message (the shared
+// crates/unimod-kernels/csrc/guarded.h).
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <dlfcn.h>
+
+#include "guarded.h"
 
 #include <cstring>
 #include <stdexcept>
@@ -23,26 +26,8 @@ namespace {
 
 using Store = c10::intrusive_ptr<c10d::Store>;
 
-// Copies `msg` into the caller's buffer (always NUL-terminated) and returns -1.
-int fail(const char* msg, char* err, size_t err_len) {
-  if (err_len > 0) {
-    std::strncpy(err, msg, err_len - 1);
-    err[err_len - 1] = '\0';
-  }
-  return -1;
-}
-
-template <typename F>
-int guarded(char* err, size_t err_len, F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    return fail(e.what(), err, err_len);
-  } catch (...) {
-    return fail("unknown C++ exception", err, err_len);
-  }
-}
+using unimod::fail;
+using unimod::guarded;
 
 }  // namespace
 

@@ -2,14 +2,14 @@
 // gradient and moments, where the written-out update launches about sixteen kernels per
 // parameter; and the multi-tensor norm that clipping reads. tch does not wrap the multi-tensor
 // ops, so this shim does. It needs no CUDA header: it is compiled whatever the libtorch. No C++
-// exception crosses the boundary.
+// exception crosses the boundary (guarded.h).
 #include <ATen/Functions.h>
 #include <ATen/core/Tensor.h>
 
-#include <cstring>
-#include <exception>
 #include <optional>
 #include <vector>
+
+#include "guarded.h"
 
 namespace {
 
@@ -33,7 +33,7 @@ int unimod_fused_adamw(void* const* params, void* const* grads, void* const* exp
                        void* const* exp_avg_sqs, size_t n, void* step, double lr, double beta1,
                        double beta2, double weight_decay, double eps, void* grad_scale, char* err,
                        size_t err_len) {
-  try {
+  return unimod::guarded(err, err_len, [&] {
     // Every parameter reads the same step count.
     std::vector<at::Tensor> steps(n, *static_cast<at::Tensor*>(step));
     std::optional<at::Tensor> scale;
@@ -43,30 +43,16 @@ int unimod_fused_adamw(void* const* params, void* const* grads, void* const* exp
     at::_fused_adamw_(tensors(params, n), tensors(grads, n), tensors(exp_avgs, n),
                       tensors(exp_avg_sqs, n), {}, steps, lr, beta1, beta2, weight_decay, eps,
                       /*amsgrad=*/false, /*maximize=*/false, scale, std::nullopt);
-    return 0;
-  } catch (const std::exception& e) {
-    if (err_len > 0) {
-      std::strncpy(err, e.what(), err_len - 1);
-      err[err_len - 1] = '\0';
-    }
-    return -1;
-  }
+  });
 }
 
 // The global L2 norm of `n` tensors, as a new f32 scalar tensor (`*out`, a tch `C_tensor` the
 // caller owns): one multi-tensor norm, then the norm of the norms (clip_grad_norm_'s way).
 int unimod_global_norm(void* const* ts, size_t n, void** out, char* err, size_t err_len) {
-  try {
+  return unimod::guarded(err, err_len, [&] {
     auto norms = at::_foreach_norm(tensors(ts, n), 2, at::kFloat);
     *out = new at::Tensor(at::stack(norms).norm());
-    return 0;
-  } catch (const std::exception& e) {
-    if (err_len > 0) {
-      std::strncpy(err, e.what(), err_len - 1);
-      err[err_len - 1] = '\0';
-    }
-    return -1;
-  }
+  });
 }
 
 }  // extern "C"

@@ -7,11 +7,10 @@
 // `cargo xtask setup` installs those two header packages next to the wheel's own CUDA headers.
 // Where they are absent (a CPU libtorch, a machine without setup) build.rs leaves
 // UNIMOD_CUDA_GRAPHS undefined and every entry point says the shim was built without them.
-// No C++ exception crosses the boundary: every entry point catches and returns the message.
-#include <cstddef>
-#include <cstring>
-#include <exception>
+// No C++ exception crosses the boundary (guarded.h).
 #include <memory>
+
+#include "guarded.h"
 
 #ifdef UNIMOD_CUDA_GRAPHS
 #include <ATen/cuda/CUDAGraph.h>
@@ -21,26 +20,8 @@
 
 namespace {
 
-// Copies `msg` into the caller's buffer (always NUL-terminated) and returns -1.
-int fail(const char* msg, char* err, size_t err_len) {
-  if (err_len > 0) {
-    std::strncpy(err, msg, err_len - 1);
-    err[err_len - 1] = '\0';
-  }
-  return -1;
-}
-
-template <typename F>
-int guarded(char* err, size_t err_len, F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    return fail(e.what(), err, err_len);
-  } catch (...) {
-    return fail("unknown C++ exception", err, err_len);
-  }
-}
+using unimod::fail;
+using unimod::guarded;
 
 constexpr const char* kNotBuilt = "unimod-kernels was built without CUDA graphs";
 

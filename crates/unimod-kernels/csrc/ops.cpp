@@ -10,9 +10,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <exception>
 #include <string_view>
 #include <vector>
+
+#include "guarded.h"
 
 namespace {
 
@@ -73,7 +74,7 @@ extern "C" {
 
 // Starts counting (from zero) on every thread. Returns 0, or -1 with the message in `err`.
 int unimod_ops_begin(char* err, size_t err_len) {
-  try {
+  return unimod::guarded(err, err_len, [&] {
     if (handle == 0) {
       handle = at::addGlobalCallback(
           at::RecordFunctionCallback(on_start, on_end).scopes({at::RecordScope::FUNCTION}));
@@ -83,14 +84,7 @@ int unimod_ops_begin(char* err, size_t err_len) {
     leaves = 0;
     all_ops = 0;
     counting = true;
-    return 0;
-  } catch (const std::exception& e) {
-    if (err_len > 0) {
-      std::strncpy(err, e.what(), err_len - 1);
-      err[err_len - 1] = '\0';
-    }
-    return -1;
-  }
+  });
 }
 
 // Stops counting and removes the observer; `*kernels`: leaf operators that compute, `*ops`:

@@ -12,6 +12,15 @@ fn this_build_has_cuda_graphs() {
     assert!(graphs_built(), "{}", CudaError::NotBuilt);
 }
 
+/// The GPU, where there is one (elsewhere only the CPU refusals are tested).
+fn cuda() -> Option<Device> {
+    let there = tch::Cuda::is_available();
+    if !there {
+        eprintln!("no CUDA device: only the CPU refusals are tested here");
+    }
+    there.then_some(Device::Cuda(0))
+}
+
 #[test]
 fn a_cpu_device_is_refused_without_running_the_work() {
     let mut ran = false;
@@ -24,11 +33,9 @@ fn a_cpu_device_is_refused_without_running_the_work() {
 
 #[test]
 fn a_captured_step_replays_the_eager_result_on_new_inputs() {
-    if !tch::Cuda::is_available() {
-        eprintln!("no CUDA device: only the CPU refusals are tested here");
+    let Some(device) = cuda() else {
         return;
-    }
-    let device = Device::Cuda(0);
+    };
     tch::manual_seed(0);
     let w = Tensor::randn([32, 32], (Kind::Float, device)).set_requires_grad(true);
     let x = Tensor::zeros([8, 32], (Kind::Float, device));
@@ -68,11 +75,9 @@ fn a_captured_step_replays_the_eager_result_on_new_inputs() {
 
 #[test]
 fn a_host_read_under_capture_fails_and_the_device_stays_usable() {
-    if !tch::Cuda::is_available() {
-        eprintln!("no CUDA device: only the CPU refusals are tested here");
+    let Some(device) = cuda() else {
         return;
-    }
-    let device = Device::Cuda(0);
+    };
     let x = Tensor::ones([4], (Kind::Float, device));
     let err = Graph::capture(device, || {
         let _ = (&x * 2.0).sum(Kind::Float).double_value(&[]);

@@ -27,12 +27,7 @@ fn median_seconds(id: &str) -> Option<f64> {
 fn run(c: &mut Criterion) {
     let mut all = Vec::new();
     for d in [128, 512] {
-        let shape = Shape {
-            d_model: d,
-            n_layers: 8,
-            per_task: 4,
-            image_side: 8,
-        };
+        let shape = Shape::at_width(d);
         let (b, vs) =
             bench::variants(shape, &CAPACITIES, Device::Cpu).expect("benchmark shapes are valid");
         let mut g = c.benchmark_group(format!("step-d{d}"));

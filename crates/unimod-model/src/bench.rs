@@ -23,6 +23,19 @@ pub struct Shape {
     pub image_side: usize,
 }
 
+impl Shape {
+    /// The criterion benches' shape at width `d_model`: 8 layers, 4 T2I + 4 MMU sequences of
+    /// 64 image codes (`unimod bench`'s defaults).
+    pub fn at_width(d_model: i64) -> Shape {
+        Shape {
+            d_model,
+            n_layers: 8,
+            per_task: 4,
+            image_side: 8,
+        }
+    }
+}
+
 /// One benchmarked model: dense or a schedule, with its weights.
 pub struct Variant {
     /// Its name in the table.

@@ -10,12 +10,7 @@ use unimod_train::optim::{AdamW, Update};
 
 fn run(c: &mut Criterion) {
     for d in [128, 512] {
-        let shape = Shape {
-            d_model: d,
-            n_layers: 8,
-            per_task: 4,
-            image_side: 8,
-        };
+        let shape = Shape::at_width(d);
         let (b, vs) = bench::variants(shape, &[], Device::Cpu).expect("benchmark shapes are valid");
         let dense = &vs[0];
         bench::step(dense, &b);
