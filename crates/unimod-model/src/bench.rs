@@ -180,8 +180,17 @@ pub fn time_steps(
             step(v, b);
         }
     }
-    let mut steps: Vec<_> = vs.iter().map(|v| move || step(v, b)).collect();
-    interleaved(&mut steps, device, rounds)
+    let mut steps: Vec<_> = vs
+        .iter()
+        .map(|v| {
+            move || {
+                step(v, b);
+                Ok::<(), std::convert::Infallible>(())
+            }
+        })
+        .collect();
+    let Ok(seconds) = interleaved(&mut steps, device, rounds);
+    seconds
 }
 
 /// The steps of [`time_steps`], each captured once in a CUDA graph and timed as one replay
@@ -218,16 +227,8 @@ pub fn time_graphed_steps(
         }
         graphs.push(graph);
     }
-    let mut replays: Vec<_> = graphs
-        .iter()
-        .map(|g| {
-            move || {
-                g.replay()
-                    .expect("a graph that replayed once replays again")
-            }
-        })
-        .collect();
-    Ok((interleaved(&mut replays, device, rounds), worst))
+    let mut replays: Vec<_> = graphs.iter().map(|g| move || g.replay()).collect();
+    Ok((interleaved(&mut replays, device, rounds)?, worst))
 }
 
 /// Operators one step of each variant dispatches (counted over one step, after a warm-up
@@ -267,25 +268,29 @@ pub fn op_rows(
         .collect()
 }
 
-/// Median seconds of each of `steps` over `rounds` interleaved rounds.
-fn interleaved(steps: &mut [impl FnMut()], device: Device, rounds: usize) -> Vec<f64> {
+/// Median seconds of each of `steps` over `rounds` interleaved rounds; the first error ends it.
+fn interleaved<E>(
+    steps: &mut [impl FnMut() -> Result<(), E>],
+    device: Device,
+    rounds: usize,
+) -> Result<Vec<f64>, E> {
     sync(device);
     let mut times = vec![Vec::with_capacity(rounds); steps.len()];
     for _ in 0..rounds {
         for (step, t) in steps.iter_mut().zip(&mut times) {
             let start = Instant::now();
-            step();
+            step()?;
             sync(device);
             t.push(start.elapsed().as_secs_f64());
         }
     }
-    times
+    Ok(times
         .into_iter()
         .map(|mut t| {
             t.sort_by(f64::total_cmp);
             t[t.len() / 2]
         })
-        .collect()
+        .collect())
 }
 
 /// Measured f32 matmul rate of the device, FLOP/s (the denominator of MFU).

@@ -38,6 +38,11 @@ pub struct AdamW {
     pub step: i64,
     /// How the update runs.
     pub update: Update,
+    /// The fused update's f32 scalars on the parameters' device: the step count and the
+    /// gradient divisor (clipping), refilled each step rather than copied from the host, which
+    /// would synchronise a GPU.
+    step_count: Tensor,
+    grad_divisor: Tensor,
     beta1: f64,
     beta2: f64,
     eps: f64,
@@ -57,7 +62,10 @@ impl AdamW {
         let v = params.iter().map(|(_, p)| p.zeros_like()).collect();
         // Matrices (and embeddings) decay; biases, norms and vectors do not.
         let decay = params.iter().map(|(_, p)| p.dim() >= 2).collect();
+        let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
         AdamW {
+            step_count: Tensor::zeros([], (Kind::Float, device)),
+            grad_divisor: Tensor::ones([], (Kind::Float, device)),
             params,
             compute: None,
             clip_scale: 1.0,
@@ -187,12 +195,11 @@ impl AdamW {
     /// one for the rest, clipping as a gradient divisor.
     fn fused_step(&mut self, lr: f64) -> Result<(), adamw::AdamwError> {
         let grads: Vec<Tensor> = (0..self.params.len()).map(|i| self.grad(i)).collect();
-        let Some(device) = grads.iter().find(|g| g.defined()).map(Tensor::device) else {
-            return Ok(());
-        };
-        let step = Tensor::from(self.step as f32).to_device(device);
-        let scale = (self.clip_scale != 1.0)
-            .then(|| Tensor::from((1.0 / self.clip_scale) as f32).to_device(device));
+        let _ = self.step_count.fill_(self.step as f64);
+        let clipped = self.clip_scale != 1.0;
+        if clipped {
+            let _ = self.grad_divisor.fill_(1.0 / self.clip_scale);
+        }
         for decay in [true, false] {
             let at: Vec<usize> = (0..self.params.len())
                 .filter(|&i| self.decay[i] == decay && grads[i].defined())
@@ -208,7 +215,8 @@ impl AdamW {
                 weight_decay: if decay { self.weight_decay } else { 0.0 },
                 eps: self.eps,
             };
-            adamw::step(&params, &grads, &m, &v, &step, hyper, scale.as_ref())?;
+            let divisor = clipped.then_some(&self.grad_divisor);
+            adamw::step(&params, &grads, &m, &v, &self.step_count, hyper, divisor)?;
         }
         Ok(())
     }
