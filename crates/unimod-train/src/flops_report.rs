@@ -7,7 +7,7 @@ use std::fmt::Write;
 use unimod_model::flops::{self, Composition, Flops};
 use unimod_model::layer::Work;
 use unimod_router::Schedule;
-use unimod_router::schedule::{LayerSet, NamedLayers, Ramp, Routers};
+use unimod_router::schedule::{LayerPlan, LayerSet, NamedLayers, Ramp, Routers};
 use unimod_tok::{Batch, Task};
 
 /// The schedules of the UniMoD paper (§5.1), by name.
@@ -228,16 +228,19 @@ fn composition(cfg: &RunConfig, task: Task) -> Result<Composition> {
 
 /// Dense and routed forward FLOPs of real batches: their text lengths and padding, which
 /// full-length sequences (`report`) leave out. Dense layers compute padding; a routed layer
-/// gathers each task's run of samples to the widest sample's kept tokens, so on padded batches
+/// gathers each task's samples to the widest sample's kept tokens, so on padded batches
 /// routing saves more than the full-length prediction. This is the prediction an experiment's
-/// counted FLOPs match.
+/// counted FLOPs match. Also counts the batches' distinct gather-width signatures: the shapes
+/// of the routed step, which a CUDA graph of it would be keyed by.
 pub fn over_batches(cfg: &RunConfig, schedule: &Schedule, batches: &[Batch]) -> Result<BatchFlops> {
     let m = &cfg.model;
     let plans = schedule.resolve(m.n_layers)?;
     let dense_plans = Schedule::Dense.resolve(m.n_layers)?;
     let (mut dense, mut routed) = (Flops::default(), Flops::default());
     let (mut tokens, mut pad, mut sequences) = (0usize, 0usize, 0usize);
+    let mut signatures = std::collections::HashSet::new();
     for b in batches {
+        let mut signature = Vec::new();
         let rows: Vec<Composition> = b
             .tasks
             .iter()
@@ -247,10 +250,20 @@ pub fn over_batches(cfg: &RunConfig, schedule: &Schedule, batches: &[Batch]) -> 
                 segments: *segments,
             })
             .collect();
-        // Contiguous runs of one task: the groups a routed layer gathers at one width.
-        for group in rows.chunk_by(|a, b| a.task == b.task) {
+        // Each task's samples: the groups a routed layer gathers at one width.
+        let mut groups: Vec<Vec<Composition>> = Vec::new();
+        for row in rows {
+            match groups.iter_mut().find(|g| g[0].task == row.task) {
+                Some(g) => g.push(row),
+                None => groups.push(vec![row]),
+            }
+        }
+        for group in &groups {
             let head = group.iter().map(Composition::len).sum::<usize>() as f64;
-            for (plans, sum) in [(&dense_plans, &mut dense), (&plans, &mut routed)] {
+            for (routing, plans, sum) in [
+                (false, &dense_plans, &mut dense),
+                (true, &plans, &mut routed),
+            ] {
                 let per_row: Vec<Vec<Work>> = group
                     .iter()
                     .map(|seq| flops::analytic_work(m, plans, seq))
@@ -261,6 +274,10 @@ pub fn over_batches(cfg: &RunConfig, schedule: &Schedule, batches: &[Batch]) -> 
                             per_row.iter().map(|w| f(&w[l])).fold(0.0, f64::max)
                         };
                         let width = widest(|w| w.tokens);
+                        // Only routed layers gather: the others compute the whole frame.
+                        if routing && matches!(plans[l], LayerPlan::Routed { .. }) {
+                            signature.push(width as i64);
+                        }
                         let n = group.len() as f64;
                         // MoMa's experts are padded to the sample that fills them most, as
                         // the routed layer's gather is to its widest sample.
@@ -281,6 +298,7 @@ pub fn over_batches(cfg: &RunConfig, schedule: &Schedule, batches: &[Batch]) -> 
                 .sum::<usize>();
             sequences += group.len();
         }
+        signatures.insert(signature);
     }
     Ok(BatchFlops {
         dense,
@@ -288,6 +306,7 @@ pub fn over_batches(cfg: &RunConfig, schedule: &Schedule, batches: &[Batch]) -> 
         batches: batches.len(),
         sequences,
         padding: pad as f64 / tokens.max(1) as f64,
+        width_signatures: signatures.len(),
     })
 }
 
@@ -304,6 +323,9 @@ pub struct BatchFlops {
     pub sequences: usize,
     /// Share of the batches' positions that are padding.
     pub padding: f64,
+    /// Distinct signatures of the routed step's gather widths (every layer's width for every
+    /// task group) among the batches.
+    pub width_signatures: usize,
 }
 
 impl std::fmt::Display for BatchFlops {
@@ -312,12 +334,14 @@ impl std::fmt::Display for BatchFlops {
             f,
             "Over {} training batches ({} sequences, {:.1} % of their positions padding): \
              forward FLOPs saved {:.1} % linear only, {:.1} % total — what an experiment with \
-             this config counts.",
+             this config counts. The routed step takes {} distinct shapes (gather-width \
+             signatures) over these batches.",
             self.batches,
             self.sequences,
             100.0 * self.padding,
             saving(self.dense.linear, self.routed.linear),
-            saving(self.dense.total(), self.routed.total())
+            saving(self.dense.total(), self.routed.total()),
+            self.width_signatures
         )
     }
 }

@@ -207,16 +207,16 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
                 .unwrap()
         })
         .collect();
-    let counted = batches
-        .iter()
-        .map(|b| {
-            let out = routed
-                .forward(b, &unimod_model::ForwardOptions::default())
-                .unwrap();
-            let n = (b.size() as i64 * b.seq_len()) as f64;
-            unimod_model::flops::forward(&cfg.model, &out.work, n).total()
-        })
-        .sum::<f64>();
+    // Each batch's FLOPs as counted, and the tokens its layers computed (its step's shapes).
+    let (mut counted, mut shapes) = (0.0, std::collections::HashSet::new());
+    for b in &batches {
+        let out = routed
+            .forward(b, &unimod_model::ForwardOptions::default())
+            .unwrap();
+        let n = (b.size() as i64 * b.seq_len()) as f64;
+        counted += unimod_model::flops::forward(&cfg.model, &out.work, n).total();
+        shapes.insert(out.work.iter().map(|w| w.tokens as u64).collect::<Vec<_>>());
+    }
     let predicted =
         unimod_train::flops_report::over_batches(&cfg, &cfg.model.routing.schedule, &batches)
             .unwrap();
@@ -226,6 +226,19 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
         "predicted {} vs counted {counted}",
         predicted.routed.total()
     );
+    // The tokens computed follow from the gather widths, so there are no more shapes than
+    // width signatures; a dense model's step has one shape.
+    assert!(
+        (1..=batches.len()).contains(&predicted.width_signatures)
+            && predicted.width_signatures >= shapes.len(),
+        "{} signatures, {} shapes",
+        predicted.width_signatures,
+        shapes.len()
+    );
+    let dense =
+        unimod_train::flops_report::over_batches(&cfg, &unimod_router::Schedule::Dense, &batches)
+            .unwrap();
+    assert_eq!(dense.width_signatures, 1);
 
     let t = train::data_throughput(&ctx, &cfg, 3, 1).unwrap();
     assert!(t.batches_per_s > 0.0 && t.steps_per_s > 0.0);
