@@ -105,6 +105,27 @@ impl Group {
     }
 }
 
+/// Each task's rows of `b`, tasks in order of first appearance.
+fn rows_per_task(b: &Batch) -> Vec<(Task, Vec<usize>)> {
+    let mut tasks: Vec<(Task, Vec<usize>)> = Vec::new();
+    for (i, task) in b.tasks.iter().enumerate() {
+        match tasks.iter_mut().find(|(t, _)| t == task) {
+            Some((_, rows)) => rows.push(i),
+            None => tasks.push((*task, vec![i])),
+        }
+    }
+    tasks
+}
+
+/// Valid (non-padding) tokens per task of `b` (what [`RoutingStats::total`] holds).
+pub(crate) fn valid_per_task(b: &Batch) -> BTreeMap<Task, usize> {
+    let mut total = BTreeMap::new();
+    for i in 0..b.size() {
+        *total.entry(b.tasks[i]).or_insert(0) += b.seq_len() as usize - b.count(i, &[Segment::Pad]);
+    }
+    total
+}
+
 /// How a routed layer's top-k runs on a batch (built once per forward for all layers with the
 /// same capacities): its groups, the tokens it processes per task (host counts), and, when the
 /// groups are not in batch order, `[B]` the rows of the groups' concatenation that restore it.
@@ -687,35 +708,12 @@ impl RoutedLayer {
     /// task, counted on the host.
     fn budget(&self, input: &LayerInput, shared: &Shared) -> TopK {
         let b = input.batch;
-        let mut processed = BTreeMap::new();
-        let n_keep: Vec<usize> = (0..b.size())
-            .map(|i| {
-                let task = b.tasks[i];
-                let valid = b.seq_len() as usize - b.count(i, &[Segment::Pad]);
-                let keep = match self.capacity.get(task) {
-                    None => valid,
-                    Some(c) => {
-                        let n_routable = b.count(i, &input.routable_segments);
-                        valid - n_routable + tokens_kept(c, n_routable)
-                    }
-                };
-                *processed.entry(task).or_insert(0) += keep;
-                keep
-            })
-            .collect();
-        // The same k as the host counts above (same f64 arithmetic as `tokens_kept`), computed
-        // from device tensors; the host counts give only the gather widths and the statistics.
+        let processed = self.processed(b, &input.routable_segments);
+        // The same k as the host counts of `widths` (same f64 arithmetic as `tokens_kept`),
+        // computed from device tensors; the host counts give only the gather widths and the
+        // statistics.
         let n_keep_t = select::keep_per_sample(&shared.routable, &shared.forced, &shared.capacity);
-        // Each task's samples, tasks in order of first appearance.
-        let mut tasks: Vec<(Task, Vec<usize>)> = Vec::new();
-        for (i, task) in b.tasks.iter().enumerate() {
-            match tasks.iter_mut().find(|(t, _)| t == task) {
-                Some((_, rows)) => rows.push(i),
-                None => tasks.push((*task, vec![i])),
-            }
-        }
-        let width =
-            |rows: &[usize]| rows.iter().map(|&i| n_keep[i]).max().unwrap_or(1).max(1) as i64;
+        let tasks = rows_per_task(b);
         let group = |rows: Rows, width: i64| Group {
             budget: select::Budget::new(
                 &rows.of(&shared.routable),
@@ -725,7 +723,7 @@ impl RoutedLayer {
             ),
             rows,
         };
-        let widths: Vec<i64> = tasks.iter().map(|(_, rows)| width(rows)).collect();
+        let widths = self.widths(b, &input.routable_segments);
         // Splitting saves nothing when every task has the same width (capacity 1, one task):
         // then the whole batch is one group, which keeps those cases bit-identical to dense.
         if widths.iter().all(|w| *w == widths[0]) {
@@ -777,6 +775,51 @@ impl RoutedLayer {
         }
     }
 
+    /// Each sample's kept tokens in top-k mode, counted on the host: its valid tokens, of
+    /// which `tokens_kept(capacity, n)` of its `n` routable ones for a routed task.
+    fn kept_per_sample(&self, b: &Batch, routable_segments: &[Segment]) -> Vec<usize> {
+        (0..b.size())
+            .map(|i| {
+                let valid = b.seq_len() as usize - b.count(i, &[Segment::Pad]);
+                match self.capacity.get(b.tasks[i]) {
+                    None => valid,
+                    Some(c) => {
+                        let n_routable = b.count(i, routable_segments);
+                        valid - n_routable + tokens_kept(c, n_routable)
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// The gather width of each task group of `b` in top-k mode (tasks in order of first
+    /// appearance): with the batch's rows, what fixes the shapes this layer's step runs on.
+    pub(crate) fn widths(&self, b: &Batch, routable_segments: &[Segment]) -> Vec<i64> {
+        let n_keep = self.kept_per_sample(b, routable_segments);
+        rows_per_task(b)
+            .iter()
+            .map(|(_, rows)| rows.iter().map(|&i| n_keep[i]).max().unwrap_or(1).max(1) as i64)
+            .collect()
+    }
+
+    /// Tokens processed per task of `b` in top-k mode (what [`RoutingStats::processed`]
+    /// holds), counted on the host.
+    pub(crate) fn processed(
+        &self,
+        b: &Batch,
+        routable_segments: &[Segment],
+    ) -> BTreeMap<Task, usize> {
+        let mut processed = BTreeMap::new();
+        for (task, keep) in b
+            .tasks
+            .iter()
+            .zip(self.kept_per_sample(b, routable_segments))
+        {
+            *processed.entry(*task).or_insert(0) += keep;
+        }
+        processed
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn stats(
         &self,
@@ -788,15 +831,10 @@ impl RoutedLayer {
         predictor_logits: Option<Tensor>,
         processed: Option<BTreeMap<Task, usize>>,
     ) -> RoutingStats {
-        let mut total = BTreeMap::new();
-        for i in 0..b.size() {
-            *total.entry(b.tasks[i]).or_insert(0) +=
-                b.seq_len() as usize - b.count(i, &[Segment::Pad]);
-        }
         RoutingStats {
             layer,
             processed,
-            total,
+            total: valid_per_task(b),
             scores: score.detach(),
             processed_mask: processed_mask.shallow_clone(),
             routable: routable.shallow_clone(),

@@ -24,5 +24,7 @@ pub mod moma;
 pub use config::{
     BlockStyle, ConfigError, FfnKind, Flavour, ImagePositions, LossWeights, ModelConfig, NormKind,
 };
-pub use model::{ForwardOptions, KeepTokens, KvCache, Losses, ModelOutput, UnifiedTransformer};
+pub use model::{
+    ForwardOptions, KeepTokens, KvCache, Losses, ModelOutput, RoutingCounts, UnifiedTransformer,
+};
 pub use moma::MomaConfig;

@@ -135,6 +135,17 @@ pub struct UnifiedTransformer {
     rope: Rope,
 }
 
+/// One routed layer's host counts on a batch ([`UnifiedTransformer::routing_counts`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingCounts {
+    /// The layer's index.
+    pub layer: usize,
+    /// Tokens it processes per task.
+    pub processed: BTreeMap<Task, usize>,
+    /// Valid tokens per task.
+    pub total: BTreeMap<Task, usize>,
+}
+
 /// Key/value caches of every layer for incremental decoding.
 #[derive(Debug, Default)]
 pub struct KvCache {
@@ -312,6 +323,53 @@ impl UnifiedTransformer {
         &self.layers
     }
 
+    /// The segments routers may route (never padding).
+    fn routable_segments(&self) -> Vec<Segment> {
+        let routable = self.cfg.routing.routable.iter().copied();
+        routable.filter(|g| *g != Segment::Pad).collect()
+    }
+
+    /// What fixes the shapes of a top-k forward and backward on `batch`: its size, length and
+    /// each row's task, and every routed layer's gather widths. Two batches of one shape run
+    /// the same kernels on tensors of the same sizes, so a CUDA graph captured on one replays
+    /// the other with its tensors copied in (Mixture-of-Transformers and MoMa size their
+    /// dispatch from the device, so they have no such shape: `None`).
+    pub fn step_shape(&self, batch: &Batch) -> Option<Vec<i64>> {
+        if self.cfg.mot || self.cfg.moma.is_some() {
+            return None;
+        }
+        let mut shape = vec![batch.size() as i64, batch.seq_len()];
+        let tasks = batch.tasks.iter();
+        shape.extend(tasks.map(|t| self.cfg.task_index(*t).map_or(-1, |i| i as i64)));
+        let segments = self.routable_segments();
+        for layer in &self.layers {
+            if let crate::layer::LayerKind::Routed(r) = &layer.kind {
+                shape.push(-1); // a separator: the widths of the next routed layer follow
+                shape.extend(r.widths(batch, &segments));
+            }
+        }
+        Some(shape)
+    }
+
+    /// Per routed layer: its index, the tokens it processes per task of `batch` in top-k mode
+    /// and the valid tokens per task, counted on the host (what a forward's
+    /// [`RoutingStats::processed`] and [`RoutingStats::total`] hold).
+    pub fn routing_counts(&self, batch: &Batch) -> Vec<RoutingCounts> {
+        let segments = self.routable_segments();
+        let total = crate::layer::valid_per_task(batch);
+        self.layers
+            .iter()
+            .filter_map(|layer| match &layer.kind {
+                crate::layer::LayerKind::Routed(r) => Some(RoutingCounts {
+                    layer: layer.index,
+                    processed: r.processed(batch, &segments),
+                    total: total.clone(),
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn layer_input<'a>(&'a self, batch: &'a Batch, opts: &ForwardOptions) -> LayerInput<'a> {
         let routable = &self.cfg.routing.routable;
         let mut routable_segment = batch.segment.zeros_like().to_kind(Kind::Bool);
@@ -324,11 +382,7 @@ impl UnifiedTransformer {
             index: batch.positions_index(),
             valid: batch.valid(),
             routable_segment,
-            routable_segments: routable
-                .iter()
-                .copied()
-                .filter(|g| *g != Segment::Pad)
-                .collect(),
+            routable_segments: self.routable_segments(),
             mode: opts.mode,
             capture_attention: opts.attention,
             dispatch: (self.cfg.mot || self.cfg.moma.is_some())

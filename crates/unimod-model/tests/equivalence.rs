@@ -803,6 +803,79 @@ fn an_interleaved_batch_is_routed_as_its_grouped_permutation() {
     }
 }
 
+/// A step's shape fixes its kernels: a forward on one batch's tensors under the host metadata
+/// of another batch of the same shape (what a CUDA graph captured on the second computes when
+/// replayed with the first's tensors copied in) is the forward on the first, bit for bit; and
+/// the host counts of `routing_counts` are the forward's.
+#[test]
+fn batches_of_one_step_shape_run_the_same_step() {
+    let at = |t2i: f64, mmu: f64| LayerPlan::Routed {
+        capacity: Capacities::of([(Task::T2I, t2i), (Task::MMU, mmu)]),
+        routers: Routers::PerTask,
+    };
+    let plans = vec![LayerPlan::Dense, at(0.5, 0.25), at(0.75, 0.5)];
+    let cfg = config(Flavour::Showo, Schedule::Explicit { layers: plans });
+    let (_, model) = build(&cfg, 0);
+    let f = format(Flavour::Showo);
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3);
+    let mut seqs = |first_prompt: &[i64], second_prompt: &[i64], question: &[i64]| {
+        vec![
+            f.t2i(&VOCAB, first_prompt, Some(&[1, 5, 9, 2]), Some(&mut rng))
+                .unwrap(),
+            f.t2i(&VOCAB, second_prompt, Some(&[3, 3, 7, 2]), Some(&mut rng))
+                .unwrap(),
+            f.mmu(&VOCAB, &[3, 4, 7, 8], &[20, 21, 22, 23], Some(&[24, 25]))
+                .unwrap(),
+            f.mmu(&VOCAB, &[1, 4, 6, 8], question, Some(&[24])).unwrap(),
+        ]
+    };
+    // The longest sample of each task is the same: other text lengths, the same widths.
+    let long = [11, 12, 13, 14, 15, 16];
+    let (a, b) = (
+        batch(&seqs(&long, &[11, 12], &[20])),
+        batch(&seqs(&long, &[13, 14, 15], &[21, 22])),
+    );
+    assert_ne!(a.segment_counts, b.segment_counts);
+    let shape = model.step_shape(&a);
+    assert_eq!(shape, model.step_shape(&b));
+    let hybrid = Batch {
+        tokens: b.tokens.shallow_clone(),
+        labels: b.labels.shallow_clone(),
+        segment: b.segment.shallow_clone(),
+        attn_upto: b.attn_upto.shallow_clone(),
+        positions: b.positions.shallow_clone(),
+        task: b.task.shallow_clone(),
+        ..a
+    };
+    let run = |x: &Batch| {
+        let out = tch::no_grad(|| model.forward(x, &Default::default()).unwrap());
+        let loss = model.losses(x, &out).total;
+        (out, loss)
+    };
+    let ((out, loss), (hyb_out, hyb_loss)) = (run(&b), run(&hybrid));
+    assert!(out.logits.equal(&hyb_out.logits), "logits");
+    assert!(loss.equal(&hyb_loss), "loss");
+    for (w, h) in out.work.iter().zip(&hyb_out.work) {
+        assert_eq!(w.tokens, h.tokens);
+    }
+    // The host counts a forward's statistics carry, without a forward.
+    let counts = model.routing_counts(&b);
+    assert_eq!(counts.len(), out.routing.len());
+    for (c, s) in counts.iter().zip(&out.routing) {
+        assert_eq!(
+            (c.layer, Some(&c.processed), &c.total),
+            (s.layer, s.processed.as_ref(), &s.total)
+        );
+    }
+    // Another longest sample, another shape.
+    let c = batch(&seqs(&[11, 12], &[13], &[20]));
+    assert_ne!(shape, model.step_shape(&c));
+    // Mixture-of-Transformers sizes its dispatch from the device: no shape.
+    let mut mot = config(Flavour::Showo, Schedule::Dense);
+    mot.mot = true;
+    assert_eq!(build(&mot, 0).1.step_shape(&c), None);
+}
+
 /// The causal (threshold) path gathers the tokens it keeps, as training does: fed the same
 /// selection, both give the same outputs, and a token a layer skips leaves it bit-identical.
 #[test]
