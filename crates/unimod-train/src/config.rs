@@ -146,6 +146,7 @@ impl RunConfig {
         float_in("train.weight_decay", tr.weight_decay, 0.0, 10.0)?;
         float_in("train.grad_clip (0: off)", tr.grad_clip, 0.0, 1e6)?;
         int_in("train.accumulation", tr.accumulation, 1, 1024)?;
+        int_in("train.cuda_graphs", tr.cuda_graphs, 0, 1024)?;
         int_in("train.log_every", tr.log_every, 1, 1_000_000)?;
         for (task, n) in [("t2i", tr.mix.t2i), ("mmu", tr.mix.mmu), ("lm", tr.mix.lm)] {
             int_in(&format!("train.mix.{task}"), n, 0, 65_536)?;

@@ -14,6 +14,7 @@ pub mod distributed;
 pub mod eval;
 pub mod experiment;
 pub mod flops_report;
+pub mod graphs;
 pub mod load;
 pub mod optim;
 pub mod plots;

@@ -43,6 +43,9 @@ pub struct TrainConfig {
     /// `"fused"` (libtorch's fused AdamW, one pass per parameter) or `"written_out"` (the
     /// readable update of `optim.rs`): the same arithmetic, different rounding.
     pub adamw: Update,
+    /// CUDA graphs of the forward and backward, one per step shape, at most this many kept (0:
+    /// none). CUDA only; not for Mixture-of-Transformers or MoMa (`graphs.rs`).
+    pub cuda_graphs: usize,
     /// Micro-batches per optimizer step; the step's loss is each task's mean over the labelled
     /// positions of all of them (as one batch of them all would give).
     pub accumulation: usize,
@@ -125,6 +128,7 @@ impl Default for TrainConfig {
             weight_decay: 0.01,
             grad_clip: 1.0,
             adamw: Update::Fused,
+            cuda_graphs: 0,
             accumulation: 1,
             tf32: true,
             seed: 0,
@@ -507,6 +511,10 @@ pub fn train(
         false => None,
     };
     let world = ctx.shard().world;
+    let mut graphs = match cfg.train.cuda_graphs {
+        0 => None,
+        n => Some(crate::graphs::StepGraphs::new(n, ctx.device, &cfg.model)?),
+    };
     let peak = unimod_model::bench::matmul_rate_of(ctx.device, kind) * world as f64;
     let bar = progress::bar(
         cfg.train.steps as u64,
@@ -576,18 +584,16 @@ pub fn train(
         let mut sums = [0.0f64; 7];
         let mut trouble = None;
         for (micro, b) in batches.iter().enumerate() {
-            let out = model.forward(b, &ForwardOptions::default())?;
-            let losses = model.losses_over(b, &out, &counts);
-            // Router losses are means over a part's tokens: their mean over the parts.
-            let objective = match parts > 1.0 {
-                true => &losses.total - &losses.aux * (1.0 - 1.0 / parts),
-                false => losses.total.shallow_clone(),
+            let run = |b: &Batch, counts: &Tensor| micro_step(model, b, counts, parts);
+            let out = match graphs.as_mut() {
+                Some(g) => g.step(model, b, &counts, run)?,
+                None => run(b, &counts)?,
             };
-            objective.backward();
+            let (losses, objective) = (&out.losses, &out.objective);
             let n = (b.size() as i64 * b.seq_len()) as f64;
             let total = objective.double_value(&[]);
             if !total.is_finite() && trouble.is_none() {
-                trouble = Some(non_finite_detail(&losses, &out));
+                trouble = Some(non_finite_detail(&out));
             }
             sums[0] += total;
             sums[1] += losses.aux.double_value(&[]) / parts;
@@ -686,6 +692,13 @@ pub fn train(
         }
     }
     bar.finish_and_clear();
+    if let Some(g) = &graphs {
+        let c = g.counts;
+        eprintln!(
+            "CUDA graphs: {} micro-batches replayed, {} captured, {} eager (first of their shape or beyond train.cuda_graphs)",
+            c.replayed, c.captured, c.eager
+        );
+    }
     if leader && saved != Some(state.step) {
         save_checkpoint(dir, &ctx.tokenizers.digest, cfg, &vs, &opt, &state)?;
     }
@@ -711,8 +724,9 @@ fn any_rank(ctx: &RunContext, mine: bool) -> Result<bool> {
 }
 
 /// What a non-finite loss looked like: the per-task losses and the routers' largest scores.
-fn non_finite_detail(losses: &unimod_model::Losses, out: &unimod_model::ModelOutput) -> String {
-    let per_task: Vec<String> = losses
+fn non_finite_detail(out: &Micro) -> String {
+    let per_task: Vec<String> = out
+        .losses
         .per_task
         .iter()
         .map(|(t, l)| format!("{t} {:.4}", l.double_value(&[])))
@@ -729,6 +743,43 @@ fn non_finite_detail(losses: &unimod_model::Losses, out: &unimod_model::ModelOut
         })
         .collect();
     format!("losses: {}; {}", per_task.join(", "), scores.join("; "))
+}
+
+/// What the step reads of one micro-batch's forward, losses and backward.
+pub struct Micro {
+    /// The loss whose gradients were taken: the batch part's losses, router losses averaged
+    /// over the parts.
+    pub objective: Tensor,
+    /// The losses.
+    pub losses: unimod_model::Losses,
+    /// Each layer's work (tokens, attention pairs) for the FLOPs count.
+    pub work: Vec<unimod_model::layer::Work>,
+    /// The routed layers' statistics.
+    pub routing: Vec<unimod_model::layer::RoutingStats>,
+}
+
+/// Forward, losses and backward of micro-batch `b`, one of `parts` that the step's loss is
+/// spread over, its per-task sums divided by the step's label counts `counts`.
+pub(crate) fn micro_step(
+    model: &UnifiedTransformer,
+    b: &Batch,
+    counts: &Tensor,
+    parts: f64,
+) -> Result<Micro> {
+    let out = model.forward(b, &ForwardOptions::default())?;
+    let losses = model.losses_over(b, &out, counts);
+    // Router losses are means over a part's tokens: their mean over the parts.
+    let objective = match parts > 1.0 {
+        true => &losses.total - &losses.aux * (1.0 - 1.0 / parts),
+        false => losses.total.shallow_clone(),
+    };
+    objective.backward();
+    Ok(Micro {
+        objective,
+        losses,
+        work: out.work,
+        routing: out.routing,
+    })
 }
 
 /// `to`'s variables set from `from`'s of the same names, cast to their kind.
@@ -875,7 +926,7 @@ fn load_checkpoint(
 /// Fields a resumed run may change: how long and how fast it goes on, and what it reports.
 /// Anything else (model, data, format, tokenizers, the batch stream's seed, mix and
 /// accumulation) would make the resumed run a different run, so it is refused.
-const RESUMABLE: [&str; 12] = [
+const RESUMABLE: [&str; 13] = [
     "train.steps",
     "train.lr",
     "train.min_lr",
@@ -883,6 +934,7 @@ const RESUMABLE: [&str; 12] = [
     "train.weight_decay",
     "train.grad_clip",
     "train.adamw",
+    "train.cuda_graphs",
     "train.device",
     "train.log_every",
     "train.checkpoint_every",
