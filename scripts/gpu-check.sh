@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue #20's measurements on a GPU machine with PyTorch 2.11.0 and no Rust: run from the
 # repository root with gpu-bundle/ (scripts/gpu-bundle.sh) beside it. Each step's output goes to
-# $OUT (default gpu-results/) as one text file (seven in all); a failing step is recorded and the
+# $OUT (default gpu-results/) as one text file (eight in all); a failing step is recorded and the
 # next one runs. With the device tool: carry gpu-bundle, command `scripts/gpu-check.sh`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,8 +30,12 @@ step 05-bench-showo-bf16 "$u" bench --device cuda --d-model 2048 --layers 24 --i
 train=("$u" train --config gpu-bundle/configs/tiny.toml --set train.steps=30 --set 'train.device="cuda"' --overwrite)
 step 06-one-process "${train[@]}" --out "$out/run-plain"
 step 07-nccl-world-1 env WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 "${train[@]}" --out "$out/run-nccl"
+# The trainer's step in CUDA graphs (one per step shape): the same run as 06, its metrics should
+# agree within float tolerance and its steps take less time.
+step 08-train-graphs "${train[@]}" --set train.cuda_graphs=16 --out "$out/run-graphs"
 # The last metrics line of each run beside its log (the device tool brings back 8 files at most).
 tail -1 "$out/run-plain/metrics.jsonl" >>"$out/06-one-process.txt" 2>&1
 tail -1 "$out/run-nccl/metrics.jsonl" >>"$out/07-nccl-world-1.txt" 2>&1
-rm -rf "$out/run-nccl" "$out/run-plain"
+tail -1 "$out/run-graphs/metrics.jsonl" >>"$out/08-train-graphs.txt" 2>&1
+rm -rf "$out/run-nccl" "$out/run-plain" "$out/run-graphs"
 ls "$out"
