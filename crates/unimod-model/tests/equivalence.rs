@@ -754,17 +754,26 @@ fn each_task_is_processed_at_its_own_width() {
     }
 }
 
-/// A batch whose tasks alternate is routed as the same sequences with each task's together: one
-/// group per task at its own width (the same tokens computed), the same outputs per sequence.
-#[test]
-fn an_interleaved_batch_is_routed_as_its_grouped_permutation() {
+/// A Show-o model whose two routed layers keep each task at its own capacity (T2I 0.5 and 0.75,
+/// MMU 0.25 and 0.5): each task's samples are gathered at their own width.
+fn per_task_widths() -> UnifiedTransformer {
     let at = |t2i: f64, mmu: f64| LayerPlan::Routed {
         capacity: Capacities::of([(Task::T2I, t2i), (Task::MMU, mmu)]),
         routers: Routers::PerTask,
     };
     let plans = vec![LayerPlan::Dense, at(0.5, 0.25), at(0.75, 0.5)];
-    let cfg = config(Flavour::Showo, Schedule::Explicit { layers: plans });
-    let (_, model) = build(&cfg, 0);
+    build(
+        &config(Flavour::Showo, Schedule::Explicit { layers: plans }),
+        0,
+    )
+    .1
+}
+
+/// A batch whose tasks alternate is routed as the same sequences with each task's together: one
+/// group per task at its own width (the same tokens computed), the same outputs per sequence.
+#[test]
+fn an_interleaved_batch_is_routed_as_its_grouped_permutation() {
+    let model = per_task_widths();
     // T2I and MMU sequences of two lengths of text: each task's samples keep different counts.
     let (full, short) = (
         sequences(Flavour::Showo, true),
@@ -809,13 +818,7 @@ fn an_interleaved_batch_is_routed_as_its_grouped_permutation() {
 /// the host counts of `routing_counts` are the forward's.
 #[test]
 fn batches_of_one_step_shape_run_the_same_step() {
-    let at = |t2i: f64, mmu: f64| LayerPlan::Routed {
-        capacity: Capacities::of([(Task::T2I, t2i), (Task::MMU, mmu)]),
-        routers: Routers::PerTask,
-    };
-    let plans = vec![LayerPlan::Dense, at(0.5, 0.25), at(0.75, 0.5)];
-    let cfg = config(Flavour::Showo, Schedule::Explicit { layers: plans });
-    let (_, model) = build(&cfg, 0);
+    let model = per_task_widths();
     let f = format(Flavour::Showo);
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3);
     let mut seqs = |first_prompt: &[i64], second_prompt: &[i64], question: &[i64]| {

@@ -233,18 +233,15 @@ mod tests {
             capacity: Capacities::of([(Task::T2I, t2i), (Task::MMU, mmu)]),
             routers: Routers::PerTask,
         };
-        let mut cfg = ModelConfig {
-            vocab: VOCAB,
+        let shape = unimod_model::bench::Shape {
             d_model: 32,
             n_layers: 3,
-            n_heads: 4,
-            n_kv_heads: 2,
-            d_ffn: 64,
-            ..Default::default()
+            per_task: 2,
+            image_side: 2,
         };
-        cfg.routing.schedule = Schedule::Explicit {
-            layers: vec![LayerPlan::Dense, at(0.5, 0.25), at(0.75, 0.5)],
-        };
+        let layers = vec![LayerPlan::Dense, at(0.5, 0.25), at(0.75, 0.5)];
+        let mut cfg = unimod_model::bench::config(shape, Schedule::Explicit { layers });
+        cfg.vocab = VOCAB;
         tch::manual_seed(0);
         let vs = VarStore::new(Device::Cpu);
         let m = UnifiedTransformer::new(&vs.root(), &cfg).unwrap();
