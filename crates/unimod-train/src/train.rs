@@ -430,6 +430,11 @@ pub fn train(
     stop: Arc<AtomicBool>,
     until: Option<usize>,
 ) -> Result<TrainSummary> {
+    // Refused before anything is written.
+    let mut graphs = match cfg.train.cuda_graphs {
+        0 => None,
+        n => Some(crate::graphs::StepGraphs::new(n, ctx.device, &cfg.model)?),
+    };
     // Data-parallel: rank 0 owns the directory (lock, config, metrics, checkpoints); the others
     // read it (a resumed checkpoint) once rank 0 has prepared it.
     let leader = ctx.leader();
@@ -511,10 +516,6 @@ pub fn train(
         false => None,
     };
     let world = ctx.shard().world;
-    let mut graphs = match cfg.train.cuda_graphs {
-        0 => None,
-        n => Some(crate::graphs::StepGraphs::new(n, ctx.device, &cfg.model)?),
-    };
     let peak = unimod_model::bench::matmul_rate_of(ctx.device, kind) * world as f64;
     let bar = progress::bar(
         cfg.train.steps as u64,

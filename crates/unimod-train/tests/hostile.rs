@@ -3,6 +3,8 @@
 //! no training (they are refused while the config is read); the checkpoint-level faults are in
 //! `trainer.rs`, which trains.
 
+mod common;
+
 use std::process::Command;
 use unimod_train::RunConfig;
 
@@ -121,6 +123,7 @@ fn hostile_arguments_are_refused() {
         &["bench", "--rounds", "0"],
         &["bench", "--per-task", "0"],
         &["bench", "--image-side", "0"],
+        &["bench", "--device", "cpu", "--graph"],
         &["generate", "--checkpoint", "/nonexistent/run"],
         &["eval", "--checkpoint", "/nonexistent/run"],
         &["train", "--out", "/tmp/x", "--resume", "--overwrite"],
@@ -205,4 +208,22 @@ fn corrupted_checkpoint_bytes_never_panic() {
             "round {round}: loading a corrupted checkpoint panicked"
         );
     }
+}
+
+/// CUDA graphs on a CPU are refused by name, before the run directory is written.
+#[test]
+fn cuda_graphs_without_a_gpu_are_refused_before_anything_is_written() {
+    let out = std::env::temp_dir().join(format!("unimod-hostile-graphs-{}", std::process::id()));
+    let out_s = out.to_str().unwrap();
+    let mut args = vec!["train", "--out", out_s, "--set", "train.cuda_graphs=4"];
+    for s in common::MINIATURE {
+        args.extend(["--set", s]);
+    }
+    let (code, err) = cli(&args);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("train.cuda_graphs = 4 needs a CUDA device"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing is written");
 }
