@@ -111,9 +111,13 @@ impl StepGraphs {
             self.counts.replayed += 1;
             return Ok(e.out.for_batch(model, b));
         }
-        if !self.warmed.contains(&shape) || self.entries.len() >= self.max {
-            self.warmed.insert(shape);
+        let full = self.entries.len() >= self.max;
+        if full || !self.warmed.contains(&shape) {
             self.counts.eager += 1;
+            if full {
+                return run(b, label_counts);
+            }
+            self.warmed.insert(shape);
             return match self.device {
                 // Capture needs the lazy initialisations (cuBLAS, autograd's streams) done on a
                 // side stream first, as torch.cuda.graph does.
@@ -273,12 +277,13 @@ mod tests {
 
     /// A stream of micro-batches through the graphs' bookkeeping (static inputs recomputed
     /// where a graph would replay) gives each batch's eager losses, work, routing counts and
-    /// gradients bit for bit: the shape key fixes all that a replay cannot recompute.
+    /// gradients bit for bit: the shape key fixes all that a replay cannot recompute. With room
+    /// for one graph, the shapes beyond it run eagerly.
     #[test]
     fn graphed_steps_are_eager_steps() {
         let long: &[i64] = &[11, 12, 13, 14, 15, 16];
         let q: &[i64] = &[30, 31, 32];
-        // Shapes: x, x (captured), y (new), x (replayed), y (captured), y (replayed) …
+        // Shapes (the longest prompt and question of each task): x, x, y, x, y, z, x.
         let stream = [
             batch([long, &[11]], [q, &[30]], 1),
             batch([long, &[12, 13]], [q, &[31, 32]], 2),
@@ -288,41 +293,46 @@ mod tests {
             batch([&[13], &[12, 14]], [&[31, 30], &[33]], 6),
             batch([long, long], [q, q], 7),
         ];
-        let ((eager_vs, eager), (graph_vs, graphed)) = (model(), model());
-        let mut graphs = StepGraphs::without_capture(8);
-        for (i, b) in stream.iter().enumerate() {
-            for vs in [&eager_vs, &graph_vs] {
-                for mut t in vs.trainable_variables() {
-                    t.zero_grad();
+        let counts_with = |max: usize| {
+            let ((eager_vs, eager), (graph_vs, graphed)) = (model(), model());
+            let mut graphs = StepGraphs::without_capture(max);
+            for (i, b) in stream.iter().enumerate() {
+                for vs in [&eager_vs, &graph_vs] {
+                    for mut t in vs.trainable_variables() {
+                        t.zero_grad();
+                    }
+                }
+                let counts = eager.label_counts(b);
+                let want = micro_step(&eager, b, &counts, 1.0).unwrap();
+                let got = graphs
+                    .step(&graphed, b, &counts, |b, c| micro_step(&graphed, b, c, 1.0))
+                    .unwrap();
+                assert!(want.objective.equal(&got.objective), "batch {i}: objective");
+                for (t, l) in &want.losses.per_task {
+                    assert!(l.equal(&got.losses.per_task[t]), "batch {i}: {t} loss");
+                }
+                assert_eq!(want.work, got.work, "batch {i}: work");
+                for (w, g) in want.routing.iter().zip(&got.routing) {
+                    assert_eq!(
+                        (&w.processed, &w.total),
+                        (&g.processed, &g.total),
+                        "batch {i}"
+                    );
+                }
+                let grads = graph_vs.variables();
+                for (name, p) in eager_vs.variables() {
+                    if p.requires_grad() {
+                        assert!(p.grad().equal(&grads[&name].grad()), "batch {i}: {name}");
+                    }
                 }
             }
-            let counts = eager.label_counts(b);
-            let want = micro_step(&eager, b, &counts, 1.0).unwrap();
-            let got = graphs
-                .step(&graphed, b, &counts, |b, c| micro_step(&graphed, b, c, 1.0))
-                .unwrap();
-            assert!(want.objective.equal(&got.objective), "batch {i}: objective");
-            for (t, l) in &want.losses.per_task {
-                assert!(l.equal(&got.losses.per_task[t]), "batch {i}: {t} loss");
-            }
-            assert_eq!(want.work, got.work, "batch {i}: work");
-            for (w, g) in want.routing.iter().zip(&got.routing) {
-                assert_eq!(
-                    (&w.processed, &w.total),
-                    (&g.processed, &g.total),
-                    "batch {i}"
-                );
-            }
-            let grads = graph_vs.variables();
-            for (name, p) in eager_vs.variables() {
-                if p.requires_grad() {
-                    assert!(p.grad().equal(&grads[&name].grad()), "batch {i}: {name}");
-                }
-            }
-        }
-        // Three shapes in seven batches: x, y and the all-long one, the last seen once.
-        let c = graphs.counts;
-        assert_eq!((c.eager, c.captured, c.replayed), (3, 2, 2), "{c:?}");
+            let c = graphs.counts;
+            (c.eager, c.captured, c.replayed)
+        };
+        // x: eager, captured, replayed twice; y: eager, captured; z: eager.
+        assert_eq!(counts_with(8), (3, 2, 2));
+        // Room for one graph (x's): y and z run eagerly every time.
+        assert_eq!(counts_with(1), (4, 1, 2));
     }
 
     #[test]
