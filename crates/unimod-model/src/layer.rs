@@ -117,6 +117,22 @@ fn rows_per_task(b: &Batch) -> Vec<(Task, Vec<usize>)> {
     tasks
 }
 
+/// The gather width of each of `tasks` (each task's rows): the most tokens one of its samples
+/// keeps (`n_keep`, per sample), at least 1.
+fn widths_per_task(tasks: &[(Task, Vec<usize>)], n_keep: &[usize]) -> Vec<i64> {
+    let widest = |rows: &[usize]| rows.iter().map(|&i| n_keep[i]).max().unwrap_or(1).max(1);
+    tasks.iter().map(|(_, rows)| widest(rows) as i64).collect()
+}
+
+/// The tokens kept per task of `b`, given each sample's (`n_keep`).
+fn processed_per_task(b: &Batch, n_keep: &[usize]) -> BTreeMap<Task, usize> {
+    let mut processed = BTreeMap::new();
+    for (task, keep) in b.tasks.iter().zip(n_keep) {
+        *processed.entry(*task).or_insert(0) += keep;
+    }
+    processed
+}
+
 /// Valid (non-padding) tokens per task of `b` (what [`RoutingStats::total`] holds).
 pub(crate) fn valid_per_task(b: &Batch) -> BTreeMap<Task, usize> {
     let mut total = BTreeMap::new();
@@ -708,8 +724,9 @@ impl RoutedLayer {
     /// task, counted on the host.
     fn budget(&self, input: &LayerInput, shared: &Shared) -> TopK {
         let b = input.batch;
-        let processed = self.processed(b, &input.routable_segments);
-        // The same k as the host counts of `widths` (same f64 arithmetic as `tokens_kept`),
+        let n_keep = self.kept_per_sample(b, &input.routable_segments);
+        let processed = processed_per_task(b, &n_keep);
+        // The same k as the host counts `n_keep` (same f64 arithmetic as `tokens_kept`),
         // computed from device tensors; the host counts give only the gather widths and the
         // statistics.
         let n_keep_t = select::keep_per_sample(&shared.routable, &shared.forced, &shared.capacity);
@@ -723,7 +740,7 @@ impl RoutedLayer {
             ),
             rows,
         };
-        let widths = self.widths(b, &input.routable_segments);
+        let widths = widths_per_task(&tasks, &n_keep);
         // Splitting saves nothing when every task has the same width (capacity 1, one task):
         // then the whole batch is one group, which keeps those cases bit-identical to dense.
         if widths.iter().all(|w| *w == widths[0]) {
@@ -795,11 +812,10 @@ impl RoutedLayer {
     /// The gather width of each task group of `b` in top-k mode (tasks in order of first
     /// appearance): with the batch's rows, what fixes the shapes this layer's step runs on.
     pub(crate) fn widths(&self, b: &Batch, routable_segments: &[Segment]) -> Vec<i64> {
-        let n_keep = self.kept_per_sample(b, routable_segments);
-        rows_per_task(b)
-            .iter()
-            .map(|(_, rows)| rows.iter().map(|&i| n_keep[i]).max().unwrap_or(1).max(1) as i64)
-            .collect()
+        widths_per_task(
+            &rows_per_task(b),
+            &self.kept_per_sample(b, routable_segments),
+        )
     }
 
     /// Tokens processed per task of `b` in top-k mode (what [`RoutingStats::processed`]
@@ -809,15 +825,7 @@ impl RoutedLayer {
         b: &Batch,
         routable_segments: &[Segment],
     ) -> BTreeMap<Task, usize> {
-        let mut processed = BTreeMap::new();
-        for (task, keep) in b
-            .tasks
-            .iter()
-            .zip(self.kept_per_sample(b, routable_segments))
-        {
-            *processed.entry(*task).or_insert(0) += keep;
-        }
-        processed
+        processed_per_task(b, &self.kept_per_sample(b, routable_segments))
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -355,11 +355,12 @@ fn run(cli: Cli) -> Result<()> {
             };
             let out = match (out, overrides.is_empty()) {
                 (Some(out), _) => out,
-                (None, true) => run,
+                (None, true) => run.clone(),
                 (None, false) => run.join("evals").join(eval::overrides_digest(&overrides)),
             };
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            if !overrides.is_empty() {
+            // Away from the run, the evaluation keeps the config it ran under.
+            if out != run {
                 unimod_train::write(out.join("eval.toml"), &toml::to_string(&cfg)?)?;
             }
             let r = eval::evaluate(&ctx, &cfg, &model, &out)?;
