@@ -15,6 +15,7 @@
 //! Padding is removed in both: its rows and columns are zeroed, which leaves the rank of the
 //! valid block unchanged.
 
+use crate::stats::Estimate;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -46,6 +47,20 @@ pub struct Arank {
     /// Mean over samples of the largest rank the definition allows: `min(T, head_dim)` for
     /// the bilinear definition, `T − 1` for γ-MoD's (its diagonal and first row are zero).
     pub bound: f64,
+    /// How many samples `mean` and `se` are over (0 in files written before it was recorded).
+    #[serde(default)]
+    pub samples: usize,
+}
+
+impl Arank {
+    /// The mean with its standard error on `samples − 1` degrees of freedom.
+    pub fn estimate(&self) -> Estimate {
+        Estimate {
+            mean: self.mean,
+            se: self.se,
+            df: self.samples as f64 - 1.0,
+        }
+    }
 }
 
 /// Numerical rank of every `[.., T, T]` matrix of `m` (float64), `[..]`.
@@ -57,10 +72,11 @@ fn ranks(m: &Tensor, rtol: Option<f64>) -> Tensor {
 /// Mean and standard error over samples of `per_sample: [B]`.
 fn summary(per_sample: &Tensor, bound: &Tensor) -> Arank {
     let v = Vec::<f64>::try_from(per_sample).expect("per-sample ranks are f64");
-    let (mean, se) = crate::probe::mean_se(&v);
+    let e = Estimate::mean_of(&v);
     Arank {
-        mean,
-        se,
+        mean: e.mean,
+        se: if v.len() < 2 { 0.0 } else { e.se },
+        samples: v.len(),
         bound: bound
             .to_kind(Kind::Double)
             .mean(Kind::Double)

@@ -16,6 +16,7 @@ pub mod interaction;
 pub mod probe;
 pub mod redundancy;
 pub mod schedule;
+pub mod stats;
 #[cfg(test)]
 mod testing;
 

@@ -24,15 +24,6 @@ pub fn modality(batch: &Batch) -> Tensor {
     Tensor::stack(&[text, image, special], -1).to_kind(Kind::Float)
 }
 
-/// Mean of `v` and the standard error of that mean (0 for fewer than two values): the
-/// uncertainty every finding is read against.
-pub fn mean_se(v: &[f64]) -> (f64, f64) {
-    let n = v.len() as f64;
-    let mean = v.iter().sum::<f64>() / n.max(1.0);
-    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-    (mean, (var / n.max(1.0)).sqrt())
-}
-
 /// Mean of `per_token: [B, S]` over the tokens where `mask: [B, S]` holds.
 pub fn masked_mean(per_token: &Tensor, mask: &Tensor) -> f64 {
     let w = mask.to_kind(Kind::Double);

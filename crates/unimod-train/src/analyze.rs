@@ -15,9 +15,10 @@ use unimod_analysis::arank::{ArankDefinition, RANK_RTOL};
 use unimod_analysis::attention::{self, LayerAttention};
 use unimod_analysis::importance::{self, Importance};
 use unimod_analysis::interaction::{self, Competition};
-use unimod_analysis::probe::{MODALITIES, mean_se};
+use unimod_analysis::probe::MODALITIES;
 use unimod_analysis::redundancy::{self, Ranking, Redundancy};
 use unimod_analysis::schedule::{ArankRule, TaskArank};
+use unimod_analysis::stats::Estimate;
 use unimod_model::UnifiedTransformer;
 use unimod_tok::dataset::Split;
 use unimod_tok::{Batch, Task};
@@ -521,20 +522,31 @@ impl Analyzer<'_> {
     }
 }
 
-/// The verdict on a claim that `diff` > 0, given its standard error: shown only outside two
-/// standard errors, and said so when the data point the other way.
-pub fn verdict(diff: f64, se: f64) -> String {
-    if !(diff.is_finite() && se.is_finite()) {
+/// The verdict on a claim that the estimated difference is > 0: shown only outside its 95 %
+/// interval (Student's t at the estimate's degrees of freedom), and said so when the data point
+/// the other way.
+pub fn verdict(e: Estimate) -> String {
+    let half = e.half_width();
+    if !(e.mean.is_finite() && half.is_finite()) {
         "inconclusive (no estimate)".into()
-    } else if diff > 2.0 * se {
+    } else if e.mean > half {
         "shown".into()
-    } else if diff < -2.0 * se {
-        "not shown (the opposite holds beyond 2 SE)".into()
+    } else if e.mean < -half {
+        "not shown (the opposite holds beyond its 95 % interval)".into()
     } else {
         format!(
-            "inconclusive (difference {diff:+.3} within 2 SE = ±{:.3}; more samples, `analysis.samples`, would narrow it)",
-            2.0 * se
+            "inconclusive (difference {:+.3} within its 95 % interval ±{half:.3}, t = {:.2}; more samples, `analysis.samples`, would narrow it)",
+            e.mean,
+            e.critical()
         )
+    }
+}
+
+/// `e` as a claim that its difference is nonzero, either way.
+fn absolute(e: Estimate) -> Estimate {
+    Estimate {
+        mean: e.mean.abs(),
+        ..e
     }
 }
 
@@ -566,7 +578,7 @@ pub fn attention_finding(patterns: &Patterns) -> Option<Finding> {
         .map(|(a, b)| a.share[1] - b.share[1])
         .collect();
     let mean = |p: &[LayerAttention]| p.iter().map(|l| l.share[1]).sum::<f64>() / p.len() as f64;
-    let (d, se) = mean_se(&diff);
+    let d = Estimate::mean_of(&diff);
     Some(Finding {
         source: Source::Attention,
         claim: "Task-dependent attention (paper's Fig. 2: Show-o's T2I and MMU queries attend to text and image differently)".into(),
@@ -574,11 +586,11 @@ pub fn attention_finding(patterns: &Patterns) -> Option<Finding> {
             "image keys receive {:.1} % of T2I queries' attention and {:.1} % of MMU queries' (difference {:+.1} ± {:.1} points, standard error over the {} layers)",
             100.0 * mean(t2i),
             100.0 * mean(mmu),
-            100.0 * d,
-            100.0 * se,
+            100.0 * d.mean,
+            100.0 * d.se,
             diff.len()
         ),
-        verdict: verdict(d.abs(), se),
+        verdict: verdict(absolute(d)),
     })
 }
 
@@ -598,7 +610,7 @@ pub struct Finding {
 /// The findings as markdown, one line each.
 pub fn render_findings(findings: &[Finding]) -> String {
     let mut md = String::from(
-        "## Findings\n\nShown = the difference exceeds two standard errors over samples (stated); otherwise inconclusive or not shown.\n\n",
+        "## Findings\n\nShown = the difference lies outside its 95 % interval (Student's t at the degrees of freedom of its standard error, stated); otherwise inconclusive or not shown.\n\n",
     );
     for f in findings {
         let _ = writeln!(md, "- {}: {} → **{}**.", f.claim, f.ours, f.verdict);
@@ -606,8 +618,8 @@ pub fn render_findings(findings: &[Finding]) -> String {
     md
 }
 
-/// The paper's findings on this model. A finding is shown only when its difference exceeds
-/// two standard errors over samples. Layers before `first_routable` (never routed by the
+/// The paper's findings on this model. A finding is shown only when its difference lies
+/// outside its 95 % interval. Layers before `first_routable` (never routed by the
 /// schedule rule) are left out of the redundancy-curve findings.
 pub fn findings(
     importance: &[Importance],
@@ -616,7 +628,7 @@ pub fn findings(
     first_routable: usize,
 ) -> Vec<Finding> {
     // ARank as a share of its bound, averaged over `layers`; its standard error treats the
-    // layers' sample means as independent.
+    // layers' sample means as independent, on the fewest degrees of freedom among them.
     let norm = |layers: &[importance::LayerImportance]| {
         let a: Vec<_> = layers.iter().filter_map(|l| l.arank).collect();
         let n = a.len().max(1) as f64;
@@ -627,7 +639,11 @@ pub fn findings(
             .sum::<f64>()
             .sqrt()
             / n;
-        (mean, se)
+        let df = a
+            .iter()
+            .map(|r| r.estimate().df)
+            .fold(f64::INFINITY, f64::min);
+        Estimate { mean, se, df }
     };
     let mut out = Vec::new();
     let mut add = |source, claim: String, ours: String, verdict: String| {
@@ -639,12 +655,15 @@ pub fn findings(
         })
     };
     if let [t2i, mmu] = importance {
-        let ((a, sa), (b, sb)) = (norm(&t2i.layers), norm(&mmu.layers));
+        let (a, b) = (norm(&t2i.layers), norm(&mmu.layers));
         add(
             Source::Arank,
             "Task-dependent redundancy by ARank (paper: Show-o's T2I and MMU differ)".into(),
-            format!("mean ARank / its bound T2I {a:.3} ± {sa:.3}, MMU {b:.3} ± {sb:.3}"),
-            verdict((a - b).abs(), sa.hypot(sb)),
+            format!(
+                "mean ARank / its bound T2I {:.3} ± {:.3}, MMU {:.3} ± {:.3}",
+                a.mean, a.se, b.mean, b.se
+            ),
+            verdict(absolute(a.minus(b))),
         );
     }
     let curve = |task| {
@@ -655,9 +674,9 @@ pub fn findings(
     if let (Some(t), Some(m)) = (curve(Task::T2I), curve(Task::MMU)) {
         let n = t.losses.len();
         let routable = first_routable.min(n)..n;
-        let ((a, sa), (b, sb)) = (
-            mean_se(&t.sensitivity(routable.clone())),
-            mean_se(&m.sensitivity(routable.clone())),
+        let (a, b) = (
+            Estimate::mean_of(&t.sensitivity(routable.clone())),
+            Estimate::mean_of(&m.sensitivity(routable.clone())),
         );
         add(
             Source::Redundancy,
@@ -668,18 +687,21 @@ pub fn findings(
             ),
             format!(
                 "dropping tokens raises the T2I loss by {:.1} ± {:.1} % and the MMU loss by {:.1} ± {:.1} % on average (relative, per sample)",
-                100.0 * a,
-                100.0 * sa,
-                100.0 * b,
-                100.0 * sb
+                100.0 * a.mean,
+                100.0 * a.se,
+                100.0 * b.mean,
+                100.0 * b.se
             ),
-            verdict((a - b).abs(), sa.hypot(sb)),
+            verdict(absolute(a.minus(b))),
         );
         for r in [t, m].into_iter().filter(|_| routable.len() >= 2) {
             let mid = routable.start + routable.len() / 2;
             let (early, late) = (r.sensitivity(routable.start..mid), r.sensitivity(mid..n));
-            let paired: Vec<f64> = early.iter().zip(&late).map(|(e, l)| e - l).collect();
-            let ((e, _), (l, _), (d, sd)) = (mean_se(&early), mean_se(&late), mean_se(&paired));
+            let (e, l) = (
+                Estimate::mean_of(&early).mean,
+                Estimate::mean_of(&late).mean,
+            );
+            let d = Estimate::paired(&late, &early);
             add(
                 Source::Redundancy,
                 format!("Later layers more redundant, {}, by loss", r.task),
@@ -691,16 +713,16 @@ pub fn findings(
                     mid,
                     n.saturating_sub(1),
                     100.0 * l,
-                    100.0 * d,
-                    100.0 * sd
+                    100.0 * d.mean,
+                    100.0 * d.se
                 ),
-                verdict(d, sd),
+                verdict(d),
             );
         }
     }
     for i in importance {
         let half = i.layers.len() / 2;
-        let ((early, se), (late, sl)) = (norm(&i.layers[..half]), norm(&i.layers[half..]));
+        let (early, late) = (norm(&i.layers[..half]), norm(&i.layers[half..]));
         add(
             Source::Arank,
             format!(
@@ -708,9 +730,10 @@ pub fn findings(
                 i.task
             ),
             format!(
-                "ARank / its bound first half {early:.3} ± {se:.3}, second half {late:.3} ± {sl:.3}"
+                "ARank / its bound first half {:.3} ± {:.3}, second half {:.3} ± {:.3}",
+                early.mean, early.se, late.mean, late.se
             ),
-            verdict(early - late, se.hypot(sl)),
+            verdict(early.minus(late)),
         );
     }
     match competition {
@@ -722,20 +745,20 @@ pub fn findings(
                         rows.iter().map(|r| r.sample_share[t][i]).sum::<f64>() / rows.len() as f64
                     })
                     .collect();
-                mean_se(&per_sample)
+                Estimate::mean_of(&per_sample)
             };
-            let ((t, st), (m, sm)) = (share(0), share(1));
+            let (t, m) = (share(0), share(1));
             add(
                 Source::Competition,
                 "A shared router favours T2I tokens (paper's Fig. 4: ~220 T2I vs ~20–80 MMU tokens kept), by a post-hoc probe (the `--probe` checkpoint's shared router, trained with per-sample top-k, re-applied as one top-k over the pooled tokens of a mixed batch; the paper trains the router that way)".into(),
                 format!(
                     "it keeps {:.1} ± {:.1} % of T2I vs {:.1} ± {:.1} % of MMU routable tokens per sample",
-                    100.0 * t,
-                    100.0 * st,
-                    100.0 * m,
-                    100.0 * sm
+                    100.0 * t.mean,
+                    100.0 * t.se,
+                    100.0 * m.mean,
+                    100.0 * m.se
                 ),
-                verdict(t - m, st.hypot(sm)),
+                verdict(t.minus(m)),
             );
         }
         _ => add(

@@ -13,6 +13,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use unimod_analysis::stats::Estimate;
 use unimod_model::bench;
 use unimod_router::Schedule;
 use unimod_tok::Segment;
@@ -576,7 +577,8 @@ pub struct Against {
     pub base: f64,
     /// The variant's mean.
     pub ours: f64,
-    /// The largest loss still "within": two standard errors of a difference of means.
+    /// The largest loss still "within": the half-width of the 95 % interval of the difference,
+    /// paired over seeds (see [`difference`]).
     pub tolerance: f64,
     /// The verdict.
     pub verdict: Within,
@@ -601,37 +603,49 @@ pub fn against(
     if mb.is_nan() || mx.is_nan() || b.is_empty() || x.is_empty() {
         return None;
     }
-    let (noise, seeds) = seed_noise(&b, &x, m.samples);
-    let tolerance = 2.0 * noise * (2.0 / seeds).sqrt();
-    // The level of a model that learned nothing of what the metric measures: the same
-    // generations with scrambled prompts, an image-blind answerer; for losses a uniform
-    // prediction over the vocabulary.
-    let floor = m.floor.map_or((cfg.model.vocab.size() as f64).ln(), |fl| {
-        mean_spread(&scores(outcomes, base, fl)).0
-    });
-    // Worse is lower for an accuracy, higher for a loss.
-    let (worse_by, margin) = if m.samples.is_some() {
-        (mb - mx, mb - floor)
-    } else {
-        (mx - mb, floor - mb)
+    let tolerance = difference(outcomes, base, name, m).half_width();
+    // The baseline's margin over the level of a model that learned nothing of what the metric
+    // measures: the same generations with scrambled prompts, an image-blind answerer (each
+    // paired with the baseline's own seed); for losses a uniform prediction over the vocabulary.
+    let margin = match m.floor {
+        Some(floor) => {
+            let (fl, sc) = seed_pairs(outcomes, base, base, floor, m.score);
+            Estimate::paired(&fl, &sc).at_least(binomial(m.samples, mb, 1, fl.len()))
+        }
+        None => {
+            let e = Estimate::mean_of(&b);
+            Estimate {
+                mean: (cfg.model.vocab.size() as f64).ln() - e.mean,
+                ..e
+            }
+        }
     };
-    // Two standard errors of the baseline's own mean.
-    let base_se = 2.0 * noise / seeds.sqrt();
+    let floor_level = if m.samples.is_some() {
+        mb - margin.mean
+    } else {
+        mb + margin.mean
+    };
+    // Worse is lower for an accuracy, higher for a loss.
+    let worse_by = if m.samples.is_some() {
+        mb - mx
+    } else {
+        mx - mb
+    };
     let scale = if m.samples.is_some() { 100.0 } else { 1.0 };
-    let verdict = if margin <= base_se {
-        Within::Inconclusive(format!(
-            "{base} is not above the level of {} ({:.3}) by two standard errors ({:.3}), so there is nothing to lose; more training steps (`train.steps`) until {base} learns the task would settle it",
-            m.floor_name,
-            scale * floor,
-            scale * base_se
-        ))
-    } else if tolerance == 0.0 {
+    let verdict = if tolerance.is_nan() {
         Within::Inconclusive("no tolerance from one seed: run `--seeds 3`".into())
-    } else if tolerance >= margin {
+    } else if !margin.shown() || margin.mean <= 0.0 {
+        Within::Inconclusive(format!(
+            "{base} is not above the level of {} ({:.3}) beyond its 95 % interval (±{:.3}), so there is nothing to lose; more training steps (`train.steps`) until {base} learns the task would settle it",
+            m.floor_name,
+            scale * floor_level,
+            scale * margin.half_width()
+        ))
+    } else if tolerance >= margin.mean {
         Within::Inconclusive(format!(
             "the tolerance is as wide as {base}'s margin over {} ({:.3}), so a variant that learned nothing would pass; more seeds (`--seeds`) or samples (`eval.*_samples`) would settle it",
             m.floor_name,
-            scale * margin
+            scale * margin.mean
         ))
     } else if worse_by <= tolerance {
         Within::Within
@@ -698,17 +712,42 @@ pub fn flops_saved(outcomes: &[Outcome], base: &str, name: &str) -> f64 {
     1.0 - flops(name) / flops(base)
 }
 
-/// One seed's noise of a metric compared between two variants' scores `a` and `b` (the spread
-/// over seeds, at least the binomial error of the `samples` scored, for an accuracy), and the
-/// number of seeds both have.
-fn seed_noise(a: &[f64], b: &[f64], samples: Option<usize>) -> (f64, f64) {
-    let ((ma, sa), (mb, sb)) = (mean_spread(a), mean_spread(b));
-    let binomial = samples.map_or(0.0, |n| {
-        let p = ((ma + mb) / 2.0).clamp(0.0, 1.0);
-        (p * (1.0 - p) / n.max(1) as f64).sqrt()
-    });
-    let noise = ((sa * sa + sb * sb) / 2.0).sqrt().max(binomial);
-    (noise, a.len().min(b.len()).max(1) as f64)
+/// `b − a` on metric `m`, paired over the seeds both ran (a seed gives both variants the same
+/// data order and evaluation set, so what it shares cancels); its standard error at least the
+/// binomial error of the samples scored, for an accuracy. NaN error for a loss of one seed.
+pub fn difference(outcomes: &[Outcome], a: &str, b: &str, m: &Metric) -> Estimate {
+    let (xa, xb) = seed_pairs(outcomes, a, b, m.score, m.score);
+    let p = (mean_spread(&xa).0 + mean_spread(&xb).0) / 2.0;
+    Estimate::paired(&xa, &xb).at_least(binomial(m.samples, p, 2, xa.len()))
+}
+
+/// The binomial standard error of a sum of `terms` independent accuracies near `p`, each over
+/// `samples` scored items and averaged over `seeds` seeds; 0 for a loss (`samples` `None`).
+fn binomial(samples: Option<usize>, p: f64, terms: usize, seeds: usize) -> f64 {
+    samples.map_or(0.0, |n| {
+        let p = p.clamp(0.0, 1.0);
+        (terms as f64 * p * (1.0 - p) / (n.max(1) * seeds.max(1)) as f64).sqrt()
+    })
+}
+
+/// Score `fa` of variant `a` and `fb` of variant `b`, matched by seed over the seeds both ran.
+fn seed_pairs(
+    outcomes: &[Outcome],
+    a: &str,
+    b: &str,
+    fa: Score,
+    fb: Score,
+) -> (Vec<f64>, Vec<f64>) {
+    outcomes
+        .iter()
+        .filter(|o| o.variant == a)
+        .filter_map(|oa| {
+            let ob = outcomes
+                .iter()
+                .find(|o| o.variant == b && o.seed == oa.seed)?;
+            Some((fa(oa), fb(ob)))
+        })
+        .unzip()
 }
 
 /// One score of every outcome (seed) of variant `name`.
@@ -720,41 +759,10 @@ pub(crate) fn scores(outcomes: &[Outcome], name: &str, f: Score) -> Vec<f64> {
         .collect()
 }
 
-/// The difference of `b` over `a` on one metric with its standard error: shown only beyond two.
-#[derive(Debug, Clone)]
-pub struct Difference {
-    /// `a`'s mean.
-    pub a: f64,
-    /// `b`'s mean.
-    pub b: f64,
-    /// Standard error of `b − a`.
-    pub se: f64,
-}
-
-impl Difference {
-    /// Variant `b` against variant `a` on metric `m`.
-    pub fn new(outcomes: &[Outcome], a: &str, b: &str, m: &Metric) -> Difference {
-        let (xa, xb) = (scores(outcomes, a, m.score), scores(outcomes, b, m.score));
-        let (noise, seeds) = seed_noise(&xa, &xb, m.samples);
-        Difference {
-            a: mean_spread(&xa).0,
-            b: mean_spread(&xb).0,
-            // Standard error of the difference of two means over `seeds` seeds each.
-            se: noise * (2.0 / seeds).sqrt(),
-        }
-    }
-
-    /// Whether the difference lies beyond two standard errors.
-    pub fn shown(&self) -> bool {
-        (self.b - self.a).abs() > 2.0 * self.se
-    }
-}
-
 /// Variants of (nearly) equal training FLOPs compared with each other, not only with the
 /// baseline: the comparison the paper's claims are about (UniMoD vs plain MoD at one budget).
 /// Pairs whose mean FLOPs differ by less than 2 % of the baseline's; a difference is **shown**
-/// when it exceeds two standard errors of the difference (spread over seeds, at least the
-/// binomial error of the samples scored).
+/// when it lies outside its 95 % interval ([`difference`]).
 fn equal_flops(outcomes: &[Outcome], variants: &[Variant], metrics: &[Metric]) -> String {
     let base = &variants[0].name;
     let mut md = String::new();
@@ -777,24 +785,24 @@ fn equal_flops(outcomes: &[Outcome], variants: &[Variant], metrics: &[Metric]) -
                 100.0 * sa
             );
             for m in metrics {
-                let d = Difference::new(outcomes, &a.name, &b.name, m);
+                let d = difference(outcomes, &a.name, &b.name, m);
                 let verdict = if d.shown() {
                     format!(
                         "**shown**: {} {}",
                         b.name,
-                        if d.b > d.a { "higher" } else { "lower" }
+                        if d.mean > 0.0 { "higher" } else { "lower" }
                     )
                 } else {
-                    "**not shown** (within two standard errors); more seeds would settle it".into()
+                    "**not shown** (within its 95 % interval); more seeds would settle it".into()
                 };
                 let _ = writeln!(
                     md,
-                    "  - {}: {:.1} vs {:.1} (Δ {:+.1} points, standard error {:.1}) → {verdict}",
+                    "  - {}: {:.1} vs {:.1} (Δ {:+.1} ± {:.1} points, 95 % interval) → {verdict}",
                     m.label,
-                    100.0 * d.b,
-                    100.0 * d.a,
-                    100.0 * (d.b - d.a),
-                    100.0 * d.se
+                    100.0 * mean_spread(&scores(outcomes, &b.name, m.score)).0,
+                    100.0 * mean_spread(&scores(outcomes, &a.name, m.score)).0,
+                    100.0 * d.mean,
+                    100.0 * d.half_width()
                 );
             }
         }
@@ -870,11 +878,13 @@ fn write_report(
          (attention, routers and head included; docs/flops.md). The T2I judge score is the share of generated images \
          whose caption facts all hold (64 validation captions by default), T2I facts the share of all asserted facts \
          that hold (off the floor long before whole captions are), MMU accuracy the exact-match share of greedy \
-         answers decoded with causal routing. A variant is **within** the baseline when its mean is at most two \
-         standard errors of the difference worse than the baseline's; one seed's noise is the spread over seeds, and \
-         for an accuracy at least the binomial error over the samples scored (so one seed still gets an honest, if \
-         wide, tolerance for accuracies; losses need `--seeds`). A verdict is **inconclusive** when it cannot \
-         discriminate: the baseline is not two standard errors above the level of a model that learned nothing \
+         answers decoded with causal routing. Variants are compared seed by seed (a seed gives every variant the same \
+         data order and evaluation set), and a difference is read against its 95 % interval: Student's t at the \
+         seeds' degrees of freedom (4.30 for three seeds) times the standard error of the paired differences, that \
+         error at least the binomial error of the samples scored for an accuracy (then the normal 1.96; so one seed \
+         still gets an honest, if wide, tolerance for accuracies; losses need `--seeds`). A variant is **within** the \
+         baseline when its mean is worse by at most that half-width. A verdict is **inconclusive** when it cannot \
+         discriminate: the baseline is not above the level of a model that learned nothing by its own 95 % interval \
          (T2I: the same generations scored under scrambled prompts; MMU: an image-blind answerer that gives each \
          question's most common training answer; losses: a uniform prediction), or the tolerance is as wide as the \
          baseline's margin over that level.\n"
@@ -1022,17 +1032,30 @@ mod tests {
         assert!(!md.contains("vs mod**"), "unequal FLOPs paired: {md}");
         let mmu = pair.iter().find(|l| l.contains("MMU accuracy")).unwrap();
         assert!(mmu.contains("**shown**: mod-equal lower"), "{mmu}");
-        // The same pair one point apart is not shown.
-        for o in outcomes.iter_mut().filter(|o| o.variant == "mod-equal") {
-            o.eval.mmu_accuracy += 0.17;
-        }
-        let md = verdicts(&outcomes, &vs, &cfg);
-        let line = md
-            .lines()
-            .skip_while(|l| !l.contains("mod-equal vs unimod"))
-            .find(|l| l.contains("MMU accuracy"))
-            .unwrap();
-        assert!(line.contains("**not shown**"), "{line}");
+        let line = |outcomes: &[Outcome]| {
+            verdicts(outcomes, &vs, &cfg)
+                .lines()
+                .skip_while(|l| !l.contains("mod-equal vs unimod"))
+                .find(|l| l.contains("MMU accuracy"))
+                .unwrap()
+                .to_string()
+        };
+        // Each seed moves both variants alike (seeds 10 points apart) and mod-equal is one point
+        // below unimod in every seed: paired, that is shown; compared as unpaired means it would
+        // be within the seeds' spread.
+        let set = |outcomes: &mut Vec<Outcome>, name: &str, per_seed: [f64; 3]| {
+            for o in outcomes.iter_mut().filter(|o| o.variant == name) {
+                o.eval.mmu_accuracy = per_seed[o.seed as usize];
+            }
+        };
+        set(&mut outcomes, "unimod", [0.70, 0.80, 0.90]);
+        set(&mut outcomes, "mod-equal", [0.69, 0.79, 0.89]);
+        let l = line(&outcomes);
+        assert!(l.contains("**shown**: mod-equal lower"), "{l}");
+        // One point apart on average but not in every seed: not shown.
+        set(&mut outcomes, "mod-equal", [0.72, 0.77, 0.88]);
+        let l = line(&outcomes);
+        assert!(l.contains("**not shown**"), "{l}");
     }
 
     #[test]

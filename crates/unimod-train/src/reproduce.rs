@@ -7,12 +7,13 @@
 //! paper's full sizes; Table 4 times training steps side by side.
 
 use crate::analyze::{self, Analyzer, Finding, Source};
-use crate::experiment::{self, Against, Difference, Outcome, Reuse, Within};
+use crate::experiment::{self, Against, Outcome, Reuse, Within};
 use crate::train::RunContext;
 use crate::{RunConfig, flops_report};
 use anyhow::{Context as _, Result, bail};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use unimod_analysis::stats::{Estimate, t_975};
 use unimod_model::bench::{self, Shape};
 use unimod_router::Schedule;
 use unimod_tok::{Flavour, Task};
@@ -408,14 +409,14 @@ fn table4(req: &Request) -> Result<Vec<Row>> {
                 1.0 - t[1] / t[0]
             })
             .collect();
-        let (time_saved, se) = unimod_analysis::probe::mean_se(&saved);
+        let time_saved = Estimate::mean_of(&saved);
         let paper_saved = 1.0 - paper_time.1 / paper_time.0;
-        let verdict = if time_saved > 2.0 * se {
+        let verdict = if time_saved.shown() && time_saved.mean > 0.0 {
             "shown: UniMoD steps are faster".to_string()
-        } else if time_saved < -2.0 * se {
+        } else if time_saved.shown() {
             "refuted here: UniMoD steps are slower".to_string()
         } else {
-            "inconclusive: the saving is within two standard errors of the repeats; more rounds would settle it".to_string()
+            "inconclusive: the saving is within its 95 % interval over the repeats; more rounds would settle it".to_string()
         };
         rows.push(Row {
             item: Item::Table4,
@@ -436,12 +437,12 @@ fn table4(req: &Request) -> Result<Vec<Row>> {
             ),
             ours: format!(
                 "{} ± {} of time for {} of FLOPs (ratio {:.2})",
-                pct(time_saved),
-                pct(se),
+                pct(time_saved.mean),
+                pct(time_saved.half_width()),
                 pct(flops_saved),
-                time_saved / flops_saved
+                time_saved.mean / flops_saved
             ),
-            tolerance: "2 standard errors over 3 repeats".into(),
+            tolerance: "95 % interval over 3 repeats (t = 4.30)".into(),
             verdict,
         });
     }
@@ -538,7 +539,12 @@ fn table5(cfg: &RunConfig, outcomes: &[Outcome]) -> Vec<Row> {
         .iter()
         .all(|n| outcomes.iter().any(|o| o.variant == *n))
     {
-        let d = Difference::new(outcomes, "basic-mod", "unimod", judge);
+        let d = experiment::difference(outcomes, "basic-mod", "unimod", judge);
+        let mean = |name| {
+            let v = experiment::scores(outcomes, name, judge.score);
+            v.iter().sum::<f64>() / v.len() as f64
+        };
+        let (a, b) = (mean("basic-mod"), mean("unimod"));
         let gap = experiment::flops_saved(outcomes, "dense", "unimod")
             - experiment::flops_saved(outcomes, "dense", "basic-mod");
         let verdict = if gap.abs() >= 0.02 {
@@ -546,16 +552,19 @@ fn table5(cfg: &RunConfig, outcomes: &[Outcome]) -> Vec<Row> {
                 "inconclusive: the two are not at equal FLOPs ({:+.1} points of saving apart); set basic MoD's capacity to UniMoD's budget (`unimod flops --batches 50`)",
                 100.0 * gap
             )
-        } else if d.shown() && d.b > d.a {
+        } else if d.shown() && d.mean > 0.0 {
             "shown: UniMoD keeps more T2I quality than basic MoD at equal FLOPs".into()
         } else if d.shown() {
             "refuted here: basic MoD generates better than UniMoD at equal FLOPs".into()
-        } else if d.b == d.a {
+        } else if d.mean == 0.0 {
             "cannot tell: no difference at all (both at the same score); a dense model that learns T2I comes first".into()
         } else {
             format!(
-                "cannot tell: the difference is within two standard errors; about {:.0} seeds would resolve a difference of this size",
-                seeds_needed(&d, outcomes, "unimod")
+                "cannot tell: the difference is within its 95 % interval; about {:.0} seeds would resolve a difference of this size",
+                seeds_needed(
+                    &d,
+                    experiment::scores(outcomes, "unimod", judge.score).len()
+                )
             )
         };
         rows.push(Row {
@@ -564,26 +573,25 @@ fn table5(cfg: &RunConfig, outcomes: &[Outcome]) -> Vec<Row> {
             paper: "GenEval 0.61 vs 0.15".into(),
             ours: format!(
                 "whole captions {:.1} vs {:.1} % (Δ {:+.1} ± {:.1} points)",
-                100.0 * d.b,
-                100.0 * d.a,
-                100.0 * (d.b - d.a),
-                100.0 * d.se
+                100.0 * b,
+                100.0 * a,
+                100.0 * d.mean,
+                100.0 * d.half_width()
             ),
-            tolerance: "2 standard errors".into(),
+            tolerance: "95 % interval, paired over seeds".into(),
             verdict,
         });
     }
     rows
 }
 
-/// Seeds per variant at which the observed difference would be two standard errors.
-fn seeds_needed(d: &Difference, outcomes: &[Outcome], name: &str) -> f64 {
-    let n = outcomes.iter().filter(|o| o.variant == name).count().max(1) as f64;
-    let diff = (d.b - d.a).abs();
-    if diff == 0.0 {
-        return f64::INFINITY;
-    }
-    (n * (2.0 * d.se / diff).powi(2)).ceil().max(n + 1.0)
+/// Seeds per variant at which a difference of `d`'s size, over `n` seeds now, would lie outside
+/// its 95 % interval, each seed's spread unchanged.
+fn seeds_needed(d: &Estimate, n: usize) -> f64 {
+    let per_seed = d.se * (n.max(1) as f64).sqrt();
+    (n + 1..=10_000)
+        .find(|&k| t_975(k as f64 - 1.0) * per_seed / (k as f64).sqrt() < d.mean.abs())
+        .map_or(f64::INFINITY, |k| k as f64)
 }
 
 /// Joint training against the same budget spent on one task.
@@ -678,7 +686,7 @@ fn finding_row(item: Item, f: Finding) -> Row {
             Source::Redundancy => "later layers and MMU tokens more redundant".into(),
         },
         ours: f.ours,
-        tolerance: "2 standard errors".into(),
+        tolerance: "95 % interval (Student's t)".into(),
         verdict: f.verdict,
     }
 }
@@ -753,7 +761,7 @@ fn write_report(req: &Request, items: &[Item], rows: &[Row], notes: &[String]) -
     writeln!(
         md,
         "Written by `unimod reproduce` at scale **{}** with {} seed(s) on {:?}: d_model {}, {} layers, {} training steps per run, batch t2i {} : mmu {}, {} T2I prompts and {} MMU questions scored per run. \
-         Trained rows: mean ± standard deviation over seeds; verdicts at two standard errors (docs/conventions.md). \
+         Trained rows: mean ± standard deviation over seeds; verdicts at 95 % intervals, Student's t at the degrees of freedom of each error, trained rows paired over seeds (docs/conventions.md). \
          The experiment behind the trained rows, with its per-category breakdown and plots: [`runs/report.md`](runs/report.md).\n",
         req.scale.name(),
         req.seeds,
