@@ -70,6 +70,9 @@ enum Task {
         /// `key=value` overrides of configs/reproduce.toml (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
+        /// Reuse finished runs of the same config made by another build of the program.
+        #[arg(long)]
+        reuse_other_builds: bool,
     },
 }
 
@@ -130,9 +133,13 @@ fn main() -> Result<()> {
             config,
             seeds,
             overrides,
+            reuse_other_builds,
         } => {
             setup::run(&root)?;
             let mut args = vec!["reproduce".to_string()];
+            if reuse_other_builds {
+                args.push("--reuse-other-builds".into());
+            }
             args.extend(what);
             // Each config reproduces into its own folder, so the runs of one are never reused
             // for, or replaced by, another's.

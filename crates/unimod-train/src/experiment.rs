@@ -723,10 +723,13 @@ pub fn difference(outcomes: &[Outcome], a: &str, b: &str, m: &Metric) -> Estimat
 
 /// The binomial standard error of a sum of `terms` independent accuracies near `p`, each over
 /// `samples` scored items and averaged over `seeds` seeds; 0 for a loss (`samples` `None`).
+/// `p` is taken as Agresti and Coull's (x + 2) / (n + 4), so a score of 0 or 1 keeps an error:
+/// 0 of 64 right does not make a rate known exactly.
 fn binomial(samples: Option<usize>, p: f64, terms: usize, seeds: usize) -> f64 {
     samples.map_or(0.0, |n| {
-        let p = p.clamp(0.0, 1.0);
-        (terms as f64 * p * (1.0 - p) / (n.max(1) * seeds.max(1)) as f64).sqrt()
+        let scored = (n.max(1) * seeds.max(1)) as f64;
+        let p = (p.clamp(0.0, 1.0) * scored + 2.0) / (scored + 4.0);
+        (terms as f64 * p * (1.0 - p) / scored).sqrt()
     })
 }
 
@@ -1096,6 +1099,14 @@ mod tests {
             })
             .collect();
         let line = mmu_line(&at_floor);
+        assert!(
+            line.contains("**inconclusive**") && line.contains("image-blind"),
+            "{line}"
+        );
+        // One seed with nothing right: 0 of n still has an error, so the verdict names the
+        // floor rather than a missing tolerance.
+        let nothing = [outcome("dense", 0, 0.0, 0.0), outcome("mod", 0, 0.0, 0.0)];
+        let line = mmu_line(&nothing);
         assert!(
             line.contains("**inconclusive**") && line.contains("image-blind"),
             "{line}"

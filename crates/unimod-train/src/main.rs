@@ -191,6 +191,11 @@ enum Command {
         /// Override a config field after the scale's own (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
+        /// Reuse a finished run of the same resolved config even when another build of the
+        /// program made it (to rewrite the report after a change that leaves training alone);
+        /// the runs' report lists each such run.
+        #[arg(long)]
+        reuse_other_builds: bool,
     },
     /// Image and text tokenizers.
     Tokenizer {
@@ -495,6 +500,7 @@ fn run(cli: Cli) -> Result<()> {
             seeds,
             out,
             overrides,
+            reuse_other_builds,
         } => {
             unimod_train::distributed::single_process("reproduce")?;
             use unimod_train::reproduce::{self, Item, Request, Scale};
@@ -522,6 +528,11 @@ fn run(cli: Cli) -> Result<()> {
                 out: &out,
                 device,
                 command: std::env::args().collect::<Vec<_>>().join(" "),
+                reuse: if reuse_other_builds {
+                    experiment::Reuse::SameConfig
+                } else {
+                    experiment::Reuse::Finished
+                },
             })?;
             println!("{} rows: {}", rows.len(), out.join("REPORT.md").display());
         }

@@ -222,6 +222,9 @@ pub struct Request<'a> {
     pub device: tch::Device,
     /// The command line that asked for it, for the report's provenance line.
     pub command: String,
+    /// Which finished runs are reused ([`Reuse::Finished`] unless the user vouches for runs
+    /// of another build).
+    pub reuse: Reuse,
 }
 
 /// Runs what `req.items` need and writes `<out>/REPORT.md`; returns its rows.
@@ -303,7 +306,7 @@ fn train_variants(req: &Request, items: &[Item]) -> Result<Vec<Outcome>> {
     }
     cfg.experiment.out_dir = req.out.to_path_buf();
     cfg.experiment.name = "runs".into();
-    experiment::run(&cfg, req.seeds, req.device, Reuse::Finished)
+    experiment::run(&cfg, req.seeds, req.device, req.reuse)
 }
 
 fn pct(x: f64) -> String {

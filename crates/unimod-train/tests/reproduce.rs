@@ -45,6 +45,7 @@ fn quick_reproduction_writes_every_table_with_verdicts() {
         out: &out,
         device: tch::Device::Cpu,
         command: "reproduce --scale quick".into(),
+        reuse: unimod_train::experiment::Reuse::Finished,
     };
     let rows = reproduce::run(&req).unwrap();
     let report = std::fs::read_to_string(out.join("REPORT.md")).unwrap();
