@@ -582,6 +582,9 @@ pub struct Against {
     pub tolerance: f64,
     /// The verdict.
     pub verdict: Within,
+    /// Whether the variant is *better* than the baseline beyond the tolerance (a verdict of
+    /// within says only that it is not worse).
+    pub better: bool,
     /// 100 for accuracies (reported in points), 1 for losses.
     pub scale: f64,
 }
@@ -656,6 +659,7 @@ pub fn against(
         base: mb,
         ours: mx,
         tolerance,
+        better: verdict == Within::Within && -worse_by > tolerance,
         verdict,
         scale,
     })
@@ -689,9 +693,14 @@ fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> Stri
                 continue;
             };
             let unit = if m.samples.is_some() { " points" } else { "" };
+            let better = if a.better {
+                ", and better beyond it"
+            } else {
+                ""
+            };
             let _ = writeln!(
                 md,
-                "  - {}: {:.3} vs {:.3} (Δ {:+.3}{unit}, tolerance {:.3}) → {}",
+                "  - {}: {:.3} vs {:.3} (Δ {:+.3}{unit}, tolerance {:.3}) → {}{better}",
                 m.label,
                 a.scale * a.ours,
                 a.scale * a.base,
@@ -789,7 +798,16 @@ fn equal_flops(outcomes: &[Outcome], variants: &[Variant], metrics: &[Metric]) -
             );
             for m in metrics {
                 let d = difference(outcomes, &a.name, &b.name, m);
-                let verdict = if d.shown() {
+                let seeds = seed_pairs(outcomes, &a.name, &b.name, m.score, m.score)
+                    .0
+                    .len();
+                let verdict = if d.shown() && seeds < 2 {
+                    format!(
+                        "**shown on this seed's evaluation only**: {} {}; with one seed the spread between training runs is unmeasured, `--seeds 3` would settle it",
+                        b.name,
+                        if d.mean > 0.0 { "higher" } else { "lower" }
+                    )
+                } else if d.shown() {
                     format!(
                         "**shown**: {} {}",
                         b.name,
@@ -886,7 +904,9 @@ fn write_report(
          seeds' degrees of freedom (4.30 for three seeds) times the standard error of the paired differences, that \
          error at least the binomial error of the samples scored for an accuracy (then the normal 1.96; so one seed \
          still gets an honest, if wide, tolerance for accuracies; losses need `--seeds`). A variant is **within** the \
-         baseline when its mean is worse by at most that half-width. A verdict is **inconclusive** when it cannot \
+         baseline when its mean is worse by at most that half-width (and **better beyond it** when it \
+         leads by more). With one seed, a difference between two variants beyond the binomial error is \
+         **shown on this seed's evaluation only**: the spread between training runs is then unmeasured. A verdict is **inconclusive** when it cannot \
          discriminate: the baseline is not above the level of a model that learned nothing by its own 95 % interval \
          (T2I: the same generations scored under scrambled prompts; MMU: an image-blind answerer that gives each \
          question's most common training answer; losses: a uniform prediction), or the tolerance is as wide as the \
@@ -1059,6 +1079,14 @@ mod tests {
         set(&mut outcomes, "mod-equal", [0.72, 0.77, 0.88]);
         let l = line(&outcomes);
         assert!(l.contains("**not shown**"), "{l}");
+        // One seed, 20 points apart: beyond the binomial error, but training noise is unmeasured.
+        set(&mut outcomes, "mod-equal", [0.50, 0.60, 0.70]);
+        let one: Vec<Outcome> = outcomes.into_iter().filter(|o| o.seed == 0).collect();
+        let l = line(&one);
+        assert!(
+            l.contains("**shown on this seed's evaluation only**"),
+            "{l}"
+        );
     }
 
     #[test]
@@ -1125,6 +1153,18 @@ mod tests {
             "{}",
             mmu_line(&learned)
         );
+        // a variant ahead of the baseline in every seed: within, and better beyond it
+        let ahead: Vec<_> = (0..3)
+            .flat_map(|s| {
+                [
+                    outcome("dense", s, 0.80 + 0.05 * s as f64, 0.50),
+                    outcome("mod", s, 0.90 + 0.05 * s as f64, 0.50),
+                ]
+            })
+            .collect();
+        let line = mmu_line(&ahead);
+        assert!(line.contains("**within**, and better beyond it"), "{line}");
+        assert!(!mmu_line(&learned).contains("better"));
         // the variant at the floor: outside
         let lost: Vec<_> = (0..3)
             .flat_map(|s| {

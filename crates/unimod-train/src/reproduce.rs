@@ -548,6 +548,7 @@ fn table5(cfg: &RunConfig, outcomes: &[Outcome]) -> Vec<Row> {
             v.iter().sum::<f64>() / v.len() as f64
         };
         let (a, b) = (mean("basic-mod"), mean("unimod"));
+        let seeds = experiment::scores(outcomes, "unimod", judge.score).len();
         let gap = experiment::flops_saved(outcomes, "dense", "unimod")
             - experiment::flops_saved(outcomes, "dense", "basic-mod");
         let verdict = if gap.abs() >= 0.02 {
@@ -555,6 +556,8 @@ fn table5(cfg: &RunConfig, outcomes: &[Outcome]) -> Vec<Row> {
                 "inconclusive: the two are not at equal FLOPs ({:+.1} points of saving apart); set basic MoD's capacity to UniMoD's budget (`unimod flops --batches 50`)",
                 100.0 * gap
             )
+        } else if d.shown() && seeds < 2 {
+            "cannot tell: one seed leaves the spread between training runs unmeasured; `--seeds 3` would settle it".into()
         } else if d.shown() && d.mean > 0.0 {
             "shown: UniMoD keeps more T2I quality than basic MoD at equal FLOPs".into()
         } else if d.shown() {
