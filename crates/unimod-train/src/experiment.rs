@@ -721,13 +721,29 @@ pub fn flops_saved(outcomes: &[Outcome], base: &str, name: &str) -> f64 {
     1.0 - flops(name) / flops(base)
 }
 
-/// `b − a` on metric `m`, paired over the seeds both ran (a seed gives both variants the same
-/// data order and evaluation set, so what it shares cancels); its standard error at least the
-/// binomial error of the samples scored, for an accuracy. NaN error for a loss of one seed.
+/// `b − a` on metric `m`, paired over the seeds both ran (see [`paired_difference`]).
 pub fn difference(outcomes: &[Outcome], a: &str, b: &str, m: &Metric) -> Estimate {
-    let (xa, xb) = seed_pairs(outcomes, a, b, m.score, m.score);
+    let seeded = |name: &str| -> Vec<(u64, f64)> {
+        outcomes
+            .iter()
+            .filter(|o| o.variant == name)
+            .map(|o| (o.seed, (m.score)(o)))
+            .collect()
+    };
+    paired_difference(&seeded(a), &seeded(b), m.samples)
+}
+
+/// `b − a` over the seeds both have (each score a `(seed, score)`): a seed gives both the same
+/// data order and evaluation set, so what it shares cancels. For an accuracy over `samples`
+/// scored items, its standard error is at least their binomial error. NaN error for a loss
+/// of one seed.
+pub fn paired_difference(a: &[(u64, f64)], b: &[(u64, f64)], samples: Option<usize>) -> Estimate {
+    let (xa, xb): (Vec<f64>, Vec<f64>) = a
+        .iter()
+        .filter_map(|(seed, x)| Some((*x, b.iter().find(|(s, _)| s == seed)?.1)))
+        .unzip();
     let p = (mean_spread(&xa).0 + mean_spread(&xb).0) / 2.0;
-    Estimate::paired(&xa, &xb).at_least(binomial(m.samples, p, 2, xa.len()))
+    Estimate::paired(&xa, &xb).at_least(binomial(samples, p, 2, xa.len()))
 }
 
 /// The binomial standard error of a sum of `terms` independent accuracies near `p`, each over

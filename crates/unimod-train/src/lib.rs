@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod analyze;
+pub mod compare;
 pub mod config;
 pub mod data;
 pub mod device;

@@ -119,6 +119,21 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Evaluations of several settings over the same seeds side by side, each against a
+    /// baseline, differences paired by seed with their 95 % intervals (markdown tables).
+    Compare {
+        /// Evaluation folders (`unimod eval --out`, or experiment runs), each with eval.json and
+        /// eval.toml or config.toml; a name ending in `-seed<N>` joins the group of its name
+        /// without the suffix.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// The group the others are compared with (default: the first folder's).
+        #[arg(long)]
+        base: Option<String>,
+        /// Also write the tables to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Generate images from captions (PNG grid) and answers to questions about validation images.
     Generate {
         /// A run directory or checkpoint folder.
@@ -343,6 +358,17 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 out.join("checkpoints").display()
             );
+        }
+        Command::Compare { dirs, base, out } => {
+            let evals = dirs
+                .iter()
+                .map(|d| unimod_train::compare::Evaluation::load(d))
+                .collect::<Result<Vec<_>>>()?;
+            let md = unimod_train::compare::tables(&evals, base.as_deref())?;
+            println!("{md}");
+            if let Some(path) = out {
+                unimod_train::write(&path, &md)?;
+            }
         }
         Command::Eval {
             checkpoint,

@@ -1,5 +1,6 @@
 //! `unimod eval` never replaces a run's own evaluation with one under other settings: with
-//! `--set` it writes to `<run>/evals/<digest>/` (with the resolved config), or to `--out`.
+//! `--set` it writes to `<run>/evals/<digest>/` (with the resolved config), or to `--out`;
+//! `unimod compare` reads such folders.
 
 mod common;
 
@@ -70,7 +71,7 @@ fn evaluations_under_other_settings_keep_the_runs_own() {
     assert!(guided.join("eval.json").exists());
     assert!(said.contains(guided.to_str().unwrap()), "{said}");
     // --out: where the user says.
-    let out = root.join("elsewhere");
+    let out = root.join("guided-seed0");
     unimod(
         &cache,
         &[
@@ -86,5 +87,33 @@ fn evaluations_under_other_settings_keep_the_runs_own() {
         .concat(),
     );
     assert!(out.join("eval.json").exists());
+    // `unimod compare` reads evaluation folders as written: the guided one against the run's
+    // own settings (seed 0 of the miniature's config), one seed each.
+    let plain = root.join("plain-seed0");
+    unimod(
+        &cache,
+        &[
+            &[
+                "eval",
+                "--checkpoint",
+                run_s,
+                "--out",
+                plain.to_str().unwrap(),
+            ][..],
+            &small,
+        ]
+        .concat(),
+    );
+    let table = root.join("compare.md");
+    let args = [plain.to_str().unwrap(), out.to_str().unwrap()];
+    unimod(
+        &cache,
+        &[&["compare"][..], &args, &["--out", table.to_str().unwrap()]].concat(),
+    );
+    let md = std::fs::read_to_string(&table).unwrap();
+    assert!(
+        md.contains("Baseline `plain`") && md.contains("| guided | "),
+        "{md}"
+    );
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -1,0 +1,432 @@
+//! `unimod compare`: evaluations of several settings over the same seeds, side by side, each
+//! against a baseline, with differences paired by seed and read against their 95 % intervals
+//! (docs/conventions.md, "Verdicts") — the tables a sweep of `unimod eval --set …` over a few
+//! seeds' checkpoints calls for.
+//!
+//! An evaluation folder holds `eval.json` and the config it ran under (`eval.toml`, or a run's
+//! `config.toml`); its seed is that config's `train.seed`, and a folder name ending in
+//! `-seed<N>` joins the group of its name without the suffix (`w0.5-increasing-seed2` is seed 2
+//! of `w0.5-increasing`), as experiment runs are named.
+
+use crate::RunConfig;
+use crate::eval::EvalReport;
+use crate::experiment::paired_difference;
+use anyhow::{Context as _, Result, bail};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use unimod_analysis::stats::Estimate;
+
+/// One evaluation of one seed.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    /// The setting it belongs to: the folder's name without a trailing `-seed<N>`.
+    pub group: String,
+    /// The checkpoint's training seed.
+    pub seed: u64,
+    /// Where it was read from.
+    pub dir: PathBuf,
+    /// What it measured.
+    pub report: EvalReport,
+    /// T2I prompts scored (`eval.t2i_samples`).
+    pub t2i_samples: usize,
+    /// MMU questions scored (`eval.mmu_samples`).
+    pub mmu_samples: usize,
+}
+
+impl Evaluation {
+    /// The evaluation in `dir`.
+    pub fn load(dir: &Path) -> Result<Evaluation> {
+        let json = dir.join("eval.json");
+        let text = std::fs::read_to_string(&json).with_context(|| {
+            format!(
+                "reading {} (an evaluation folder of `unimod eval` or an experiment's run)",
+                json.display()
+            )
+        })?;
+        let report: EvalReport =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
+        let config = ["eval.toml", "config.toml"]
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|p| p.exists())
+            .with_context(|| {
+                format!(
+                    "{} holds neither eval.toml nor config.toml: its seed is unknown",
+                    dir.display()
+                )
+            })?;
+        let cfg = RunConfig::load(Some(&config), &[])?;
+        let name = dir
+            .file_name()
+            .with_context(|| format!("{} has no folder name", dir.display()))?
+            .to_string_lossy();
+        Ok(Evaluation {
+            group: group_of(&name).to_string(),
+            seed: cfg.train.seed,
+            dir: dir.to_path_buf(),
+            report,
+            t2i_samples: cfg.eval.t2i_samples,
+            mmu_samples: cfg.eval.mmu_samples,
+        })
+    }
+}
+
+/// `name` without a trailing `-seed<N>`.
+fn group_of(name: &str) -> &str {
+    match name.rsplit_once("-seed") {
+        Some((group, n)) if !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()) => group,
+        _ => name,
+    }
+}
+
+/// How a column reads its score off a report (`None`: the report has none).
+type Read = Box<dyn Fn(&EvalReport) -> Option<f64>>;
+
+/// One column of the tables.
+struct Column {
+    label: String,
+    score: Read,
+    /// Items scored, for an accuracy whose binomial error floors the interval.
+    samples: fn(&Evaluation) -> Option<usize>,
+    /// 100 for accuracies (in points), 1 for losses.
+    scale: f64,
+}
+
+fn accuracy(
+    label: impl Into<String>,
+    score: impl Fn(&EvalReport) -> Option<f64> + 'static,
+    samples: fn(&Evaluation) -> Option<usize>,
+) -> Column {
+    Column {
+        label: label.into(),
+        score: Box::new(score),
+        samples,
+        scale: 100.0,
+    }
+}
+
+/// The headline columns: whole captions, facts, MMU accuracy and each validation loss.
+fn headline(evals: &[Evaluation]) -> Vec<Column> {
+    let mut columns = vec![
+        accuracy(
+            "T2I whole %",
+            |r| Some(r.t2i_overall),
+            |e| Some(e.t2i_samples),
+        ),
+        // At least one fact per caption: the caption count makes the binomial error conservative.
+        accuracy(
+            "T2I facts %",
+            |r| Some(r.t2i_facts),
+            |e| Some(e.t2i_samples),
+        ),
+        accuracy("MMU %", |r| Some(r.mmu_accuracy), |e| Some(e.mmu_samples)),
+    ];
+    for task in keys(evals, |r| r.val_loss.keys()) {
+        let t = task.clone();
+        columns.push(Column {
+            label: format!("val {task}"),
+            score: Box::new(move |r| r.val_loss.get(&t).copied()),
+            samples: |_| None,
+            scale: 1.0,
+        });
+    }
+    columns
+}
+
+/// One column per T2I fact category and MMU question kind. Their item counts are not recorded,
+/// so their intervals have no binomial floor.
+fn breakdown(evals: &[Evaluation]) -> Vec<Column> {
+    let mut columns = Vec::new();
+    for c in keys(evals, |r| r.t2i_per_category.keys()) {
+        let k = c.clone();
+        columns.push(accuracy(
+            format!("T2I {c} %"),
+            move |r| r.t2i_per_category.get(&k).copied(),
+            |_| None,
+        ));
+    }
+    for c in keys(evals, |r| r.mmu_per_kind.keys()) {
+        let k = c.clone();
+        columns.push(accuracy(
+            format!("MMU {c} %"),
+            move |r| r.mmu_per_kind.get(&k).copied(),
+            |_| None,
+        ));
+    }
+    columns
+}
+
+/// Every key any report has, sorted.
+fn keys<'a, I: Iterator<Item = &'a String>>(
+    evals: &'a [Evaluation],
+    of: impl Fn(&'a EvalReport) -> I,
+) -> Vec<String> {
+    let mut all: Vec<String> = evals.iter().flat_map(|e| of(&e.report)).cloned().collect();
+    all.sort();
+    all.dedup();
+    all
+}
+
+/// The groups in order of first appearance, `base` first.
+fn groups(evals: &[Evaluation], base: &str) -> Vec<String> {
+    let mut names = vec![base.to_string()];
+    for e in evals {
+        if !names.contains(&e.group) {
+            names.push(e.group.clone());
+        }
+    }
+    names
+}
+
+/// The comparison as markdown: a headline table and a per-category table, each group's row
+/// giving its mean and, beside it, its paired difference to `base` ± the half-width of its
+/// 95 % interval (in bold where the difference lies outside it). `base` defaults to the first
+/// group.
+pub fn tables(evals: &[Evaluation], base: Option<&str>) -> Result<String> {
+    let Some(first) = evals.first() else {
+        bail!("no evaluations to compare");
+    };
+    let base = base.unwrap_or(&first.group);
+    let names = groups(evals, base);
+    if !evals.iter().any(|e| e.group == base) {
+        bail!(
+            "no evaluation of the baseline `{base}`; the groups are: {}",
+            names[1..].join(", ")
+        );
+    }
+    for (i, a) in evals.iter().enumerate() {
+        if let Some(b) = evals[i + 1..]
+            .iter()
+            .find(|b| b.group == a.group && b.seed == a.seed)
+        {
+            bail!(
+                "{} and {} are both seed {} of `{}`: a comparison pairs one evaluation per seed",
+                a.dir.display(),
+                b.dir.display(),
+                a.seed,
+                a.group
+            );
+        }
+    }
+    let mut md = String::new();
+    let seeds = |g: &str| {
+        let mut s: Vec<u64> = evals
+            .iter()
+            .filter(|e| e.group == g)
+            .map(|e| e.seed)
+            .collect();
+        s.sort();
+        s
+    };
+    let base_seeds = seeds(base);
+    writeln!(
+        md,
+        "Baseline `{base}` (seeds {}). Each row: its mean over seeds, and in brackets its difference to the baseline paired by seed over the seeds both have, ± the half-width of its 95 % interval (Student's t at their degrees of freedom; for whole captions, facts and MMU at least the binomial error of the items scored). **Bold**: the difference lies outside its interval. An evaluation set that every seed shares is not resampled, so its own sampling error is in these intervals only through that floor; the per-category columns have none.\n",
+        join(&base_seeds)
+    )?;
+    for columns in [headline(evals), breakdown(evals)] {
+        let columns: Vec<Column> = columns
+            .into_iter()
+            .filter(|c| evals.iter().any(|e| (c.score)(&e.report).is_some()))
+            .collect();
+        if columns.is_empty() {
+            continue;
+        }
+        write!(md, "| setting | seeds |")?;
+        for c in &columns {
+            write!(md, " {} |", c.label)?;
+        }
+        writeln!(md)?;
+        writeln!(md, "|---|---|{}", "---|".repeat(columns.len()))?;
+        for name in &names {
+            write!(md, "| {name} | {} |", join(&seeds(name)))?;
+            for c in &columns {
+                write!(md, " {} |", cell(evals, base, name, c))?;
+            }
+            writeln!(md)?;
+        }
+        writeln!(md)?;
+    }
+    Ok(md)
+}
+
+fn join(seeds: &[u64]) -> String {
+    seeds
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Group `name`'s mean on column `c`, with its standard error over seeds for the baseline and
+/// its paired difference to the baseline otherwise.
+fn cell(evals: &[Evaluation], base: &str, name: &str, c: &Column) -> String {
+    let seeded = |g: &str| -> Vec<(u64, f64)> {
+        evals
+            .iter()
+            .filter(|e| e.group == g)
+            .filter_map(|e| Some((e.seed, (c.score)(&e.report)?)))
+            .collect()
+    };
+    let ours = seeded(name);
+    if ours.is_empty() {
+        return "–".into();
+    }
+    let digits = if c.scale == 1.0 { 3 } else { 1 };
+    let values: Vec<f64> = ours.iter().map(|(_, x)| *x).collect();
+    let own = Estimate::mean_of(&values);
+    let mean = format!("{:.digits$}", c.scale * own.mean);
+    if name == base {
+        return match own.se.is_nan() {
+            true => mean,
+            false => format!("{mean} ± {:.digits$}", c.scale * own.se),
+        };
+    }
+    // The floor uses the items this group scored: the fewest of its evaluations'.
+    let samples = evals
+        .iter()
+        .filter(|e| e.group == name)
+        .filter_map(c.samples)
+        .min();
+    let d = paired_difference(&seeded(base), &ours, samples);
+    if d.mean.is_nan() {
+        return format!("{mean} (no seed in common)");
+    }
+    let half = d.half_width();
+    let text = match half.is_nan() {
+        true => format!("{mean} ({:+.digits$}, one seed)", c.scale * d.mean),
+        false => format!(
+            "{mean} ({:+.digits$} ± {:.digits$})",
+            c.scale * d.mean,
+            c.scale * half
+        ),
+    };
+    match d.shown() {
+        true => format!("**{text}**"),
+        false => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eval(group: &str, seed: u64, whole: f64, relation: f64) -> Evaluation {
+        let mut report = EvalReport {
+            t2i_overall: whole,
+            t2i_facts: whole,
+            mmu_accuracy: 0.5,
+            ..EvalReport::default()
+        };
+        report.t2i_per_category.insert("relation".into(), relation);
+        report.val_loss.insert("t2i".into(), 1.0 + whole);
+        Evaluation {
+            group: group.into(),
+            seed,
+            dir: PathBuf::from(format!("{group}-seed{seed}")),
+            report,
+            t2i_samples: 256,
+            mmu_samples: 128,
+        }
+    }
+
+    fn row<'a>(md: &'a str, group: &str) -> Vec<&'a str> {
+        md.lines()
+            .filter(|l| l.starts_with(&format!("| {group} |")))
+            .collect()
+    }
+
+    #[test]
+    fn folder_names_give_groups() {
+        assert_eq!(group_of("w0.5-increasing-seed2"), "w0.5-increasing");
+        assert_eq!(group_of("dense-seed10"), "dense");
+        assert_eq!(group_of("dense-seedling"), "dense-seedling");
+        assert_eq!(group_of("dense-seed"), "dense-seed");
+        assert_eq!(group_of("g0"), "g0");
+    }
+
+    #[test]
+    fn differences_are_paired_by_seed() {
+        // Seeds 20 points apart; `up` is 5 points of relation above the baseline in every seed,
+        // `noisy` 5 points on average but not in every seed. Listed out of seed order.
+        let evals = vec![
+            eval("none", 2, 0.60, 0.40),
+            eval("none", 0, 0.40, 0.20),
+            eval("none", 1, 0.50, 0.30),
+            eval("up", 1, 0.50, 0.35),
+            eval("up", 0, 0.40, 0.25),
+            eval("up", 2, 0.60, 0.45),
+            eval("noisy", 0, 0.40, 0.35),
+            eval("noisy", 1, 0.50, 0.25),
+            eval("noisy", 2, 0.60, 0.45),
+        ];
+        let md = tables(&evals, None).unwrap();
+        assert!(md.contains("Baseline `none` (seeds 0, 1, 2)"), "{md}");
+        let up = row(&md, "up");
+        assert_eq!(up.len(), 2, "{md}");
+        assert!(up[1].contains("**35.0 (+5.0 ± 0.0)**"), "{}", up[1]);
+        assert!(up[0].contains("50.0 (+0.0 ± "), "{}", up[0]);
+        let noisy = row(&md, "noisy")[1];
+        assert!(noisy.contains("35.0 (+5.0 ± 24.8)"), "{noisy}");
+        assert!(!noisy.contains("**"), "{noisy}");
+        // The baseline's own row: mean ± its standard error over seeds.
+        assert!(row(&md, "none")[1].contains("30.0 ± 5.8"), "{md}");
+        // Another baseline, named.
+        let md = tables(&evals, Some("up")).unwrap();
+        assert!(md.lines().nth(4).unwrap().starts_with("| up |"), "{md}");
+    }
+
+    #[test]
+    fn whole_captions_keep_their_binomial_floor() {
+        // Every seed one point up: with 256 prompts per seed that is inside the binomial error.
+        let evals: Vec<Evaluation> = (0..3)
+            .flat_map(|s| {
+                let x = 0.4 + 0.1 * s as f64;
+                [eval("a", s, x, 0.3), eval("b", s, x + 0.01, 0.3)]
+            })
+            .collect();
+        let md = tables(&evals, None).unwrap();
+        let whole = row(&md, "b")[0]
+            .split('|')
+            .nth(3)
+            .unwrap()
+            .trim()
+            .to_string();
+        assert_eq!(whole, "51.0 (+1.0 ± 5.0)");
+        // The loss has no floor: one hundredth up in every seed is shown.
+        assert!(
+            row(&md, "b")[0].contains("**1.510 (+0.010 ± 0.000)**"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn bad_sets_are_refused_by_name() {
+        let evals = vec![eval("a", 0, 0.5, 0.5), eval("a", 0, 0.4, 0.5)];
+        let e = tables(&evals, None).unwrap_err().to_string();
+        assert!(e.contains("a-seed0") && e.contains("both seed 0"), "{e}");
+        let e = tables(&[eval("a", 0, 0.5, 0.5)], Some("z"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`z`") && e.contains("a"), "{e}");
+        assert!(tables(&[], None).is_err());
+        // A group without a seed the baseline has says so.
+        let md = tables(&[eval("a", 0, 0.5, 0.5), eval("b", 1, 0.5, 0.5)], None).unwrap();
+        assert!(md.contains("no seed in common"), "{md}");
+        let dir = std::env::temp_dir().join(format!("unimod-compare-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let e = Evaluation::load(&dir).unwrap_err().to_string();
+        assert!(e.contains("eval.json"), "{e}");
+        std::fs::write(
+            dir.join("eval.json"),
+            serde_json::to_string(&EvalReport::default()).unwrap(),
+        )
+        .unwrap();
+        let e = format!("{:#}", Evaluation::load(&dir).unwrap_err());
+        assert!(e.contains("neither eval.toml nor config.toml"), "{e}");
+        std::fs::write(dir.join("eval.toml"), "[train]\nseed = 7\n").unwrap();
+        let loaded = Evaluation::load(&dir).unwrap();
+        assert_eq!(loaded.seed, 7);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
