@@ -48,7 +48,11 @@ fn run(c: &mut Criterion) {
             .map(|v| median_seconds(&format!("step-d{d}/{}", v.name)))
             .collect();
         if let Some(secs) = secs {
-            for row in bench::table_rows(&format!("d{d}"), b, vs, &secs, peak) {
+            // Criterion's medians, one per variant: a single "round", so no interval.
+            let timings = bench::Timings {
+                seconds: secs.iter().map(|s| vec![*s]).collect(),
+            };
+            for row in bench::table_rows(&format!("d{d}"), b, vs, &timings, peak) {
                 println!("{row}");
             }
         }

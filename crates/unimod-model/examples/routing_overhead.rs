@@ -38,7 +38,7 @@ fn main() -> anyhow::Result<()> {
     .into_iter()
     .map(|(name, cfg)| bench::variant(name.into(), &cfg, &b, Device::Cpu))
     .collect::<Result<Vec<_>, _>>()?;
-    let secs = bench::time_steps(&variants, &b, Device::Cpu, 3, rounds);
+    let secs = bench::time_steps(&variants, &b, Device::Cpu, 3, rounds).medians();
     let routed_layers = (shape.n_layers - 1) as f64;
     println!("| variant | ms/step | overhead per routed layer (ms) |\n|---|---|---|");
     for (v, s) in variants.iter().zip(&secs) {

@@ -166,15 +166,15 @@ pub fn sync(device: Device) {
     }
 }
 
-/// Median seconds per step of every variant, measured in interleaved rounds (one step of each
-/// variant per round) so that drifts of a shared machine hit all variants alike.
+/// Every variant's training step timed in interleaved rounds (see [`Timings`]), after `warmup`
+/// untimed steps each.
 pub fn time_steps(
     vs: &[Variant],
     b: &Batch,
     device: Device,
     warmup: usize,
     rounds: usize,
-) -> Vec<f64> {
+) -> Timings {
     for v in vs {
         for _ in 0..warmup {
             step(v, b);
@@ -203,7 +203,7 @@ pub fn time_graphed_steps(
     device: Device,
     warmup: usize,
     rounds: usize,
-) -> Result<(Vec<f64>, f64), unimod_kernels::CudaError> {
+) -> Result<(Timings, f64), unimod_kernels::CudaError> {
     let mut graphs = Vec::with_capacity(vs.len());
     let mut worst: f64 = 0.0;
     for v in vs {
@@ -268,29 +268,95 @@ pub fn op_rows(
         .collect()
 }
 
-/// Median seconds of each of `steps` over `rounds` interleaved rounds; the first error ends it.
+/// Each of `steps` timed over `rounds` interleaved rounds; the first error ends it.
 fn interleaved<E>(
     steps: &mut [impl FnMut() -> Result<(), E>],
     device: Device,
     rounds: usize,
-) -> Result<Vec<f64>, E> {
+) -> Result<Timings, E> {
     sync(device);
-    let mut times = vec![Vec::with_capacity(rounds); steps.len()];
+    let mut seconds = vec![Vec::with_capacity(rounds); steps.len()];
     for _ in 0..rounds {
-        for (step, t) in steps.iter_mut().zip(&mut times) {
+        for (step, t) in steps.iter_mut().zip(&mut seconds) {
             let start = Instant::now();
             step()?;
             sync(device);
             t.push(start.elapsed().as_secs_f64());
         }
     }
-    Ok(times
-        .into_iter()
-        .map(|mut t| {
-            t.sort_by(f64::total_cmp);
-            t[t.len() / 2]
-        })
-        .collect())
+    Ok(Timings { seconds })
+}
+
+/// Step times measured in interleaved rounds (one step of every variant per round), so that
+/// drifts of a shared machine hit all variants alike.
+#[derive(Debug, Clone)]
+pub struct Timings {
+    /// `seconds[v][r]`: variant v's step in round r.
+    pub seconds: Vec<Vec<f64>>,
+}
+
+/// A median with its distribution-free 95 % interval.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Median {
+    /// The median.
+    pub median: f64,
+    /// The order statistics that cover the median with at least 95 % probability; `None`
+    /// below six values, where no pair of them does.
+    pub interval: Option<(f64, f64)>,
+}
+
+impl Median {
+    /// The median of `v` (NaN when empty) and its interval: the j-th smallest and j-th largest
+    /// value, j the largest rank with P(Binomial(n, ½) < j) ≤ 2.5 %. No assumption about the
+    /// distribution, so a few slow steps of a busy machine widen it without moving it.
+    pub fn of(v: &[f64]) -> Median {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n == 0 {
+            return Median {
+                median: f64::NAN,
+                interval: None,
+            };
+        }
+        let median = match n % 2 {
+            1 => v[n / 2],
+            _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        };
+        // P(X ≤ i) for X ~ Binomial(n, ½), accumulated term by term.
+        let (mut term, mut below) = (0.5f64.powi(n as i32), 0.0);
+        let mut j = 0;
+        for i in 0..n {
+            below += term;
+            if below > 0.025 {
+                break;
+            }
+            j = i + 1;
+            term *= (n - i) as f64 / (i + 1) as f64;
+        }
+        Median {
+            median,
+            interval: (j >= 1).then(|| (v[j - 1], v[n - j])),
+        }
+    }
+}
+
+impl Timings {
+    /// Each variant's median step time.
+    pub fn medians(&self) -> Vec<f64> {
+        self.seconds.iter().map(|t| Median::of(t).median).collect()
+    }
+
+    /// Variant `v`'s share of time saved against variant 0, round by round (1 − t_v / t_0
+    /// within each round, two steps that saw the same machine), as a median with its interval.
+    pub fn saved(&self, v: usize) -> Median {
+        let per_round: Vec<f64> = self.seconds[v]
+            .iter()
+            .zip(&self.seconds[0])
+            .map(|(t, t0)| 1.0 - t / t0)
+            .collect();
+        Median::of(&per_round)
+    }
 }
 
 /// Measured f32 matmul rate of the device, FLOP/s (the denominator of MFU).
@@ -313,21 +379,28 @@ pub fn matmul_rate_of(device: Device, kind: Kind) -> f64 {
     reps as f64 * 2.0 * (n as f64).powi(3) / start.elapsed().as_secs_f64()
 }
 
-/// The markdown table rows of one shape: GFLOPs, ms, tokens/s, MFU, savings and their ratio.
-/// `seconds[i]` belongs to `vs[i]`; the first variant is the dense reference.
+/// The markdown table rows of one shape: GFLOPs, median ms, tokens/s, MFU, savings and their
+/// ratio. `timings.seconds[i]` belongs to `vs[i]`; the first variant is the dense reference.
+/// Time saved is the median of the rounds' own savings, with its 95 % interval in brackets.
 pub fn table_rows(
     label: &str,
     b: &Batch,
     vs: &[Variant],
-    seconds: &[f64],
+    timings: &Timings,
     peak: f64,
 ) -> Vec<String> {
-    let (dense_s, dense_f) = (seconds[0], vs[0].train_flops);
+    let dense_f = vs[0].train_flops;
     let tokens = (b.size() as i64 * b.seq_len()) as f64;
     vs.iter()
-        .zip(seconds)
-        .map(|(v, &s)| {
-            let (fs, ts) = (1.0 - v.train_flops / dense_f, 1.0 - s / dense_s);
+        .zip(timings.medians())
+        .enumerate()
+        .map(|(i, (v, s))| {
+            let saved = timings.saved(i);
+            let (fs, ts) = (1.0 - v.train_flops / dense_f, saved.median);
+            let interval = match saved.interval {
+                Some((lo, hi)) if i > 0 => format!(" ({:.1} to {:.1})", 100.0 * lo, 100.0 * hi),
+                _ => String::new(),
+            };
             // Below 1 % saved the ratio divides timing noise by almost nothing (MoMa saves 0.1 %:
             // its experts take no padding, which dense's FFN runs on, offsetting its routers).
             let ratio = if fs >= 0.01 {
@@ -336,7 +409,7 @@ pub fn table_rows(
                 "-".into()
             };
             format!(
-                "| {label} | {} | {:.2} | {:.2} | {:.0} | {:.1} % | {:.1} % | {:.1} % | {ratio} |",
+                "| {label} | {} | {:.2} | {:.2} | {:.0} | {:.1} % | {:.1} % | {:.1} %{interval} | {ratio} |",
                 v.name,
                 v.train_flops / 1e9,
                 s * 1e3,
@@ -487,6 +560,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn medians_come_with_order_statistic_intervals() {
+        let ten: Vec<f64> = (1..=10).rev().map(f64::from).collect();
+        // P(X ≤ 1) = 11/1024 ≤ 2.5 % < P(X ≤ 2) = 56/1024: the 2nd and 9th values (97.9 %).
+        assert_eq!(
+            Median::of(&ten),
+            Median {
+                median: 5.5,
+                interval: Some((2.0, 9.0))
+            }
+        );
+        // Six values: only the extremes cover (1 − 2/64 = 96.9 %); five: nothing does.
+        let six = [3.0, 1.0, 2.0, 6.0, 5.0, 4.0];
+        assert_eq!(Median::of(&six).interval, Some((1.0, 6.0)));
+        assert_eq!(Median::of(&six[..5]).interval, None);
+        assert!(Median::of(&[]).median.is_nan());
+        // Savings are taken within each round: a machine slowing down 3× over the rounds
+        // moves both steps alike and leaves every round's saving at 25 %.
+        let base: Vec<f64> = (0..8).map(|r| 1.0 + 0.25 * r as f64).collect();
+        let t = Timings {
+            seconds: vec![base.clone(), base.iter().map(|x| 0.75 * x).collect()],
+        };
+        let saved = t.saved(1);
+        assert!((saved.median - 0.25).abs() < 1e-12);
+        let (lo, hi) = saved.interval.unwrap();
+        assert!((hi - lo).abs() < 1e-12, "{saved:?}");
+        // The ratio of medians would say the same here, but not what it is sure of.
+        assert!((1.0 - t.medians()[1] / t.medians()[0] - 0.25).abs() < 1e-12);
+    }
+
+    #[test]
     fn routed_variants_do_less_work_and_step() {
         let shape = Shape {
             d_model: 64,
@@ -497,14 +600,14 @@ mod tests {
         let (b, vs) = variants(shape, &[0.5], Device::Cpu).unwrap();
         assert_eq!(vs.len(), 2);
         assert!(vs[1].train_flops < vs[0].train_flops);
-        let secs = time_steps(&vs, &b, Device::Cpu, 0, 1);
+        let timings = time_steps(&vs, &b, Device::Cpu, 0, 1);
         // CUDA graphs are refused on a CPU, before any step runs.
         let err = time_graphed_steps(&vs, &b, Device::Cpu, 1, 1).unwrap_err();
         assert!(err.to_string().contains("need a CUDA device"), "{err}");
         let rows = decode_rows(shape, &[0.5], Device::Cpu, 1).unwrap();
         // dense and one routed variant, for an image and an answer
         assert_eq!(rows.len(), 4, "{rows:?}");
-        let rows = table_rows("t", &b, &vs, &secs, matmul_rate(Device::Cpu));
+        let rows = table_rows("t", &b, &vs, &timings, matmul_rate(Device::Cpu));
         assert!(rows[0].contains("| dense |") && rows[1].contains("unimod-c0.5"));
     }
 }

@@ -658,8 +658,8 @@ fn run(cli: Cli) -> Result<()> {
             // The rows of one batch's variants: eager, then (--graph) replayed CUDA graphs; and
             // the operators one step of each dispatches (≈ GPU launches).
             let rows = |label: &str, b: &unimod_tok::Batch, vs: &[bench::Variant], device, peak| {
-                let secs = bench::time_steps(vs, b, device, 2, rounds);
-                let mut rows = bench::table_rows(label, b, vs, &secs, peak);
+                let timings = bench::time_steps(vs, b, device, 2, rounds);
+                let mut rows = bench::table_rows(label, b, vs, &timings, peak);
                 if graph {
                     let (secs, diff) = bench::time_graphed_steps(vs, b, device, 2, rounds)
                         .with_context(|| format!("--graph, {label}"))?;

@@ -408,7 +408,7 @@ fn table4(req: &Request) -> Result<Vec<Row>> {
         let flops_saved = 1.0 - vs[1].train_flops / vs[0].train_flops;
         let saved: Vec<f64> = (0..3)
             .map(|_| {
-                let t = bench::time_steps(&vs, &b, req.device, 2, rounds);
+                let t = bench::time_steps(&vs, &b, req.device, 2, rounds).medians();
                 1.0 - t[1] / t[0]
             })
             .collect();

@@ -401,7 +401,8 @@ pub fn data_throughput(
     let mut dense = cfg.model.clone();
     dense.routing.schedule = unimod_router::Schedule::Dense;
     let v = unimod_model::bench::variant("dense".into(), &dense, &first, ctx.device)?;
-    let step_s = unimod_model::bench::time_steps(&[v], &first, ctx.device, 1, steps.max(1))[0];
+    let step_s =
+        unimod_model::bench::time_steps(&[v], &first, ctx.device, 1, steps.max(1)).medians()[0];
     Ok(DataThroughput {
         batches_per_s,
         sequences_per_s: batches_per_s * first.size() as f64,
