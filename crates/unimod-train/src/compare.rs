@@ -136,22 +136,21 @@ fn headline(evals: &[Evaluation]) -> Vec<Column> {
 /// One column per T2I fact category and MMU question kind. Their item counts are not recorded,
 /// so their intervals have no binomial floor.
 fn breakdown(evals: &[Evaluation]) -> Vec<Column> {
+    type Rates = fn(&EvalReport) -> &std::collections::BTreeMap<String, f64>;
+    let kinds: [(&str, Rates); 2] = [
+        ("T2I", |r| &r.t2i_per_category),
+        ("MMU", |r| &r.mmu_per_kind),
+    ];
     let mut columns = Vec::new();
-    for c in keys(evals, |r| r.t2i_per_category.keys()) {
-        let k = c.clone();
-        columns.push(accuracy(
-            format!("T2I {c} %"),
-            move |r| r.t2i_per_category.get(&k).copied(),
-            |_| None,
-        ));
-    }
-    for c in keys(evals, |r| r.mmu_per_kind.keys()) {
-        let k = c.clone();
-        columns.push(accuracy(
-            format!("MMU {c} %"),
-            move |r| r.mmu_per_kind.get(&k).copied(),
-            |_| None,
-        ));
+    for (task, rates) in kinds {
+        for c in keys(evals, |r| rates(r).keys()) {
+            let k = c.clone();
+            columns.push(accuracy(
+                format!("{task} {c} %"),
+                move |r| rates(r).get(&k).copied(),
+                |_| None,
+            ));
+        }
     }
     columns
 }

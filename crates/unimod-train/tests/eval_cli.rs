@@ -71,39 +71,23 @@ fn evaluations_under_other_settings_keep_the_runs_own() {
     assert!(guided.join("eval.json").exists());
     assert!(said.contains(guided.to_str().unwrap()), "{said}");
     // --out: where the user says.
+    let eval_to = |out: &Path, settings: &[&str]| {
+        let at = [
+            "eval",
+            "--checkpoint",
+            run_s,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        unimod(&cache, &[&at[..], settings].concat());
+    };
     let out = root.join("guided-seed0");
-    unimod(
-        &cache,
-        &[
-            &[
-                "eval",
-                "--checkpoint",
-                run_s,
-                "--out",
-                out.to_str().unwrap(),
-            ][..],
-            &other,
-        ]
-        .concat(),
-    );
+    eval_to(&out, &other);
     assert!(out.join("eval.json").exists());
     // `unimod compare` reads evaluation folders as written: the guided one against the run's
     // own settings (seed 0 of the miniature's config), one seed each.
     let plain = root.join("plain-seed0");
-    unimod(
-        &cache,
-        &[
-            &[
-                "eval",
-                "--checkpoint",
-                run_s,
-                "--out",
-                plain.to_str().unwrap(),
-            ][..],
-            &small,
-        ]
-        .concat(),
-    );
+    eval_to(&plain, &small);
     let table = root.join("compare.md");
     let args = [plain.to_str().unwrap(), out.to_str().unwrap()];
     unimod(
