@@ -612,7 +612,10 @@ pub fn against(
     // paired with the baseline's own seed); for losses a uniform prediction over the vocabulary.
     let margin = match m.floor {
         Some(floor) => {
-            let (fl, sc) = seed_pairs(outcomes, base, base, floor, m.score);
+            let (fl, sc) = by_seed(
+                &seeded(outcomes, base, floor),
+                &seeded(outcomes, base, m.score),
+            );
             Estimate::paired(&fl, &sc).at_least(binomial(m.samples, mb, 1, fl.len()))
         }
         None => {
@@ -723,14 +726,11 @@ pub fn flops_saved(outcomes: &[Outcome], base: &str, name: &str) -> f64 {
 
 /// `b − a` on metric `m`, paired over the seeds both ran (see [`paired_difference`]).
 pub fn difference(outcomes: &[Outcome], a: &str, b: &str, m: &Metric) -> Estimate {
-    let seeded = |name: &str| -> Vec<(u64, f64)> {
-        outcomes
-            .iter()
-            .filter(|o| o.variant == name)
-            .map(|o| (o.seed, (m.score)(o)))
-            .collect()
-    };
-    paired_difference(&seeded(a), &seeded(b), m.samples)
+    paired_difference(
+        &seeded(outcomes, a, m.score),
+        &seeded(outcomes, b, m.score),
+        m.samples,
+    )
 }
 
 /// `b − a` over the seeds both have (each score a `(seed, score)`): a seed gives both the same
@@ -738,10 +738,7 @@ pub fn difference(outcomes: &[Outcome], a: &str, b: &str, m: &Metric) -> Estimat
 /// scored items, its standard error is at least their binomial error. NaN error for a loss
 /// of one seed.
 pub fn paired_difference(a: &[(u64, f64)], b: &[(u64, f64)], samples: Option<usize>) -> Estimate {
-    let (xa, xb): (Vec<f64>, Vec<f64>) = a
-        .iter()
-        .filter_map(|(seed, x)| Some((*x, b.iter().find(|(s, _)| s == seed)?.1)))
-        .unzip();
+    let (xa, xb) = by_seed(a, b);
     let p = (mean_spread(&xa).0 + mean_spread(&xb).0) / 2.0;
     Estimate::paired(&xa, &xb).at_least(binomial(samples, p, 2, xa.len()))
 }
@@ -758,23 +755,19 @@ fn binomial(samples: Option<usize>, p: f64, terms: usize, seeds: usize) -> f64 {
     })
 }
 
-/// Score `fa` of variant `a` and `fb` of variant `b`, matched by seed over the seeds both ran.
-fn seed_pairs(
-    outcomes: &[Outcome],
-    a: &str,
-    b: &str,
-    fa: Score,
-    fb: Score,
-) -> (Vec<f64>, Vec<f64>) {
+/// Score `f` of every outcome (seed) of variant `name`, with its seed.
+pub(crate) fn seeded(outcomes: &[Outcome], name: &str, f: Score) -> Vec<(u64, f64)> {
     outcomes
         .iter()
-        .filter(|o| o.variant == a)
-        .filter_map(|oa| {
-            let ob = outcomes
-                .iter()
-                .find(|o| o.variant == b && o.seed == oa.seed)?;
-            Some((fa(oa), fb(ob)))
-        })
+        .filter(|o| o.variant == name)
+        .map(|o| (o.seed, f(o)))
+        .collect()
+}
+
+/// The scores of `a` and `b` matched by seed, over the seeds both have.
+pub(crate) fn by_seed(a: &[(u64, f64)], b: &[(u64, f64)]) -> (Vec<f64>, Vec<f64>) {
+    a.iter()
+        .filter_map(|(seed, x)| Some((*x, b.iter().find(|(s, _)| s == seed)?.1)))
         .unzip()
 }
 
@@ -814,9 +807,12 @@ fn equal_flops(outcomes: &[Outcome], variants: &[Variant], metrics: &[Metric]) -
             );
             for m in metrics {
                 let d = difference(outcomes, &a.name, &b.name, m);
-                let seeds = seed_pairs(outcomes, &a.name, &b.name, m.score, m.score)
-                    .0
-                    .len();
+                let seeds = by_seed(
+                    &seeded(outcomes, &a.name, m.score),
+                    &seeded(outcomes, &b.name, m.score),
+                )
+                .0
+                .len();
                 let verdict = if d.shown() && seeds < 2 {
                     format!(
                         "**shown on this seed's evaluation only**: {} {}; with one seed the spread between training runs is unmeasured, `--seeds 3` would settle it",

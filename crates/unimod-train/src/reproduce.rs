@@ -548,7 +548,13 @@ fn table5(cfg: &RunConfig, outcomes: &[Outcome]) -> Vec<Row> {
             v.iter().sum::<f64>() / v.len() as f64
         };
         let (a, b) = (mean("basic-mod"), mean("unimod"));
-        let seeds = experiment::scores(outcomes, "unimod", judge.score).len();
+        // Seeds both ran: the pairs the difference rests on.
+        let seeds = experiment::by_seed(
+            &experiment::seeded(outcomes, "basic-mod", judge.score),
+            &experiment::seeded(outcomes, "unimod", judge.score),
+        )
+        .0
+        .len();
         let gap = experiment::flops_saved(outcomes, "dense", "unimod")
             - experiment::flops_saved(outcomes, "dense", "basic-mod");
         let verdict = if gap.abs() >= 0.02 {
@@ -567,10 +573,7 @@ fn table5(cfg: &RunConfig, outcomes: &[Outcome]) -> Vec<Row> {
         } else {
             format!(
                 "cannot tell: the difference is within its 95 % interval; about {:.0} seeds would resolve a difference of this size",
-                seeds_needed(
-                    &d,
-                    experiment::scores(outcomes, "unimod", judge.score).len()
-                )
+                seeds_needed(&d, seeds)
             )
         };
         rows.push(Row {
