@@ -170,12 +170,13 @@ impl Scale {
         v.iter().map(|s| s.to_string()).collect()
     }
 
-    /// Table 4's shape: the largest this scale's machine steps in reasonable time.
+    /// Table 4's shape, the largest this scale's machine steps in reasonable time, and its
+    /// timed rounds.
     fn bench_shape(self) -> (Shape, usize) {
         let (d_model, n_layers, image_side, rounds) = match self {
-            Scale::Quick => (64, 2, 4, 3),
-            Scale::Cpu => (512, 8, 16, 10),
-            Scale::Gpu => (2048, 24, 32, 20),
+            Scale::Quick => (64, 2, 4, 6),
+            Scale::Cpu => (512, 8, 16, 30),
+            Scale::Gpu => (2048, 24, 32, 40),
         };
         let shape = Shape {
             d_model,
@@ -386,8 +387,9 @@ fn table3(req: &Request, outcomes: &[Outcome]) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// Dense and UniMoD (each paper recipe) training steps timed side by side in three repeats:
-/// wall-clock saved ÷ FLOPs saved, against the paper's Table 4.
+/// Dense and UniMoD (each paper recipe) training steps timed side by side, round by round:
+/// wall-clock saved ÷ FLOPs saved, against the paper's Table 4. The saving is the median of each
+/// round's own saving with its distribution-free 95 % interval, as `unimod bench` reports it.
 fn table4(req: &Request) -> Result<Vec<Row>> {
     let (shape, rounds) = req.scale.bench_shape();
     let mut rows = Vec::new();
@@ -406,21 +408,9 @@ fn table4(req: &Request) -> Result<Vec<Row>> {
             bench::variant("unimod".into(), &routed_cfg, &b, req.device)?,
         ];
         let flops_saved = 1.0 - vs[1].train_flops / vs[0].train_flops;
-        let saved: Vec<f64> = (0..3)
-            .map(|_| {
-                let t = bench::time_steps(&vs, &b, req.device, 2, rounds).medians();
-                1.0 - t[1] / t[0]
-            })
-            .collect();
-        let time_saved = Estimate::mean_of(&saved);
+        let time_saved = bench::time_steps(&vs, &b, req.device, 2, rounds).saved(1);
         let paper_saved = 1.0 - paper_time.1 / paper_time.0;
-        let verdict = if time_saved.shown() && time_saved.mean > 0.0 {
-            "shown: UniMoD steps are faster".to_string()
-        } else if time_saved.shown() {
-            "refuted here: UniMoD steps are slower".to_string()
-        } else {
-            "inconclusive: the saving is within its 95 % interval over the repeats; more rounds would settle it".to_string()
-        };
+        let (interval, verdict) = speed_verdict(&time_saved, rounds);
         rows.push(Row {
             item: Item::Table4,
             what: format!(
@@ -439,17 +429,37 @@ fn table4(req: &Request) -> Result<Vec<Row>> {
                 paper_saved / paper_flops
             ),
             ours: format!(
-                "{} ± {} of time for {} of FLOPs (ratio {:.2})",
-                pct(time_saved.mean),
-                pct(time_saved.half_width()),
+                "{}{interval} of time for {} of FLOPs (ratio {:.2})",
+                pct(time_saved.median),
                 pct(flops_saved),
-                time_saved.mean / flops_saved
+                time_saved.median / flops_saved
             ),
-            tolerance: "95 % interval over 3 repeats (t = 4.30)".into(),
+            tolerance: format!("median of {rounds} rounds' savings, 95 % order-statistic interval"),
             verdict,
         });
     }
     Ok(rows)
+}
+
+/// Table 4's interval text and verdict from the per-round time saved: a finding only when the
+/// whole interval lies on one side of 0.
+fn speed_verdict(saved: &bench::Median, rounds: usize) -> (String, String) {
+    match saved.interval {
+        Some((lo, hi)) => (
+            format!(" ({} to {})", pct(lo), pct(hi)),
+            if lo > 0.0 {
+                "shown: UniMoD steps are faster".to_string()
+            } else if hi < 0.0 {
+                "refuted here: UniMoD steps are slower".to_string()
+            } else {
+                "inconclusive: 0 is within the saving's 95 % interval; more rounds on a quieter machine would settle it".to_string()
+            },
+        ),
+        None => (
+            String::new(),
+            format!("inconclusive: {rounds} rounds give no 95 % interval (at least 6 do)"),
+        ),
+    }
 }
 
 /// The paper's Table 5 rows: TFLOPs, GenEval, MME.
@@ -820,5 +830,21 @@ mod tests {
         assert_eq!(utc(0), "1970-01-01 00:00");
         assert_eq!(utc(951_782_400 + 3_660), "2000-02-29 01:01");
         assert_eq!(utc(1_795_464_714), "2026-11-23 20:11");
+    }
+
+    #[test]
+    fn table4_finds_only_outside_the_interval() {
+        let saved = |v: &[f64]| bench::Median::of(v);
+        let faster = saved(&[0.10, 0.12, 0.11, 0.13, 0.09, 0.12, 0.11, 0.10]);
+        assert!(speed_verdict(&faster, 8).1.starts_with("shown"));
+        let slower = saved(&[-0.10, -0.12, -0.11, -0.13, -0.09, -0.12, -0.11, -0.10]);
+        assert!(speed_verdict(&slower, 8).1.starts_with("refuted"));
+        // A median of +4 % whose rounds straddle 0 finds nothing.
+        let noisy = saved(&[0.04, -0.05, 0.10, 0.04, -0.02, 0.08, 0.05, 0.03]);
+        assert!(noisy.median > 0.0);
+        assert!(speed_verdict(&noisy, 8).1.starts_with("inconclusive"));
+        let (text, verdict) = speed_verdict(&saved(&[0.1, 0.2, 0.3]), 3);
+        assert_eq!(text, "");
+        assert!(verdict.contains("3 rounds give no 95 % interval"));
     }
 }
