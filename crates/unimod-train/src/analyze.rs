@@ -522,10 +522,31 @@ impl Analyzer<'_> {
     }
 }
 
+/// How a finding's difference reads in its verdict, in the units its text uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    /// A share of a bound, as a plain fraction (ARank / its bound).
+    Share,
+    /// A relative change, in per cent (loss increases).
+    Percent,
+    /// A difference of two percentages, in points.
+    Points,
+}
+
+impl Unit {
+    fn show(self, v: f64) -> String {
+        match self {
+            Unit::Share => format!("{v:.3}"),
+            Unit::Percent => format!("{:.1} %", 100.0 * v),
+            Unit::Points => format!("{:.1} points", 100.0 * v),
+        }
+    }
+}
+
 /// The verdict on a claim that the estimated difference is > 0: shown only outside its 95 %
 /// interval (Student's t at the estimate's degrees of freedom), and said so when the data point
 /// the other way.
-pub fn verdict(e: Estimate) -> String {
+pub fn verdict(e: Estimate, unit: Unit) -> String {
     let half = e.half_width();
     if !(e.mean.is_finite() && half.is_finite()) {
         "inconclusive (no estimate)".into()
@@ -534,9 +555,11 @@ pub fn verdict(e: Estimate) -> String {
     } else if e.mean < -half {
         "not shown (the opposite holds beyond its 95 % interval)".into()
     } else {
+        let sign = if e.mean < 0.0 { "−" } else { "+" };
         format!(
-            "inconclusive (difference {:+.3} within its 95 % interval ±{half:.3}, t = {:.2}; more samples, `analysis.samples`, would narrow it)",
-            e.mean,
+            "inconclusive (difference {sign}{} within its 95 % interval ±{}, t = {:.2}; more samples, `analysis.samples`, would narrow it)",
+            unit.show(e.mean.abs()),
+            unit.show(half),
             e.critical()
         )
     }
@@ -590,7 +613,7 @@ pub fn attention_finding(patterns: &Patterns) -> Option<Finding> {
             100.0 * d.se,
             diff.len()
         ),
-        verdict: verdict(absolute(d)),
+        verdict: verdict(absolute(d), Unit::Points),
     })
 }
 
@@ -663,7 +686,7 @@ pub fn findings(
                 "mean ARank / its bound T2I {:.3} ± {:.3}, MMU {:.3} ± {:.3}",
                 a.mean, a.se, b.mean, b.se
             ),
-            verdict(absolute(a.minus(b))),
+            verdict(absolute(a.minus(b)), Unit::Share),
         );
     }
     let curve = |task| {
@@ -692,7 +715,7 @@ pub fn findings(
                 100.0 * b.mean,
                 100.0 * b.se
             ),
-            verdict(absolute(a.minus(b))),
+            verdict(absolute(a.minus(b)), Unit::Percent),
         );
         for r in [t, m].into_iter().filter(|_| routable.len() >= 2) {
             let mid = routable.start + routable.len() / 2;
@@ -716,7 +739,7 @@ pub fn findings(
                     100.0 * d.mean,
                     100.0 * d.se
                 ),
-                verdict(d),
+                verdict(d, Unit::Percent),
             );
         }
     }
@@ -733,7 +756,7 @@ pub fn findings(
                 "ARank / its bound first half {:.3} ± {:.3}, second half {:.3} ± {:.3}",
                 early.mean, early.se, late.mean, late.se
             ),
-            verdict(early.minus(late)),
+            verdict(early.minus(late), Unit::Share),
         );
     }
     match competition {
@@ -758,7 +781,7 @@ pub fn findings(
                     100.0 * m.mean,
                     100.0 * m.se
                 ),
-                verdict(t.minus(m)),
+                verdict(t.minus(m), Unit::Points),
             );
         }
         _ => add(
@@ -808,4 +831,131 @@ pub fn all(
     let path = a.out.join("report.md");
     std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
     Ok((path, found))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A curve whose samples lose `late[i]` (relative) in the later layers and `early[i]` in
+    /// the earlier ones of `layers` (layer 0 protected), at the one fraction below 1.
+    fn curve(task: Task, layers: usize, early: &[f64], late: &[f64]) -> Redundancy {
+        let n = early.len();
+        let sample_losses = (0..layers)
+            .map(|l| {
+                let rise = if l < 1 + (layers - 1) / 2 {
+                    early
+                } else {
+                    late
+                };
+                vec![vec![1.0; n], rise.iter().map(|r| 1.0 + r).collect()]
+            })
+            .collect();
+        Redundancy {
+            task,
+            ranking: Ranking::Attention,
+            fractions: vec![1.0, 0.5],
+            dense_loss: 1.0,
+            losses: vec![vec![1.0, 1.0]; layers],
+            sample_dense: vec![1.0; n],
+            sample_losses,
+        }
+    }
+
+    fn verdict_of<'a>(found: &'a [Finding], claim: &str) -> &'a str {
+        &found
+            .iter()
+            .find(|f| f.claim.contains(claim))
+            .unwrap_or_else(|| panic!("no finding {claim}: {found:?}"))
+            .verdict
+    }
+
+    #[test]
+    fn verdicts_follow_the_interval_and_speak_the_findings_units() {
+        let e = |mean, se| Estimate { mean, se, df: 9.0 };
+        // t(9) = 2.262: ±0.226 around a standard error of 0.1.
+        assert_eq!(verdict(e(0.3, 0.1), Unit::Share), "shown");
+        assert!(verdict(e(-0.3, 0.1), Unit::Share).starts_with("not shown"));
+        assert_eq!(
+            verdict(e(-0.02, 0.1), Unit::Percent),
+            "inconclusive (difference −2.0 % within its 95 % interval ±22.6 %, t = 2.26; more samples, `analysis.samples`, would narrow it)"
+        );
+        assert!(
+            verdict(e(0.1, 0.1), Unit::Points)
+                .contains("+10.0 points within its 95 % interval ±22.6 points")
+        );
+        assert_eq!(
+            verdict(e(f64::NAN, 0.1), Unit::Share),
+            "inconclusive (no estimate)"
+        );
+    }
+
+    #[test]
+    fn redundancy_findings_pair_layers_by_sample_and_compare_tasks() {
+        // T2I: later layers lose 10 points less in every sample, samples 20 points apart.
+        let t2i = curve(
+            Task::T2I,
+            7,
+            &[0.30, 0.50, 0.10, 0.40, 0.20, 0.60],
+            &[0.20, 0.40, 0.00, 0.30, 0.10, 0.50],
+        );
+        // MMU: the same spread with no difference between the halves but noise.
+        let mmu = curve(
+            Task::MMU,
+            7,
+            &[0.30, 0.50, 0.10, 0.40, 0.20, 0.60],
+            &[0.35, 0.45, 0.15, 0.35, 0.25, 0.55],
+        );
+        let found = findings(&[], &[t2i, mmu], None, 1);
+        assert_eq!(
+            verdict_of(&found, "Later layers more redundant, t2i"),
+            "shown"
+        );
+        assert!(
+            verdict_of(&found, "Later layers more redundant, mmu").starts_with("inconclusive"),
+            "{found:?}"
+        );
+        // Task means 30 vs 35 % with a spread of 19 points between samples: no verdict.
+        assert!(
+            verdict_of(&found, "Task-dependent redundancy, by loss").starts_with("inconclusive")
+        );
+        assert_eq!(
+            verdict_of(&found, "A shared router favours T2I tokens"),
+            "inconclusive (no probe)"
+        );
+    }
+
+    #[test]
+    fn attention_finding_reads_the_layers_as_samples() {
+        let layer = |l, image| LayerAttention {
+            layer: l,
+            share: [1.0 - image, image, 0.0],
+            per_token: [1.0; 3],
+            entropy: 1.0,
+            heads: Vec::new(),
+        };
+        let pattern = |images: &[f64]| {
+            images
+                .iter()
+                .enumerate()
+                .map(|(l, &i)| layer(l, i))
+                .collect()
+        };
+        let apart = vec![
+            (Task::T2I, pattern(&[0.40, 0.45, 0.50, 0.42])),
+            (Task::MMU, pattern(&[0.70, 0.74, 0.80, 0.71])),
+        ];
+        assert_eq!(attention_finding(&apart).unwrap().verdict, "shown");
+        let crossing = vec![
+            (Task::T2I, pattern(&[0.40, 0.80, 0.50, 0.70])),
+            (Task::MMU, pattern(&[0.70, 0.50, 0.80, 0.40])),
+        ];
+        assert!(
+            attention_finding(&crossing)
+                .unwrap()
+                .verdict
+                .starts_with("inconclusive")
+        );
+        assert!(attention_finding(&apart[..1].to_vec()).is_none());
+    }
 }
