@@ -911,7 +911,10 @@ fn write_report(
          (attention, routers and head included; docs/flops.md). The T2I judge score is the share of generated images \
          whose caption facts all hold (64 validation captions by default), T2I facts the share of all asserted facts \
          that hold (off the floor long before whole captions are), MMU accuracy the exact-match share of greedy \
-         answers decoded with causal routing. Variants are compared seed by seed (a seed gives every variant the same \
+         answers decoded with causal routing. `wall s` is each run's own training time, the runs one after another \
+         on a machine that may have been doing other work, so its time saved is indicative only: \
+         `unimod bench --experiment <config>` times the variants' steps side by side, with intervals \
+         (docs/benchmarks.md). Variants are compared seed by seed (a seed gives every variant the same \
          data order and evaluation set), and a difference is read against its 95 % interval: Student's t at the \
          seeds' degrees of freedom (4.30 for three seeds) times the standard error of the paired differences, that \
          error at least the binomial error of the samples scored for an accuracy (then the normal 1.96; so one seed \
