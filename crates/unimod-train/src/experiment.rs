@@ -357,7 +357,8 @@ pub fn bench_variants(
     Ok((b, variants, skipped))
 }
 
-fn mean_spread(v: &[f64]) -> (f64, f64) {
+/// Mean and sample standard deviation (0 for one value).
+pub(crate) fn mean_spread(v: &[f64]) -> (f64, f64) {
     let n = v.len().max(1) as f64;
     let m = v.iter().sum::<f64>() / n;
     let spread = if v.len() > 1 {
@@ -771,6 +772,14 @@ pub(crate) fn by_seed(a: &[(u64, f64)], b: &[(u64, f64)]) -> (Vec<f64>, Vec<f64>
         .unzip()
 }
 
+/// How many seeds both variants ran: the pairs a paired difference between them rests on.
+pub(crate) fn seeds_in_common(outcomes: &[Outcome], a: &str, b: &str) -> usize {
+    let seed = |o: &Outcome| o.seed as f64;
+    by_seed(&seeded(outcomes, a, seed), &seeded(outcomes, b, seed))
+        .0
+        .len()
+}
+
 /// One score of every outcome (seed) of variant `name`.
 pub(crate) fn scores(outcomes: &[Outcome], name: &str, f: Score) -> Vec<f64> {
     outcomes
@@ -807,12 +816,7 @@ fn equal_flops(outcomes: &[Outcome], variants: &[Variant], metrics: &[Metric]) -
             );
             for m in metrics {
                 let d = difference(outcomes, &a.name, &b.name, m);
-                let seeds = by_seed(
-                    &seeded(outcomes, &a.name, m.score),
-                    &seeded(outcomes, &b.name, m.score),
-                )
-                .0
-                .len();
+                let seeds = seeds_in_common(outcomes, &a.name, &b.name);
                 let verdict = if d.shown() && seeds < 2 {
                     format!(
                         "**shown on this seed's evaluation only**: {} {}; with one seed the spread between training runs is unmeasured, `--seeds 3` would settle it",

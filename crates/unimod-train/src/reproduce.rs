@@ -553,18 +553,10 @@ fn table5(cfg: &RunConfig, outcomes: &[Outcome]) -> Vec<Row> {
         .all(|n| outcomes.iter().any(|o| o.variant == *n))
     {
         let d = experiment::difference(outcomes, "basic-mod", "unimod", judge);
-        let mean = |name| {
-            let v = experiment::scores(outcomes, name, judge.score);
-            v.iter().sum::<f64>() / v.len() as f64
-        };
+        let mean =
+            |name| experiment::mean_spread(&experiment::scores(outcomes, name, judge.score)).0;
         let (a, b) = (mean("basic-mod"), mean("unimod"));
-        // Seeds both ran: the pairs the difference rests on.
-        let seeds = experiment::by_seed(
-            &experiment::seeded(outcomes, "basic-mod", judge.score),
-            &experiment::seeded(outcomes, "unimod", judge.score),
-        )
-        .0
-        .len();
+        let seeds = experiment::seeds_in_common(outcomes, "basic-mod", "unimod");
         let gap = experiment::flops_saved(outcomes, "dense", "unimod")
             - experiment::flops_saved(outcomes, "dense", "basic-mod");
         let verdict = if gap.abs() >= 0.02 {
