@@ -138,24 +138,29 @@ pub fn gamma_mod(probs: &Tensor, valid: &Tensor) -> Arank {
 mod tests {
     use super::*;
 
-    const F: (Kind, tch::Device) = tch::kind::FLOAT_CPU;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    /// Uniform noise in [−1, 1) from the test's own generator: libtorch's global one is shared
+    /// with the tests running beside it on other threads, so a seed there does not fix the draws.
+    fn noise(shape: &[i64], rng: &mut StdRng) -> Tensor {
+        let n = shape.iter().product::<i64>() as usize;
+        let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        Tensor::from_slice(&v).view(shape)
+    }
 
     /// `x: [B, T, D]` projected by two random `[D, H·hd]` maps into `[B, H, T, hd]`.
-    fn project(x: &Tensor, heads: i64, hd: i64) -> (Tensor, Tensor) {
+    fn project(x: &Tensor, heads: i64, hd: i64, rng: &mut StdRng) -> (Tensor, Tensor) {
         let (b, t, d) = x.size3().unwrap();
         let proj = |w: &Tensor| x.matmul(w).view([b, t, heads, hd]).transpose(1, 2);
-        let (wq, wk) = (
-            Tensor::randn([d, heads * hd], F),
-            Tensor::randn([d, heads * hd], F),
-        );
+        let (wq, wk) = (noise(&[d, heads * hd], rng), noise(&[d, heads * hd], rng));
         (proj(&wq), proj(&wk))
     }
 
     #[test]
     fn identical_tokens_have_rank_one() {
-        tch::manual_seed(0);
-        let x = Tensor::randn([2, 1, 64], F).expand([2, 40, 64], false);
-        let (q, k) = project(&x, 4, 16);
+        let rng = &mut StdRng::seed_from_u64(0);
+        let x = noise(&[2, 1, 64], rng).expand([2, 40, 64], false);
+        let (q, k) = project(&x, 4, 16, rng);
         let r = bilinear(
             &q,
             &k,
@@ -167,10 +172,10 @@ mod tests {
 
     #[test]
     fn random_tokens_reach_min_of_length_and_head_dim() {
-        tch::manual_seed(1);
+        let rng = &mut StdRng::seed_from_u64(1);
         for (t, hd) in [(40i64, 16i64), (10, 16)] {
-            let x = Tensor::randn([3, t, 64], F);
-            let (q, k) = project(&x, 2, hd);
+            let x = noise(&[3, t, 64], rng);
+            let (q, k) = project(&x, 2, hd, rng);
             let valid = Tensor::ones([3, t], (Kind::Bool, tch::Device::Cpu));
             let r = bilinear(&q, &k, &valid);
             assert_eq!(r.mean, t.min(hd) as f64, "T {t}, hd {hd}");
@@ -180,10 +185,10 @@ mod tests {
 
     #[test]
     fn padding_is_removed() {
-        tch::manual_seed(2);
+        let rng = &mut StdRng::seed_from_u64(2);
         // 12 valid random tokens of 30, head_dim 16: rank 12 whatever the padding holds.
-        let x = Tensor::randn([1, 30, 64], F);
-        let (q, k) = project(&x, 2, 16);
+        let x = noise(&[1, 30, 64], rng);
+        let (q, k) = project(&x, 2, 16, rng);
         let valid = Tensor::arange(30, (Kind::Int64, tch::Device::Cpu))
             .lt(12)
             .unsqueeze(0);
@@ -194,13 +199,13 @@ mod tests {
 
     #[test]
     fn definitions_differ_on_a_causal_toy() {
-        tch::manual_seed(3);
+        let rng = &mut StdRng::seed_from_u64(3);
         // 24 tokens that are copies of 2 distinct vectors: the bilinear rank is 2, but the
         // causally masked softmax map is (nearly) triangular, of rank about T − 1.
-        let base = Tensor::randn([1, 2, 64], F);
+        let base = noise(&[1, 2, 64], rng);
         let pick = Tensor::from_slice(&(0..24).map(|i| i % 2).collect::<Vec<i64>>());
         let x = base.index_select(1, &pick);
-        let (q, k) = project(&(x * 0.1), 2, 16);
+        let (q, k) = project(&(x * 0.1), 2, 16, rng);
         let valid = Tensor::ones([1, 24], (Kind::Bool, tch::Device::Cpu));
         let causal = Tensor::ones([24, 24], (Kind::Bool, tch::Device::Cpu)).tril(0);
         let probs = q
