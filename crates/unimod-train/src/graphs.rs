@@ -294,7 +294,9 @@ mod tests {
             batch([long, long], [q, q], 7),
         ];
         let counts_with = |max: usize| {
-            let ((eager_vs, eager), (graph_vs, graphed)) = (model(), model());
+            let ((eager_vs, eager), (mut graph_vs, graphed)) = (model(), model());
+            // Copied, not reseeded: libtorch's generator is shared with tests on other threads.
+            graph_vs.copy(&eager_vs).unwrap();
             let mut graphs = StepGraphs::without_capture(max);
             for (i, b) in stream.iter().enumerate() {
                 for vs in [&eager_vs, &graph_vs] {
