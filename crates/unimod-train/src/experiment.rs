@@ -43,6 +43,12 @@ pub struct Variant {
     /// `["model.mot=true"]` for Mixture-of-Transformers); not `experiment.*`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub set: Vec<String>,
+    /// Train for as many steps as spend the counted training FLOPs of this earlier variant
+    /// (same seed) instead of `train.steps`: the equal-compute control (dense at UniMoD's
+    /// FLOPs: is routing better than training a dense model for fewer steps?). The learning-rate
+    /// schedule spans the steps the variant takes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flops_of: Option<String>,
 }
 
 impl Variant {
@@ -75,6 +81,14 @@ fn check_variants(variants: &[Variant]) -> Result<()> {
         {
             bail!(
                 "experiment.variants.{}: set = {o:?}: a variant cannot change the experiment itself",
+                v.name
+            );
+        }
+        if let Some(base) = &v.flops_of
+            && !earlier.iter().any(|e| &e.name == base)
+        {
+            bail!(
+                "experiment.variants.{}: flops_of = {base:?} names no earlier variant",
                 v.name
             );
         }
@@ -115,6 +129,41 @@ fn arank_schedule(ctx: &RunContext, base_dir: &Path, out: &Path) -> Result<Sched
     Ok(Schedule::File {
         path: out.join("schedule.json"),
     })
+}
+
+/// The training FLOPs that step `step` of `cfg` (resolved) spends, predicted on its own batches
+/// (all its micro-batches): the analytic count the trainer makes of the tokens each layer
+/// processes ([`crate::flops_report::over_batches`]), so a run counts the same.
+pub fn step_flops(ctx: &RunContext, cfg: &RunConfig, step: usize) -> Result<f64> {
+    let acc = cfg.train.accumulation.max(1);
+    let batches = (0..acc)
+        .map(|micro| {
+            let at = (step * acc + micro) as u64;
+            ctx.batch(cfg, unimod_tok::dataset::Split::Train, at, true)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let forward = crate::flops_report::over_batches(cfg, &cfg.model.routing.schedule, &batches)?;
+    Ok(forward.routed.total() * unimod_model::flops::TRAIN_MULTIPLIER)
+}
+
+/// The number of steps of `cfg` (resolved) whose predicted training FLOPs ([`step_flops`]) come
+/// nearest to `target`, with those FLOPs.
+pub fn steps_for_flops(ctx: &RunContext, cfg: &RunConfig, target: f64) -> Result<(usize, f64)> {
+    // Far beyond any budget an equal-compute control needs: a target this far off is a mistake.
+    let limit = 100 * cfg.train.steps.max(1);
+    let mut spent = 0.0;
+    for step in 0..limit {
+        let f = step_flops(ctx, cfg, step)?;
+        // Stop at the step count nearer the target: this one, or the one that adds `step`.
+        if spent + f / 2.0 > target {
+            return Ok((step, spent));
+        }
+        spent += f;
+    }
+    bail!(
+        "spending {target:.3e} training FLOPs would take more than {limit} steps of this variant \
+         (100 × train.steps)"
+    )
 }
 
 /// `[experiment]`.
@@ -252,9 +301,27 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device, reuse: Reuse) -> Re
                 .apply(cfg, schedule)
                 .with_context(|| format!("variant {}: its `set`", v.name))?;
             c.train.seed = seed;
-            let c = ctx
+            let mut c = ctx
                 .resolve(&c)
                 .with_context(|| format!("variant {}", v.name))?;
+            if let Some(base) = &v.flops_of {
+                let target = outcomes
+                    .iter()
+                    .find(|o: &&Outcome| &o.variant == base && o.seed == seed)
+                    .map(|o| o.train.train_flops)
+                    .with_context(|| {
+                        format!("variant {}: no run of {base} (seed {seed})", v.name)
+                    })?;
+                let (steps, _) = steps_for_flops(&ctx, &c, target)
+                    .with_context(|| format!("variant {}: flops_of = {base:?}", v.name))?;
+                if steps == 0 {
+                    bail!(
+                        "variant {}: {base}'s {target:.3e} training FLOPs are less than one step of it",
+                        v.name
+                    );
+                }
+                c.train.steps = steps;
+            }
             let digest = run_digest(&c)?;
             if let Some((o, other_build)) = finished(&run_dir, &c, &digest, reuse) {
                 let by = if other_build {
@@ -907,6 +974,19 @@ fn write_report(
                 v.name, v.name, cfg.train.seed
             )?;
         }
+        if let Some(base) = &v.flops_of {
+            let steps: Vec<String> = outcomes
+                .iter()
+                .filter(|o| o.variant == v.name)
+                .map(|o| format!("{} (seed {})", o.train.steps, o.seed))
+                .collect();
+            writeln!(
+                r,
+                "- {}: trained for the steps that spend {base}'s training FLOPs: {}",
+                v.name,
+                steps.join(", ")
+            )?;
+        }
     }
     writeln!(r)?;
     writeln!(
@@ -1028,6 +1108,7 @@ mod tests {
             mix: None,
             routable: None,
             set: Vec::new(),
+            flops_of: None,
         }
     }
 

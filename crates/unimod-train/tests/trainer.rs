@@ -378,10 +378,39 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
         "{ name = 'dense', schedule = { kind = 'dense' } }, \
          { name = 't2i-only', schedule = { kind = 'dense' }, mix = { t2i = 4, mmu = 0, lm = 0 } }, \
          { name = 'arank', arank_of = 'dense' }, \
-         { name = 'mot', schedule = { kind = 'dense' }, set = ['model.mot=true'] }",
+         { name = 'mot', schedule = { kind = 'dense' }, set = ['model.mot=true'] }, \
+         { name = 'mod', schedule = { kind = 'mod', capacity = 0.25 }, flops_of = 'dense' }",
     );
     let outcomes = unimod_train::experiment::run(&exp, 1, tch::Device::Cpu, Reuse::Never).unwrap();
-    assert_eq!(outcomes.len(), 4);
+    assert_eq!(outcomes.len(), 5);
+    // The equal-compute variant takes more steps than train.steps, as many as spend dense's
+    // counted FLOPs: the prediction is what the trainer counts, and no other step count comes
+    // nearer to dense's.
+    let (dense, routed) = (&outcomes[0], &outcomes[4]);
+    assert!(routed.train.steps > 2, "{:?}", routed.train);
+    let routed_cfg = RunConfig::load(Some(&root.join("exp/mod-seed0/config.toml")), &[]).unwrap();
+    let exp_ctx = RunContext::new(&routed_cfg, tch::Device::Cpu).unwrap();
+    let spend = |cfg: &RunConfig, flops: f64| {
+        unimod_train::experiment::steps_for_flops(&exp_ctx, cfg, flops).unwrap()
+    };
+    let (steps, predicted) = spend(&routed_cfg, dense.train.train_flops);
+    assert_eq!(steps, routed.train.steps);
+    assert!(
+        (predicted / routed.train.train_flops - 1.0).abs() < 1e-9,
+        "predicted {predicted:e} vs counted {:e}",
+        routed.train.train_flops
+    );
+    let miss = |n: usize| {
+        let f: f64 = (0..n)
+            .map(|s| unimod_train::experiment::step_flops(&exp_ctx, &routed_cfg, s).unwrap())
+            .sum();
+        (f - dense.train.train_flops).abs()
+    };
+    assert!(miss(steps) <= miss(steps - 1) && miss(steps) <= miss(steps + 1));
+    let dense_cfg = RunConfig::load(Some(&root.join("exp/dense-seed0/config.toml")), &[]).unwrap();
+    let (dense_steps, dense_predicted) = spend(&dense_cfg, dense.train.train_flops);
+    assert_eq!(dense_steps, 2);
+    assert!((dense_predicted / dense.train.train_flops - 1.0).abs() < 1e-9);
     let mot = std::fs::read_to_string(root.join("exp/mot-seed0/config.toml")).unwrap();
     assert!(mot.contains("mot = true"), "{mot}");
     let exp_dir = root.join("exp");
@@ -449,6 +478,10 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
         (
             "{ name = 'a', schedule = { kind = 'dense' } }, { name = 'a', schedule = { kind = 'dense' } }",
             "used twice",
+        ),
+        (
+            "{ name = 'a', schedule = { kind = 'dense' }, flops_of = 'b' }, { name = 'b', schedule = { kind = 'dense' } }",
+            "flops_of = \"b\" names no earlier variant",
         ),
     ] {
         let e = unimod_train::experiment::run(&variants(bad), 1, tch::Device::Cpu, Reuse::Never)
