@@ -411,8 +411,9 @@ pub fn bench_variants(
         )?);
     }
     for v in &exp.variants {
+        // A variant at another's FLOPs steps as its schedule does: timing it again says nothing.
         match (&v.schedule, v.mix) {
-            (Some(s), None) => {
+            (Some(s), None) if v.flops_of.is_none() => {
                 let c = ctx
                     .resolve(&v.apply(cfg, s.clone())?)
                     .with_context(|| format!("variant {}", v.name))?;

@@ -741,7 +741,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 if !skipped.is_empty() {
                     println!(
-                        "\nleft out (schedule from a checkpoint, or their own task mix): {}",
+                        "\nleft out (schedule from a checkpoint, their own task mix, or another variant's step at fewer steps): {}",
                         skipped.join(", ")
                     );
                 }

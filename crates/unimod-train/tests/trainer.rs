@@ -190,14 +190,15 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
         &[
             "experiment.variants=[{ name = 'unimod', schedule = { kind = 'unimod', layers = [1], t2i = 0.25, mmu = 0.25 }, routable = ['prompt', 'image', 'answer'] }, \
              { name = 'from-arank', arank_of = 'unimod' }, \
-             { name = 't2i-only', schedule = { kind = 'dense' }, mix = { t2i = 2, mmu = 0, lm = 0 } }]",
+             { name = 't2i-only', schedule = { kind = 'dense' }, mix = { t2i = 2, mmu = 0, lm = 0 } }, \
+             { name = 'dense-equal', schedule = { kind = 'dense' }, flops_of = 'unimod' }]",
         ],
     );
     let (_, vs, skipped) = unimod_train::experiment::bench_variants(&ctx, &exp).unwrap();
     let names: Vec<&str> = vs.iter().map(|v| v.name.as_str()).collect();
     assert_eq!(names, ["dense", "unimod"]);
     assert!(vs[1].train_flops < vs[0].train_flops);
-    assert_eq!(skipped, ["from-arank", "t2i-only"]);
+    assert_eq!(skipped, ["from-arank", "t2i-only", "dense-equal"]);
 
     // The FLOPs predicted over real (padded, mixed) batches are the FLOPs a forward counts.
     let (_vs, routed) = train::build_model(&cfg, tch::Device::Cpu).unwrap();
