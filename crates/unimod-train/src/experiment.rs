@@ -782,7 +782,7 @@ fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> Stri
             );
         }
     }
-    md.push_str(&equal_flops(outcomes, variants, &metrics[..3]));
+    md.push_str(&equal_flops(outcomes, variants, &metrics));
     md.push('\n');
     md
 }
@@ -884,8 +884,15 @@ fn equal_flops(outcomes: &[Outcome], variants: &[Variant], metrics: &[Metric]) -
             );
             for m in metrics {
                 let d = difference(outcomes, &a.name, &b.name, m);
+                // A score one of them lacks (a task it did not train) has no difference.
+                if d.mean.is_nan() {
+                    continue;
+                }
                 let seeds = seeds_in_common(outcomes, &a.name, &b.name);
-                let verdict = if d.shown() && seeds < 2 {
+                let verdict = if d.half_width().is_nan() {
+                    "**inconclusive**: one seed gives a loss no spread; `--seeds 3` would settle it"
+                        .into()
+                } else if d.shown() && seeds < 2 {
                     format!(
                         "**shown on this seed's evaluation only**: {} {}; with one seed the spread between training runs is unmeasured, `--seeds 3` would settle it",
                         b.name,
@@ -900,14 +907,19 @@ fn equal_flops(outcomes: &[Outcome], variants: &[Variant], metrics: &[Metric]) -
                 } else {
                     "**not shown** (within its 95 % interval); more seeds would settle it".into()
                 };
+                // Accuracies in points, losses as they are.
+                let (scale, digits, unit) = match m.samples {
+                    Some(_) => (100.0, 1, " points"),
+                    None => (1.0, 3, ""),
+                };
                 let _ = writeln!(
                     md,
-                    "  - {}: {:.1} vs {:.1} (Δ {:+.1} ± {:.1} points, 95 % interval) → {verdict}",
+                    "  - {}: {:.digits$} vs {:.digits$} (Δ {:+.digits$} ± {:.digits$}{unit}, 95 % interval) → {verdict}",
                     m.label,
-                    100.0 * mean_spread(&scores(outcomes, &b.name, m.score)).0,
-                    100.0 * mean_spread(&scores(outcomes, &a.name, m.score)).0,
-                    100.0 * d.mean,
-                    100.0 * d.half_width()
+                    scale * mean_spread(&scores(outcomes, &b.name, m.score)).0,
+                    scale * mean_spread(&scores(outcomes, &a.name, m.score)).0,
+                    scale * d.mean,
+                    scale * d.half_width()
                 );
             }
         }
@@ -1156,6 +1168,14 @@ mod tests {
         assert!(!md.contains("vs mod**"), "unequal FLOPs paired: {md}");
         let mmu = pair.iter().find(|l| l.contains("MMU accuracy")).unwrap();
         assert!(mmu.contains("**shown**: mod-equal lower"), "{mmu}");
+        // Losses are paired too, in their own units: the same per-seed loss in both is no
+        // difference.
+        let loss = pair.iter().find(|l| l.contains("val mmu loss")).unwrap();
+        assert!(!md.contains("val t2i loss: NaN"), "{md}");
+        assert!(
+            loss.contains("1.010 vs 1.010 (Δ +0.000 ± 0.000, 95 % interval) → **not shown**"),
+            "{loss}"
+        );
         let line = |outcomes: &[Outcome]| {
             verdicts(outcomes, &vs, &cfg)
                 .lines()
@@ -1188,6 +1208,13 @@ mod tests {
             l.contains("**shown on this seed's evaluation only**"),
             "{l}"
         );
+        let md = verdicts(&one, &vs, &cfg);
+        let loss = md
+            .lines()
+            .skip_while(|l| !l.contains("mod-equal vs unimod"))
+            .find(|l| l.contains("val mmu loss"))
+            .unwrap();
+        assert!(loss.contains("**inconclusive**: one seed"), "{loss}");
     }
 
     #[test]
