@@ -772,12 +772,13 @@ fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> Stri
             };
             let _ = writeln!(
                 md,
-                "  - {}: {:.3} vs {:.3} (Δ {:+.3}{unit}, tolerance {:.3}) → {}{better}",
+                "  - {}: {:.3} vs {:.3} (Δ {:+.3}{unit}, tolerance {:.3}{}) → {}{better}",
                 m.label,
                 a.scale * a.ours,
                 a.scale * a.base,
                 a.scale * (a.ours - a.base),
                 a.scale * a.tolerance,
+                per_seed(outcomes, base, &v.name, m, 3),
                 a.verdict
             );
         }
@@ -785,6 +786,23 @@ fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> Stri
     md.push_str(&equal_flops(outcomes, variants, &metrics));
     md.push('\n');
     md
+}
+
+/// `", per seed +x, +y, …"`: `b − a` on metric `m` for each seed both ran, in the report's units
+/// (points for accuracies), so a reader sees whether a mean difference is every seed's or one
+/// seed's; empty for fewer than two seeds, where the mean is that seed's.
+fn per_seed(outcomes: &[Outcome], a: &str, b: &str, m: &Metric, digits: usize) -> String {
+    let (xa, xb) = by_seed(&seeded(outcomes, a, m.score), &seeded(outcomes, b, m.score));
+    if xa.len() < 2 {
+        return String::new();
+    }
+    let scale = if m.samples.is_some() { 100.0 } else { 1.0 };
+    let each: Vec<String> = xa
+        .iter()
+        .zip(&xb)
+        .map(|(x, y)| format!("{:+.digits$}", scale * (y - x)))
+        .collect();
+    format!(", per seed {}", each.join(", "))
 }
 
 /// Share of `base`'s mean training FLOPs that variant `name` saves (NaN without outcomes).
@@ -914,12 +932,13 @@ fn equal_flops(outcomes: &[Outcome], variants: &[Variant], metrics: &[Metric]) -
                 };
                 let _ = writeln!(
                     md,
-                    "  - {}: {:.digits$} vs {:.digits$} (Δ {:+.digits$} ± {:.digits$}{unit}, 95 % interval) → {verdict}",
+                    "  - {}: {:.digits$} vs {:.digits$} (Δ {:+.digits$} ± {:.digits$}{unit}, 95 % interval{}) → {verdict}",
                     m.label,
                     scale * mean_spread(&scores(outcomes, &b.name, m.score)).0,
                     scale * mean_spread(&scores(outcomes, &a.name, m.score)).0,
                     scale * d.mean,
-                    scale * d.half_width()
+                    scale * d.half_width(),
+                    per_seed(outcomes, &a.name, &b.name, m, digits)
                 );
             }
         }
@@ -1168,12 +1187,16 @@ mod tests {
         assert!(!md.contains("vs mod**"), "unequal FLOPs paired: {md}");
         let mmu = pair.iter().find(|l| l.contains("MMU accuracy")).unwrap();
         assert!(mmu.contains("**shown**: mod-equal lower"), "{mmu}");
+        // Each seed's own difference, in points, so one seed's outlier is visible.
+        assert!(mmu.contains("per seed -18.0, -18.0, -18.0)"), "{mmu}");
         // Losses are paired too, in their own units: the same per-seed loss in both is no
         // difference.
         let loss = pair.iter().find(|l| l.contains("val mmu loss")).unwrap();
         assert!(!md.contains("val t2i loss: NaN"), "{md}");
         assert!(
-            loss.contains("1.010 vs 1.010 (Δ +0.000 ± 0.000, 95 % interval) → **not shown**"),
+            loss.contains(
+                "1.010 vs 1.010 (Δ +0.000 ± 0.000, 95 % interval, per seed +0.000, +0.000, +0.000) → **not shown**"
+            ),
             "{loss}"
         );
         let line = |outcomes: &[Outcome]| {
@@ -1200,12 +1223,13 @@ mod tests {
         set(&mut outcomes, "mod-equal", [0.72, 0.77, 0.88]);
         let l = line(&outcomes);
         assert!(l.contains("**not shown**"), "{l}");
+        assert!(l.contains("per seed +2.0, -3.0, -2.0)"), "{l}");
         // One seed, 20 points apart: beyond the binomial error, but training noise is unmeasured.
         set(&mut outcomes, "mod-equal", [0.50, 0.60, 0.70]);
         let one: Vec<Outcome> = outcomes.into_iter().filter(|o| o.seed == 0).collect();
         let l = line(&one);
         assert!(
-            l.contains("**shown on this seed's evaluation only**"),
+            l.contains("**shown on this seed's evaluation only**") && !l.contains("per seed"),
             "{l}"
         );
         let md = verdicts(&one, &vs, &cfg);
@@ -1292,6 +1316,10 @@ mod tests {
             .collect();
         let line = mmu_line(&ahead);
         assert!(line.contains("**within**, and better beyond it"), "{line}");
+        assert!(
+            line.contains("per seed +10.000, +10.000, +10.000)"),
+            "{line}"
+        );
         assert!(!mmu_line(&learned).contains("better"));
         // the variant at the floor: outside
         let lost: Vec<_> = (0..3)
