@@ -70,6 +70,44 @@ pub fn check_memory(bytes: f64, device: Device, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The machine a run computes on, as far as it decides the run's rounding: training is
+/// deterministic on one machine, but libtorch's CPU kernels (MKL, oneDNN) choose their code by
+/// the instruction sets the CPU has and split reductions by thread count, so the same config
+/// and seed give other numbers elsewhere (docs/conventions.md, "Determinism"). On CUDA the GPU
+/// is named by index only: tch does not expose its model.
+pub fn machine(device: Device) -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    cpu_description(&cpuinfo, tch::get_num_threads(), device)
+}
+
+/// [`machine`] from the text of /proc/cpuinfo (empty where there is none).
+fn cpu_description(cpuinfo: &str, threads: i32, device: Device) -> String {
+    let field = |name: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.split(':').next().map(str::trim) == Some(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim())
+    };
+    let model = field("model name").unwrap_or("an unknown CPU");
+    let flags: Vec<&str> = field("flags").unwrap_or("").split_whitespace().collect();
+    let isa = if flags.contains(&"avx512f") {
+        "AVX-512"
+    } else if flags.contains(&"avx2") {
+        "AVX2"
+    } else if flags.is_empty() {
+        "instruction sets unknown"
+    } else {
+        "no AVX2"
+    };
+    let cpu = format!("{model}, {isa}, {threads} threads");
+    match device {
+        Device::Cpu => cpu,
+        Device::Cuda(i) => format!("cuda:{i} (host {cpu})"),
+        other => format!("{other:?} (host {cpu})"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,5 +136,24 @@ mod tests {
             );
             assert_eq!(parse("auto").unwrap(), Device::Cpu);
         }
+    }
+
+    #[test]
+    fn machines_are_told_apart_by_what_steers_their_kernels() {
+        let info = |flags: &str| {
+            format!(
+                "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: {flags}\n"
+            )
+        };
+        let avx512 = cpu_description(&info("fpu sse avx2 avx512f avx512bw"), 2, Device::Cpu);
+        assert_eq!(avx512, "Intel(R) Xeon(R) Processor, AVX-512, 2 threads");
+        let avx2 = cpu_description(&info("fpu sse avx2"), 2, Device::Cpu);
+        assert_eq!(avx2, "Intel(R) Xeon(R) Processor, AVX2, 2 threads");
+        assert_ne!(cpu_description(&info("fpu sse avx2"), 4, Device::Cpu), avx2);
+        assert_eq!(
+            cpu_description("", 1, Device::Cuda(1)),
+            "cuda:1 (host an unknown CPU, instruction sets unknown, 1 threads)"
+        );
+        assert!(machine(Device::Cpu).contains("threads"));
     }
 }

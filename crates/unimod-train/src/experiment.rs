@@ -199,21 +199,27 @@ pub struct Outcome {
     pub train: TrainSummary,
     /// What evaluation measured.
     pub eval: EvalReport,
-    /// What produced it: the digest of the run's resolved config and of the program.
+    /// What produced it: the digest of the run's resolved config, the program and the machine.
     #[serde(default)]
     pub digest: String,
+    /// The machine it was computed on ([`crate::device::machine`]); empty in runs made before
+    /// it was recorded.
+    #[serde(default)]
+    pub machine: String,
 }
 
 /// Whether a variant whose run directory already holds a finished run of the same config, by
 /// the same program, is trained again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reuse {
-    /// Reuse it (training is deterministic on one device: the result would be the same).
+    /// Reuse it (training is deterministic on one machine: the result would be the same).
     Finished,
     /// Reuse a finished run of the same resolved config even when another build of the program
-    /// made it: for adding seeds after a change that leaves training and evaluation alone, where
-    /// retraining the seeds already run would cost hours. The report lists every such run, so
-    /// the reader can check which builds produced it.
+    /// or another machine made it: for adding seeds after a change that leaves training and
+    /// evaluation alone, where retraining the seeds already run would cost hours. Another
+    /// machine rounds otherwise, so its run is not the one this machine would make (moving
+    /// scores as much as another seed does: docs/results.md): the report lists every such run
+    /// with the machine that made it.
     SameConfig,
     /// Train every variant again.
     Never,
@@ -228,9 +234,9 @@ fn run_config_text(cfg: &RunConfig) -> String {
     cfg.to_toml()
 }
 
-/// The digest of a resolved run config and of the running program's binary: a run made with
-/// both unchanged is the run this one would make.
-fn run_digest(cfg: &RunConfig) -> Result<String> {
+/// The digest of a resolved run config, the running program's binary and the machine: a run
+/// made with all three unchanged is the run this one would make.
+fn run_digest(cfg: &RunConfig, machine: &str) -> Result<String> {
     static PROGRAM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let program = match PROGRAM.get() {
         Some(p) => p,
@@ -244,11 +250,13 @@ fn run_digest(cfg: &RunConfig) -> Result<String> {
     Ok(crate::data::short_hash([
         run_config_text(cfg).as_bytes(),
         program.as_bytes(),
+        machine.as_bytes(),
     ]))
 }
 
 /// The outcome a finished run left in `run_dir`, when `reuse` allows it for a run of `cfg`
-/// whose digest is `digest`; the flag is true when another build of the program made it.
+/// whose digest is `digest`; the flag is true when another build of the program, or another
+/// machine, made it.
 fn finished(
     run_dir: &Path,
     cfg: &RunConfig,
@@ -284,6 +292,7 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device, reuse: Reuse) -> Re
     let stop = train::ctrl_c_flag();
     let mut outcomes = Vec::new();
     let mut other_builds = Vec::new();
+    let machine = crate::device::machine(device);
     for s in 0..seeds as u64 {
         for v in &exp.variants {
             let seed = cfg.train.seed + s;
@@ -322,11 +331,16 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device, reuse: Reuse) -> Re
                 }
                 c.train.steps = steps;
             }
-            let digest = run_digest(&c)?;
+            let digest = run_digest(&c, &machine)?;
             if let Some((o, other_build)) = finished(&run_dir, &c, &digest, reuse) {
                 let by = if other_build {
-                    other_builds.push(format!("{} (seed {})", v.name, c.train.seed));
-                    "another build of the program"
+                    let elsewhere = match o.machine.as_str() {
+                        m if m == machine => String::new(),
+                        "" => ", machine not recorded".into(),
+                        m => format!(", made on {m}"),
+                    };
+                    other_builds.push(format!("{} (seed {}{elsewhere})", v.name, c.train.seed));
+                    "another build of the program or another machine"
                 } else {
                     "program"
                 };
@@ -365,6 +379,7 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device, reuse: Reuse) -> Re
                 train: summary,
                 eval: report,
                 digest,
+                machine: machine.clone(),
             };
             crate::write(
                 run_dir.join("outcome.json"),
@@ -969,10 +984,16 @@ fn write_report(
         cfg.model.n_layers,
         cfg.format.image_tokens()
     )?;
+    let machine = crate::device::machine(ctx.device);
+    writeln!(
+        r,
+        "Computed on {machine}; a run made on another machine would round otherwise, and the \
+         same seed can then score as differently as another seed (docs/conventions.md, \"Determinism\").\n"
+    )?;
     if !other_builds.is_empty() {
         writeln!(
             r,
-            "Reused from another build of the program (same resolved config, `--reuse-other-builds`): {}.\n",
+            "Reused from another build of the program or another machine (same resolved config, `--reuse-other-builds`): {}.\n",
             other_builds.join(", ")
         )?;
     }
@@ -1129,6 +1150,7 @@ mod tests {
             },
             eval,
             digest: String::new(),
+            machine: String::new(),
         }
     }
 

@@ -177,13 +177,13 @@ enum Command {
         /// Repeat with this many seeds and report mean ± spread.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
         seeds: u32,
-        /// Train every variant again, even one whose run is finished with the same config and
-        /// program (reused by default).
+        /// Train every variant again, even one whose run is finished with the same config,
+        /// program and machine (reused by default).
         #[arg(long)]
         fresh: bool,
         /// Reuse a finished run of the same resolved config even when another build of the
-        /// program made it (for adding seeds after a change that leaves training alone); the
-        /// report lists each such run.
+        /// program or another machine made it (for adding seeds after a change that leaves
+        /// training alone; another machine rounds otherwise); the report lists each such run.
         #[arg(long, conflicts_with = "fresh")]
         reuse_other_builds: bool,
     },
@@ -207,7 +207,8 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
         /// Reuse a finished run of the same resolved config even when another build of the
-        /// program made it (to rewrite the report after a change that leaves training alone);
+        /// program or another machine made it (to rewrite the report after a change that leaves
+        /// training alone);
         /// the runs' report lists each such run.
         #[arg(long)]
         reuse_other_builds: bool,

@@ -720,20 +720,10 @@ fn provenance(req: &Request, seconds: f64) -> String {
         (Some(c), Some(_)) => format!("{c} with uncommitted changes"),
         _ => "unknown (not a git checkout)".into(),
     };
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "an unknown CPU".into());
-    let threads = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let machine = crate::device::machine(req.device);
     format!(
-        "Made {} UTC from commit {commit} on {cpu} ({threads} threads; device {:?}) by `{}`, in {:.0} minutes (finished runs reused count nothing).",
+        "Made {} UTC from commit {commit} on {machine} by `{}`, in {:.0} minutes (finished runs reused count nothing).",
         utc_now(),
-        req.device,
         req.command,
         seconds / 60.0
     )

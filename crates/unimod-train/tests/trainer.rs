@@ -443,6 +443,7 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
     let mut o: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&outcome_path).unwrap()).unwrap();
     o["digest"] = "made-by-another-build".into();
+    o["machine"] = "a machine elsewhere".into();
     std::fs::write(&outcome_path, o.to_string()).unwrap();
     unimod_train::experiment::run(&exp, 1, tch::Device::Cpu, Reuse::SameConfig).unwrap();
     assert_eq!(
@@ -455,7 +456,12 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
         .lines()
         .find(|l| l.starts_with("Reused from another build of the program"))
         .unwrap_or_else(|| panic!("{report}"));
-    assert!(reused.ends_with(": dense (seed 0)."), "{reused}");
+    assert!(
+        reused.ends_with(": dense (seed 0, made on a machine elsewhere)."),
+        "{reused}"
+    );
+    let here = unimod_train::device::machine(tch::Device::Cpu);
+    assert!(report.contains(&format!("Computed on {here};")), "{report}");
     let mut changed = exp.clone();
     changed.train.lr *= 0.5;
     unimod_train::experiment::run(&changed, 1, tch::Device::Cpu, Reuse::SameConfig).unwrap();
