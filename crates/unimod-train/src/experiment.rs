@@ -1058,7 +1058,7 @@ fn write_report(
         r,
         "**How to read it.** FLOPs are the analytic training FLOPs of the tokens each layer really processed \
          (attention, routers and head included; docs/flops.md). The T2I judge score is the share of generated images \
-         whose caption facts all hold (64 validation captions by default), T2I facts the share of all asserted facts \
+         whose caption facts all hold ({} validation captions, {} MMU questions), T2I facts the share of all asserted facts \
          that hold (off the floor long before whole captions are), MMU accuracy the exact-match share of greedy \
          answers decoded with causal routing. `wall s` is each run's own training time, the runs one after another \
          on a machine that may have been doing other work, so its time saved is indicative only: \
@@ -1074,7 +1074,8 @@ fn write_report(
          discriminate: the baseline is not above the level of a model that learned nothing by its own 95 % interval \
          (T2I: the same generations scored under scrambled prompts; MMU: an image-blind answerer that gives each \
          question's most common training answer; losses: a uniform prediction), or the tolerance is as wide as the \
-         baseline's margin over that level.\n"
+         baseline's margin over that level.\n",
+        cfg.eval.t2i_samples, cfg.eval.mmu_samples
     )?;
     r.push_str(&verdicts(outcomes, &cfg.experiment.variants, cfg));
     let t = &ctx.tokenizers.report;
