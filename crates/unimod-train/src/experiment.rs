@@ -600,6 +600,13 @@ pub struct Metric {
     samples: Option<usize>,
 }
 
+impl Metric {
+    /// The factor to the report's units: accuracies in points, losses as they are.
+    fn scale(&self) -> f64 {
+        if self.samples.is_some() { 100.0 } else { 1.0 }
+    }
+}
+
 /// The quality metrics every comparison reports: T2I whole captions and facts, MMU accuracy
 /// (each with its control), and the validation losses.
 pub fn metrics(cfg: &RunConfig) -> [Metric; 5] {
@@ -721,7 +728,7 @@ pub fn against(
     } else {
         mx - mb
     };
-    let scale = if m.samples.is_some() { 100.0 } else { 1.0 };
+    let scale = m.scale();
     let verdict = if tolerance.is_nan() {
         Within::Inconclusive("no tolerance from one seed: run `--seeds 3`".into())
     } else if !margin.shown() || margin.mean <= 0.0 {
@@ -823,7 +830,7 @@ fn per_seed(outcomes: &[Outcome], a: &str, b: &str, m: &Metric, digits: usize) -
     if xa.len() < 2 {
         return String::new();
     }
-    let scale = if m.samples.is_some() { 100.0 } else { 1.0 };
+    let scale = m.scale();
     let each: Vec<String> = xa
         .iter()
         .zip(&xb)
@@ -952,10 +959,10 @@ fn equal_flops(outcomes: &[Outcome], variants: &[Variant], metrics: &[Metric]) -
                 } else {
                     "**not shown** (within its 95 % interval); more seeds would settle it".into()
                 };
-                // Accuracies in points, losses as they are.
-                let (scale, digits, unit) = match m.samples {
-                    Some(_) => (100.0, 1, " points"),
-                    None => (1.0, 3, ""),
+                let scale = m.scale();
+                let (digits, unit) = match m.samples {
+                    Some(_) => (1, " points"),
+                    None => (3, ""),
                 };
                 let _ = writeln!(
                     md,

@@ -208,8 +208,7 @@ enum Command {
         overrides: Vec<String>,
         /// Reuse a finished run of the same resolved config even when another build of the
         /// program or another machine made it (to rewrite the report after a change that leaves
-        /// training alone);
-        /// the runs' report lists each such run.
+        /// training alone); the runs' report lists each such run.
         #[arg(long)]
         reuse_other_builds: bool,
     },
