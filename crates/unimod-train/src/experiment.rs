@@ -199,20 +199,39 @@ pub struct Outcome {
     pub train: TrainSummary,
     /// What evaluation measured.
     pub eval: EvalReport,
-    /// What produced it: the digest of the run's resolved config, the program and the machine.
+    /// What produced the scores: the training's digest with the `[eval]` settings, the program
+    /// and the machine that evaluated it.
     #[serde(default)]
     pub digest: String,
-    /// The machine it was computed on ([`crate::device::machine`]); empty in runs made before
+    /// What trained the model: the digest of its resolved config without `[eval]`, the program
+    /// and the machine; empty in runs made before it was recorded (their `digest` then stands
+    /// for the training too).
+    #[serde(default)]
+    pub train_digest: String,
+    /// The machine it was trained on ([`crate::device::machine`]); empty in runs made before
     /// it was recorded.
     #[serde(default)]
     pub machine: String,
+}
+
+impl Outcome {
+    /// The training this outcome's model came from.
+    fn trained_by(&self) -> &str {
+        if self.train_digest.is_empty() {
+            &self.digest
+        } else {
+            &self.train_digest
+        }
+    }
 }
 
 /// Whether a variant whose run directory already holds a finished run of the same config, by
 /// the same program, is trained again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reuse {
-    /// Reuse it (training is deterministic on one machine: the result would be the same).
+    /// Reuse it (training is deterministic on one machine: the result would be the same). A
+    /// model whose training is unchanged but whose `[eval]` settings are not is evaluated
+    /// again, not trained again.
     Finished,
     /// Reuse a finished run of the same resolved config even when another build of the program
     /// or another machine made it: for adding seeds after a change that leaves training and
@@ -225,63 +244,115 @@ pub enum Reuse {
     Never,
 }
 
-/// A resolved run config as far as it bears on the run: the `[experiment]` section (the other
-/// variants) and `[analysis]` do not change a run's training or evaluation, so they are left out.
-fn run_config_text(cfg: &RunConfig) -> String {
+/// What training reads of a resolved run config: all of it but `[eval]` (read only by the
+/// evaluation), `[analysis]` and `[experiment]` (the other variants).
+fn train_text(cfg: &RunConfig) -> String {
     let mut cfg = cfg.clone();
+    cfg.eval = Default::default();
     cfg.experiment = Default::default();
     cfg.analysis = Default::default();
     cfg.to_toml()
 }
 
-/// The digest of a resolved run config, the running program's binary and the machine: a run
-/// made with all three unchanged is the run this one would make.
-fn run_digest(cfg: &RunConfig, machine: &str) -> Result<String> {
+/// The running program: a digest of its binary.
+fn program() -> Result<&'static str> {
     static PROGRAM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let program = match PROGRAM.get() {
-        Some(p) => p,
-        None => {
-            let exe = std::env::current_exe().context("locating the running program")?;
-            let bytes =
-                std::fs::read(&exe).with_context(|| format!("reading {}", exe.display()))?;
-            PROGRAM.get_or_init(|| crate::data::short_hash([bytes]))
-        }
-    };
+    if let Some(p) = PROGRAM.get() {
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().context("locating the running program")?;
+    let bytes = std::fs::read(&exe).with_context(|| format!("reading {}", exe.display()))?;
+    Ok(PROGRAM.get_or_init(|| crate::data::short_hash([bytes])))
+}
+
+/// The digest of a run's training: its config as training reads it, the program and the
+/// machine. A model trained with all three unchanged is the model this run would train.
+fn train_digest(cfg: &RunConfig, machine: &str) -> Result<String> {
     Ok(crate::data::short_hash([
-        run_config_text(cfg).as_bytes(),
-        program.as_bytes(),
+        train_text(cfg).as_bytes(),
+        program()?.as_bytes(),
         machine.as_bytes(),
     ]))
 }
 
-/// The outcome a finished run left in `run_dir`, when `reuse` allows it for a run of `cfg`
-/// whose digest is `digest`; the flag is true when another build of the program, or another
-/// machine, made it.
-fn finished(
-    run_dir: &Path,
-    cfg: &RunConfig,
-    digest: &str,
-    reuse: Reuse,
-) -> Option<(Outcome, bool)> {
-    if reuse == Reuse::Never {
-        return None;
-    }
-    let text = std::fs::read_to_string(run_dir.join("outcome.json")).ok()?;
-    let o: Outcome = serde_json::from_str(&text).ok()?;
-    if o.digest == digest {
-        return Some((o, false));
-    }
-    if reuse != Reuse::SameConfig {
-        return None;
-    }
-    // The saved config is read back through the current schema, so a field added since (with
+/// The digest of an outcome: the training that made its model (`trained_by`) evaluated under
+/// `cfg`'s `[eval]` by this program on this machine.
+fn outcome_digest(trained_by: &str, cfg: &RunConfig, machine: &str) -> Result<String> {
+    Ok(crate::data::short_hash([
+        trained_by.as_bytes(),
+        toml::to_string(&cfg.eval)?.as_bytes(),
+        program()?.as_bytes(),
+        machine.as_bytes(),
+    ]))
+}
+
+/// Where a run's evaluation under `cfg`'s `[eval]` settings other than its own goes: beside
+/// the run's own (which is kept), in a folder named by the settings.
+fn eval_dir(run_dir: &Path, cfg: &RunConfig) -> Result<PathBuf> {
+    let settings = toml::to_string(&cfg.eval)?;
+    Ok(run_dir
+        .join("evals")
+        .join(crate::data::short_hash([settings])))
+}
+
+/// What an experiment can take from a variant's run directory.
+enum Prior {
+    /// Nothing: train and evaluate.
+    Nothing,
+    /// This outcome, as it is.
+    Outcome(Outcome),
+    /// The model of this outcome, whose training is the one asked for but whose evaluation
+    /// is not: evaluate it again.
+    Model(Outcome),
+}
+
+/// What `reuse` lets a run of `cfg` on `machine` take from `run_dir`, and whether another
+/// build of the program or another machine made it.
+fn prior(run_dir: &Path, cfg: &RunConfig, machine: &str, reuse: Reuse) -> Result<(Prior, bool)> {
+    let read = |p: PathBuf| -> Option<Outcome> {
+        serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
+    };
+    // A saved config is read back through the current schema, so a field added since (with
     // its default) does not count as a difference; one the run set otherwise does.
-    let saved = RunConfig::load(Some(&run_dir.join("config.toml")), &[]).ok()?;
-    (run_config_text(&saved) == run_config_text(cfg)).then_some((o, true))
+    let saved = |p: PathBuf| RunConfig::load(Some(&p), &[]).ok();
+    let run = match (reuse, read(run_dir.join("outcome.json"))) {
+        (Reuse::Never, _) | (_, None) => return Ok((Prior::Nothing, false)),
+        (_, Some(run)) => run,
+    };
+    let other = run.train_digest != train_digest(cfg, machine)?;
+    if other
+        && !(reuse == Reuse::SameConfig
+            && saved(run_dir.join("config.toml"))
+                .is_some_and(|s| train_text(&s) == train_text(cfg)))
+    {
+        return Ok((Prior::Nothing, false));
+    }
+    let want = outcome_digest(run.trained_by(), cfg, machine)?;
+    let elsewhere = eval_dir(run_dir, cfg)?;
+    let evaluations = [
+        (Some(run.clone()), run_dir.join("config.toml")),
+        (
+            read(elsewhere.join("outcome.json")),
+            elsewhere.join("eval.toml"),
+        ),
+    ];
+    for (o, settings) in evaluations {
+        let Some(o) = o.filter(|o| o.trained_by() == run.trained_by()) else {
+            continue;
+        };
+        if o.digest == want {
+            return Ok((Prior::Outcome(o), other));
+        }
+        if reuse == Reuse::SameConfig && saved(settings).is_some_and(|s| s.eval == cfg.eval) {
+            return Ok((Prior::Outcome(o), true));
+        }
+    }
+    Ok((Prior::Model(run), other))
 }
 
 /// Trains and evaluates every variant for every seed (reusing outcomes of the same config and
-/// program where `reuse` allows), then writes the report, its plots and `outcomes.json`.
+/// program where `reuse` allows, and evaluating again a reused model whose `[eval]` settings
+/// changed), then writes the report, its plots and `outcomes.json`.
 pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device, reuse: Reuse) -> Result<Vec<Outcome>> {
     let exp = &cfg.experiment;
     check_variants(&exp.variants)?;
@@ -331,58 +402,78 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device, reuse: Reuse) -> Re
                 }
                 c.train.steps = steps;
             }
-            let digest = run_digest(&c, &machine)?;
-            if let Some((o, other_build)) = finished(&run_dir, &c, &digest, reuse) {
-                let by = if other_build {
-                    let elsewhere = match o.machine.as_str() {
+            let (prior, other) = prior(&run_dir, &c, &machine, reuse)?;
+            let by = if other {
+                let elsewhere = match prior {
+                    Prior::Outcome(ref o) | Prior::Model(ref o) => match o.machine.as_str() {
                         m if m == machine => String::new(),
                         "" => ", machine not recorded".into(),
                         m => format!(", made on {m}"),
-                    };
-                    other_builds.push(format!("{} (seed {}{elsewhere})", v.name, c.train.seed));
-                    "another build of the program or another machine"
-                } else {
-                    "program"
+                    },
+                    Prior::Nothing => String::new(),
                 };
-                eprintln!(
-                    "== {} (seed {}): reusing {} (same config and {by})",
-                    v.name,
-                    c.train.seed,
-                    run_dir.display()
-                );
-                outcomes.push(o);
-                continue;
-            }
-            eprintln!(
-                "== {} (seed {}): {}",
-                v.name,
-                c.train.seed,
-                run_dir.display()
-            );
-            let summary = train::train(&ctx, &c, &run_dir, Start::Overwrite, stop.clone(), None)?;
-            if summary.interrupted {
-                bail!(
-                    "interrupted: {} checkpointed at step {}",
-                    run_dir.display(),
-                    summary.steps
-                );
-            }
+                other_builds.push(format!("{} (seed {seed}{elsewhere})", v.name));
+                "another build of the program or another machine"
+            } else {
+                "program"
+            };
+            let (train, trained_by, made_on, out) = match prior {
+                Prior::Outcome(o) => {
+                    eprintln!(
+                        "== {} (seed {seed}): reusing {} (same config and {by})",
+                        v.name,
+                        run_dir.display()
+                    );
+                    outcomes.push(o);
+                    continue;
+                }
+                Prior::Model(o) => {
+                    let out = eval_dir(&run_dir, &c)?;
+                    eprintln!(
+                        "== {} (seed {seed}): reusing the model of {} (same training and {by}), \
+                         evaluating it under this [eval] into {}",
+                        v.name,
+                        run_dir.display(),
+                        out.display()
+                    );
+                    std::fs::create_dir_all(&out)
+                        .with_context(|| format!("creating {}", out.display()))?;
+                    crate::write(out.join("eval.toml"), c.to_toml())?;
+                    let trained_by = o.trained_by().to_string();
+                    (o.train, trained_by, o.machine, out)
+                }
+                Prior::Nothing => {
+                    eprintln!("== {} (seed {seed}): {}", v.name, run_dir.display());
+                    let summary =
+                        train::train(&ctx, &c, &run_dir, Start::Overwrite, stop.clone(), None)?;
+                    if summary.interrupted {
+                        bail!(
+                            "interrupted: {} checkpointed at step {}",
+                            run_dir.display(),
+                            summary.steps
+                        );
+                    }
+                    let trained_by = train_digest(&c, &machine)?;
+                    (summary, trained_by, machine.clone(), run_dir.clone())
+                }
+            };
             let (_vs, model) = crate::load::model_from_run(&run_dir, &ctx)?;
-            let report = eval::evaluate(&ctx, &c, &model, &run_dir)?;
+            let report = eval::evaluate(&ctx, &c, &model, &out)?;
             crate::write(
-                run_dir.join("eval.json"),
+                out.join("eval.json"),
                 serde_json::to_string_pretty(&report)?,
             )?;
             let outcome = Outcome {
                 variant: v.name.clone(),
-                seed: c.train.seed,
-                train: summary,
+                seed,
+                train,
                 eval: report,
-                digest,
-                machine: machine.clone(),
+                digest: outcome_digest(&trained_by, &c, &machine)?,
+                train_digest: trained_by,
+                machine: made_on,
             };
             crate::write(
-                run_dir.join("outcome.json"),
+                out.join("outcome.json"),
                 serde_json::to_string_pretty(&outcome)?,
             )?;
             outcomes.push(outcome);
@@ -1170,6 +1261,7 @@ mod tests {
             },
             eval,
             digest: String::new(),
+            train_digest: String::new(),
             machine: String::new(),
         }
     }

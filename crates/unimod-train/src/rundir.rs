@@ -123,17 +123,21 @@ pub fn prepare(dir: &Path, start: Start) -> Result<()> {
             on_disk(dir)
         ),
         Start::Overwrite => {
-            for f in ["metrics.jsonl", "eval.json", "config.toml"] {
+            // Evaluations and an experiment's outcome describe the model being replaced: left
+            // behind, an interrupted retraining would pass them off as its own.
+            for f in ["metrics.jsonl", "eval.json", "outcome.json", "config.toml"] {
                 let p = dir.join(f);
                 if p.exists() {
                     std::fs::remove_file(&p)
                         .with_context(|| format!("removing {}", p.display()))?;
                 }
             }
-            let ck = dir.join("checkpoints");
-            if ck.exists() {
-                std::fs::remove_dir_all(&ck)
-                    .with_context(|| format!("removing {}", ck.display()))?;
+            for d in ["checkpoints", "evals"] {
+                let p = dir.join(d);
+                if p.exists() {
+                    std::fs::remove_dir_all(&p)
+                        .with_context(|| format!("removing {}", p.display()))?;
+                }
             }
             Ok(())
         }
@@ -371,8 +375,12 @@ mod tests {
             "a refused start deleted metrics"
         );
         prepare(&dir, Start::Resume).unwrap();
+        std::fs::write(dir.join("outcome.json"), "{}").unwrap();
+        std::fs::create_dir_all(dir.join("evals/a")).unwrap();
         prepare(&dir, Start::Overwrite).unwrap();
         assert!(!holds_run(&dir));
+        // What described the replaced model goes with it.
+        assert!(!dir.join("outcome.json").exists() && !dir.join("evals").exists());
         assert!(prepare(&dir, Start::Resume).is_err());
     }
 }

@@ -437,12 +437,59 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
         o.iter().map(|o| o.eval.mmu_accuracy).collect::<Vec<_>>()
     };
     assert_eq!(accuracies(&again), accuracies(&outcomes));
+    // Other [eval] settings evaluate the same models again, beside their own evaluation (kept),
+    // without training them again; a second run with those settings reuses that evaluation,
+    // and the original settings find the run's own again.
+    let modified = |p: PathBuf| std::fs::metadata(p).unwrap().modified().unwrap();
+    let own_eval = exp_dir.join("dense-seed0/eval.json");
+    let own_stamp = modified(own_eval.clone());
+    let mut rescored = exp.clone();
+    rescored.eval.mmu_samples += 8;
+    let re =
+        unimod_train::experiment::run(&rescored, 1, tch::Device::Cpu, Reuse::Finished).unwrap();
+    assert_eq!(
+        stamp("dense"),
+        before,
+        "a model was trained again for new [eval] settings"
+    );
+    assert_eq!(
+        modified(own_eval.clone()),
+        own_stamp,
+        "the run's own evaluation was replaced"
+    );
+    let evals: Vec<PathBuf> = std::fs::read_dir(exp_dir.join("dense-seed0/evals"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(evals.len(), 1, "{evals:?}");
+    let settings = std::fs::read_to_string(evals[0].join("eval.toml")).unwrap();
+    assert!(
+        settings.contains(&format!("mmu_samples = {}", rescored.eval.mmu_samples)),
+        "{settings}"
+    );
+    let saved: unimod_train::experiment::Outcome =
+        serde_json::from_str(&std::fs::read_to_string(evals[0].join("outcome.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved.eval.mmu_accuracy, re[0].eval.mmu_accuracy);
+    assert_eq!(saved.train.steps, outcomes[0].train.steps);
+    assert_ne!(saved.digest, outcomes[0].digest);
+    let rescore_stamp = modified(evals[0].join("eval.json"));
+    unimod_train::experiment::run(&rescored, 1, tch::Device::Cpu, Reuse::Finished).unwrap();
+    assert_eq!(
+        modified(evals[0].join("eval.json")),
+        rescore_stamp,
+        "evaluated again"
+    );
+    let back = unimod_train::experiment::run(&exp, 1, tch::Device::Cpu, Reuse::Finished).unwrap();
+    assert_eq!(accuracies(&back), accuracies(&outcomes));
+    assert_eq!(modified(own_eval), own_stamp);
     // A run another build of the program made (its digest differs) is reused only when asked,
     // and the report names it.
     let outcome_path = exp_dir.join("dense-seed0/outcome.json");
     let mut o: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&outcome_path).unwrap()).unwrap();
     o["digest"] = "made-by-another-build".into();
+    o["train_digest"] = "made-by-another-build".into();
     o["machine"] = "a machine elsewhere".into();
     std::fs::write(&outcome_path, o.to_string()).unwrap();
     unimod_train::experiment::run(&exp, 1, tch::Device::Cpu, Reuse::SameConfig).unwrap();
