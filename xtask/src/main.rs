@@ -46,7 +46,8 @@ enum Task {
         /// `key=value` overrides of the config (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
-        /// Train every variant again instead of reusing finished runs.
+        /// Train every variant again instead of reusing finished runs (a run whose training is
+        /// unchanged but whose `[eval]` is not is evaluated again, not trained again).
         #[arg(long)]
         fresh: bool,
         /// Reuse finished runs of the same config made by another build of the program.

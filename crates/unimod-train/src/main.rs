@@ -178,7 +178,8 @@ enum Command {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
         seeds: u32,
         /// Train every variant again, even one whose run is finished with the same config,
-        /// program and machine (reused by default).
+        /// program and machine (reused by default; when only `[eval]` changed, the finished
+        /// model is evaluated again into `<run>/evals/<digest>/`).
         #[arg(long)]
         fresh: bool,
         /// Reuse a finished run of the same resolved config even when another build of the
