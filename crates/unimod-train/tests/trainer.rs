@@ -509,6 +509,25 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
     );
     let here = unimod_train::device::machine(tch::Device::Cpu);
     assert!(report.contains(&format!("Computed on {here};")), "{report}");
+    // Its model under new [eval] settings is evaluated again, not the evaluation left in
+    // evals/ by the model it replaced (another training), and the report still names it.
+    let stale = modified(evals[0].join("eval.json"));
+    unimod_train::experiment::run(&rescored, 1, tch::Device::Cpu, Reuse::SameConfig).unwrap();
+    assert_eq!(
+        stamp("dense"),
+        before,
+        "a model was trained again for new [eval] settings"
+    );
+    assert_ne!(
+        modified(evals[0].join("eval.json")),
+        stale,
+        "another model's evaluation reused"
+    );
+    let report = std::fs::read_to_string(exp_dir.join("report.md")).unwrap();
+    assert!(
+        report.contains("dense (seed 0, made on a machine elsewhere)"),
+        "{report}"
+    );
     let mut changed = exp.clone();
     changed.train.lr *= 0.5;
     unimod_train::experiment::run(&changed, 1, tch::Device::Cpu, Reuse::SameConfig).unwrap();
