@@ -412,7 +412,7 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device, reuse: Reuse) -> Re
                     },
                     Prior::Nothing => String::new(),
                 };
-                other_builds.push(format!("{} (seed {seed}{elsewhere})", v.name));
+                other_builds.push((v.name.clone(), seed, elsewhere));
                 "another build of the program or another machine"
             } else {
                 "program"
@@ -1071,6 +1071,30 @@ fn equal_flops(outcomes: &[Outcome], variants: &[Variant], metrics: &[Metric]) -
     md
 }
 
+/// The reused runs (variant, seed, where they were made) as a list the report reads: each
+/// variant's seeds made in one place together, in order of first appearance.
+fn reused_runs(runs: &[(String, u64, String)]) -> String {
+    let mut groups: Vec<(&str, &str, Vec<u64>)> = Vec::new();
+    for (variant, seed, made) in runs {
+        match groups
+            .iter_mut()
+            .find(|(v, m, _)| v == variant && m == made)
+        {
+            Some((_, _, seeds)) => seeds.push(*seed),
+            None => groups.push((variant, made, vec![*seed])),
+        }
+    }
+    let list: Vec<String> = groups
+        .iter()
+        .map(|(variant, made, seeds)| {
+            let numbers: Vec<String> = seeds.iter().map(u64::to_string).collect();
+            let plural = if seeds.len() > 1 { "s" } else { "" };
+            format!("{variant} (seed{plural} {}{made})", numbers.join(", "))
+        })
+        .collect();
+    list.join(", ")
+}
+
 fn write_report(
     dir: &Path,
     cfg: &RunConfig,
@@ -1078,7 +1102,7 @@ fn write_report(
     table: &str,
     figures: &[(String, PathBuf)],
     outcomes: &[Outcome],
-    other_builds: &[String],
+    other_builds: &[(String, u64, String)],
 ) -> Result<()> {
     let mut r = String::new();
     writeln!(r, "# Experiment `{}`\n", cfg.experiment.name)?;
@@ -1104,7 +1128,7 @@ fn write_report(
         writeln!(
             r,
             "Reused from another build of the program or another machine (same resolved config, `--reuse-other-builds`): {}.\n",
-            other_builds.join(", ")
+            reused_runs(other_builds)
         )?;
     }
     writeln!(r, "{table}")?;
@@ -1244,6 +1268,22 @@ fn write_report(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reused_runs_group_each_variants_seeds_by_machine() {
+        let run = |v: &str, s: u64, m: &str| (v.to_string(), s, m.to_string());
+        let runs = [
+            run("dense", 0, ""),
+            run("unimod", 0, ", made on X"),
+            run("dense", 1, ""),
+            run("dense", 2, ", made on X"),
+            run("unimod", 1, ", made on X"),
+        ];
+        assert_eq!(
+            reused_runs(&runs),
+            "dense (seeds 0, 1), unimod (seeds 0, 1, made on X), dense (seed 2, made on X)"
+        );
+    }
 
     fn outcome(variant: &str, seed: u64, mmu: f64, blind: f64) -> Outcome {
         let mut eval = EvalReport {
