@@ -295,20 +295,20 @@ fn eval_dir(run_dir: &Path, cfg: &RunConfig) -> Result<PathBuf> {
         .join(crate::data::short_hash([settings])))
 }
 
-/// What an experiment can take from a variant's run directory.
+/// What an experiment can take from a variant's run directory; the flag is true when another
+/// build of the program or another machine made it.
 enum Prior {
     /// Nothing: train and evaluate.
     Nothing,
     /// This outcome, as it is.
-    Outcome(Outcome),
+    Outcome(Outcome, bool),
     /// The model of this outcome, whose training is the one asked for but whose evaluation
     /// is not: evaluate it again.
-    Model(Outcome),
+    Model(Outcome, bool),
 }
 
-/// What `reuse` lets a run of `cfg` on `machine` take from `run_dir`, and whether another
-/// build of the program or another machine made it.
-fn prior(run_dir: &Path, cfg: &RunConfig, machine: &str, reuse: Reuse) -> Result<(Prior, bool)> {
+/// What `reuse` lets a run of `cfg` on `machine` take from `run_dir`.
+fn prior(run_dir: &Path, cfg: &RunConfig, machine: &str, reuse: Reuse) -> Result<Prior> {
     let read = |p: PathBuf| -> Option<Outcome> {
         serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
     };
@@ -316,7 +316,7 @@ fn prior(run_dir: &Path, cfg: &RunConfig, machine: &str, reuse: Reuse) -> Result
     // its default) does not count as a difference; one the run set otherwise does.
     let saved = |p: PathBuf| RunConfig::load(Some(&p), &[]).ok();
     let run = match (reuse, read(run_dir.join("outcome.json"))) {
-        (Reuse::Never, _) | (_, None) => return Ok((Prior::Nothing, false)),
+        (Reuse::Never, _) | (_, None) => return Ok(Prior::Nothing),
         (_, Some(run)) => run,
     };
     let other = run.train_digest != train_digest(cfg, machine)?;
@@ -325,7 +325,7 @@ fn prior(run_dir: &Path, cfg: &RunConfig, machine: &str, reuse: Reuse) -> Result
             && saved(run_dir.join("config.toml"))
                 .is_some_and(|s| train_text(&s) == train_text(cfg)))
     {
-        return Ok((Prior::Nothing, false));
+        return Ok(Prior::Nothing);
     }
     let want = outcome_digest(run.trained_by(), cfg, machine)?;
     let elsewhere = eval_dir(run_dir, cfg)?;
@@ -341,13 +341,13 @@ fn prior(run_dir: &Path, cfg: &RunConfig, machine: &str, reuse: Reuse) -> Result
             continue;
         };
         if o.digest == want {
-            return Ok((Prior::Outcome(o), other));
+            return Ok(Prior::Outcome(o, other));
         }
         if reuse == Reuse::SameConfig && saved(settings).is_some_and(|s| s.eval == cfg.eval) {
-            return Ok((Prior::Outcome(o), true));
+            return Ok(Prior::Outcome(o, true));
         }
     }
-    Ok((Prior::Model(run), other))
+    Ok(Prior::Model(run, other))
 }
 
 /// Trains and evaluates every variant for every seed (reusing outcomes of the same config and
@@ -402,23 +402,21 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device, reuse: Reuse) -> Re
                 }
                 c.train.steps = steps;
             }
-            let (prior, other) = prior(&run_dir, &c, &machine, reuse)?;
-            let by = if other {
-                let elsewhere = match prior {
-                    Prior::Outcome(ref o) | Prior::Model(ref o) => match o.machine.as_str() {
+            let prior = prior(&run_dir, &c, &machine, reuse)?;
+            let by = match &prior {
+                Prior::Outcome(o, true) | Prior::Model(o, true) => {
+                    let elsewhere = match o.machine.as_str() {
                         m if m == machine => String::new(),
                         "" => ", machine not recorded".into(),
                         m => format!(", made on {m}"),
-                    },
-                    Prior::Nothing => String::new(),
-                };
-                other_builds.push((v.name.clone(), seed, elsewhere));
-                "another build of the program or another machine"
-            } else {
-                "program"
+                    };
+                    other_builds.push((v.name.clone(), seed, elsewhere));
+                    "another build of the program or another machine"
+                }
+                _ => "program",
             };
             let (train, trained_by, made_on, out) = match prior {
-                Prior::Outcome(o) => {
+                Prior::Outcome(o, _) => {
                     eprintln!(
                         "== {} (seed {seed}): reusing {} (same config and {by})",
                         v.name,
@@ -427,7 +425,7 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device, reuse: Reuse) -> Re
                     outcomes.push(o);
                     continue;
                 }
-                Prior::Model(o) => {
+                Prior::Model(o, _) => {
                     let out = eval_dir(&run_dir, &c)?;
                     eprintln!(
                         "== {} (seed {seed}): reusing the model of {} (same training and {by}), \
