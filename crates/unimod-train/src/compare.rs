@@ -6,7 +6,11 @@
 //! An evaluation folder holds `eval.json` and the config it ran under (`eval.toml`, or a run's
 //! `config.toml`); its seed is that config's `train.seed`, and a folder name ending in
 //! `-seed<N>` joins the group of its name without the suffix (`w0.5-increasing-seed2` is seed 2
-//! of `w0.5-increasing`), as experiment runs are named.
+//! of `w0.5-increasing`), as experiment runs are named. An experiment's re-evaluation of a run,
+//! `<run>/evals/<settings digest>/`, joins the run's group with the digest appended
+//! (`dense-seed1/evals/7d9c…` is seed 1 of `dense@7d9c…`), so that the same variants rescored
+//! under the same settings group as their runs do, and one run scored under two settings does
+//! not fall into one group twice.
 
 use crate::RunConfig;
 use crate::eval::EvalReport;
@@ -56,12 +60,8 @@ impl Evaluation {
                 )
             })?;
         let cfg = RunConfig::load(Some(&config), &[])?;
-        let name = dir
-            .file_name()
-            .with_context(|| format!("{} has no folder name", dir.display()))?
-            .to_string_lossy();
         Ok(Evaluation {
-            group: group_of(&name).to_string(),
+            group: group_of_dir(dir)?,
             seed: cfg.train.seed,
             dir: dir.to_path_buf(),
             report,
@@ -69,6 +69,27 @@ impl Evaluation {
             mmu_samples: cfg.eval.mmu_samples,
         })
     }
+}
+
+/// The group of the evaluation folder `dir` (see the module's documentation).
+fn group_of_dir(dir: &Path) -> Result<String> {
+    // Through the absolute path, so that `.` (run from inside an evals folder) is named too.
+    let full = std::path::absolute(dir)
+        .with_context(|| format!("resolving {}", dir.display()))?
+        .components()
+        .collect::<PathBuf>();
+    let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+    let Some(own) = name(&full) else {
+        bail!("{} has no folder name", dir.display());
+    };
+    let parent = full.parent();
+    if let (Some("evals"), Some(run)) = (
+        parent.and_then(name).as_deref(),
+        parent.and_then(Path::parent).and_then(name),
+    ) {
+        return Ok(format!("{}@{own}", group_of(&run)));
+    }
+    Ok(group_of(&own).to_string())
 }
 
 /// `name` without a trailing `-seed<N>`.
@@ -342,6 +363,18 @@ mod tests {
         assert_eq!(group_of("dense-seedling"), "dense-seedling");
         assert_eq!(group_of("dense-seed"), "dense-seed");
         assert_eq!(group_of("g0"), "g0");
+    }
+
+    #[test]
+    fn re_evaluations_join_their_runs_group_under_their_settings() {
+        let g = |p: &str| group_of_dir(Path::new(p)).unwrap();
+        assert_eq!(g("runs/q/dense-seed1/evals/7d9c"), "dense@7d9c");
+        assert_eq!(g("runs/q/unimod-seed0/evals/7d9c"), "unimod@7d9c");
+        assert_eq!(g("runs/q/dense-seed1/evals/7d9c/"), "dense@7d9c");
+        assert_eq!(g("runs/q/dense-seed1/evals/7d9c/."), "dense@7d9c");
+        // Only a folder inside `evals` takes its run's name.
+        assert_eq!(g("runs/q/dense-seed1"), "dense");
+        assert_eq!(g("evals"), "evals");
     }
 
     #[test]
