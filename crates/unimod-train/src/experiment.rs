@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use unimod_analysis::stats::Estimate;
+use unimod_analysis::stats::{self, Estimate};
 use unimod_model::bench;
 use unimod_router::Schedule;
 use unimod_tok::Segment;
@@ -1001,10 +1001,13 @@ pub(crate) fn scores(outcomes: &[Outcome], name: &str, f: Score) -> Vec<f64> {
 /// Variants of (nearly) equal training FLOPs compared with each other, not only with the
 /// baseline: the comparison the paper's claims are about (UniMoD vs plain MoD at one budget).
 /// Pairs whose mean FLOPs differ by less than 2 % of the baseline's; a difference is **shown**
-/// when it lies outside its 95 % interval ([`difference`]).
+/// when it lies outside its 95 % interval ([`difference`]). Read one at a time, one in twenty
+/// true nulls would be shown, and a report of several routed variants makes dozens of these
+/// comparisons; so each shown difference also says whether it survives Holm's correction for
+/// all of the section's comparisons (a 5 % chance that any of them is chance).
 fn equal_flops(outcomes: &[Outcome], variants: &[Variant], metrics: &[Metric]) -> String {
     let base = &variants[0].name;
-    let mut md = String::new();
+    let mut pairs = Vec::new();
     for (i, a) in variants.iter().enumerate().skip(1) {
         for b in &variants[i + 1..] {
             let (sa, sb) = (
@@ -1015,55 +1018,77 @@ fn equal_flops(outcomes: &[Outcome], variants: &[Variant], metrics: &[Metric]) -
             if (sa - sb).abs().is_nan() || (sa - sb).abs() >= 0.02 {
                 continue;
             }
+            // A score one of them lacks (a task it did not train) has no difference.
+            let differences: Vec<(&Metric, Estimate)> = metrics
+                .iter()
+                .map(|m| (m, difference(outcomes, &a.name, &b.name, m)))
+                .filter(|(_, d)| !d.mean.is_nan())
+                .collect();
+            pairs.push((a, b, sa, sb, differences));
+        }
+    }
+    let p_values: Vec<f64> = pairs
+        .iter()
+        .flat_map(|(.., ds)| ds.iter().map(|(_, d)| d.p_value()))
+        .collect();
+    let family = p_values.iter().filter(|p| !p.is_nan()).count();
+    let mut holds = stats::holm(&p_values).into_iter();
+    let mut md = String::new();
+    if family > 1 {
+        let _ = writeln!(
+            md,
+            "{family} comparisons below; read one at a time, about {:.1} of them would be shown by chance alone were every difference zero, so each shown one says whether it holds under Holm's correction for all {family}.\n",
+            0.05 * family as f64
+        );
+    }
+    for (a, b, sa, sb, differences) in pairs {
+        let _ = writeln!(
+            md,
+            "- **{} vs {}** at equal FLOPs ({:.1} vs {:.1} % saved):",
+            b.name,
+            a.name,
+            100.0 * sb,
+            100.0 * sa
+        );
+        let seeds = seeds_in_common(outcomes, &a.name, &b.name);
+        for (m, d) in differences {
+            let holds = holds.next().unwrap_or(false);
+            let direction = if d.mean > 0.0 { "higher" } else { "lower" };
+            let corrected = match (family > 1, holds) {
+                (false, _) => String::new(),
+                (true, true) => format!(", and under Holm's correction for the {family}"),
+                (true, false) => {
+                    format!(", but not under Holm's correction for the {family}: it may be chance")
+                }
+            };
+            let verdict = if d.half_width().is_nan() {
+                "**inconclusive**: one seed gives a loss no spread; `--seeds 3` would settle it"
+                    .into()
+            } else if d.shown() && seeds < 2 {
+                format!(
+                    "**shown on this seed's evaluation only**: {} {direction}{corrected}; with one seed the spread between training runs is unmeasured, `--seeds 3` would settle it",
+                    b.name,
+                )
+            } else if d.shown() {
+                format!("**shown**: {} {direction}{corrected}", b.name)
+            } else {
+                "**not shown** (within its 95 % interval); more seeds would settle it".into()
+            };
+            let scale = m.scale();
+            let (digits, unit) = match m.samples {
+                Some(_) => (1, " points"),
+                None => (3, ""),
+            };
             let _ = writeln!(
                 md,
-                "- **{} vs {}** at equal FLOPs ({:.1} vs {:.1} % saved):",
-                b.name,
-                a.name,
-                100.0 * sb,
-                100.0 * sa
+                "  - {}: {:.digits$} vs {:.digits$} (Δ {:+.digits$} ± {:.digits$}{unit}, 95 % interval{}) → {verdict}",
+                m.label,
+                scale * mean_spread(&scores(outcomes, &b.name, m.score)).0,
+                scale * mean_spread(&scores(outcomes, &a.name, m.score)).0,
+                scale * d.mean,
+                scale * d.half_width(),
+                per_seed(outcomes, &a.name, &b.name, m, digits)
             );
-            for m in metrics {
-                let d = difference(outcomes, &a.name, &b.name, m);
-                // A score one of them lacks (a task it did not train) has no difference.
-                if d.mean.is_nan() {
-                    continue;
-                }
-                let seeds = seeds_in_common(outcomes, &a.name, &b.name);
-                let verdict = if d.half_width().is_nan() {
-                    "**inconclusive**: one seed gives a loss no spread; `--seeds 3` would settle it"
-                        .into()
-                } else if d.shown() && seeds < 2 {
-                    format!(
-                        "**shown on this seed's evaluation only**: {} {}; with one seed the spread between training runs is unmeasured, `--seeds 3` would settle it",
-                        b.name,
-                        if d.mean > 0.0 { "higher" } else { "lower" }
-                    )
-                } else if d.shown() {
-                    format!(
-                        "**shown**: {} {}",
-                        b.name,
-                        if d.mean > 0.0 { "higher" } else { "lower" }
-                    )
-                } else {
-                    "**not shown** (within its 95 % interval); more seeds would settle it".into()
-                };
-                let scale = m.scale();
-                let (digits, unit) = match m.samples {
-                    Some(_) => (1, " points"),
-                    None => (3, ""),
-                };
-                let _ = writeln!(
-                    md,
-                    "  - {}: {:.digits$} vs {:.digits$} (Δ {:+.digits$} ± {:.digits$}{unit}, 95 % interval{}) → {verdict}",
-                    m.label,
-                    scale * mean_spread(&scores(outcomes, &b.name, m.score)).0,
-                    scale * mean_spread(&scores(outcomes, &a.name, m.score)).0,
-                    scale * d.mean,
-                    scale * d.half_width(),
-                    per_seed(outcomes, &a.name, &b.name, m, digits)
-                );
-            }
         }
     }
     md
@@ -1411,6 +1436,54 @@ mod tests {
             .find(|l| l.contains("val mmu loss"))
             .unwrap();
         assert!(loss.contains("**inconclusive**: one seed"), "{loss}");
+    }
+
+    #[test]
+    fn many_equal_flops_comparisons_are_corrected_for() {
+        let vs: Vec<Variant> = ["dense", "a", "b", "c"].map(variant).to_vec();
+        let mut outcomes = Vec::new();
+        for s in 0..3usize {
+            let a = [0.70, 0.80, 0.90][s];
+            // MMU below a per seed, in points: b by 2, 3, 4 (t 5.2 on 2 degrees of freedom, p
+            // 0.035: shown alone); c by 10, 10, 11 (p 0.001). T2I scores shuffle among them.
+            for (name, flops, mmu, t2i) in [
+                ("dense", 2.0, 0.8, 0.5),
+                ("a", 1.5, a, [0.20, 0.30, 0.25][s]),
+                ("b", 1.5, a - [0.02, 0.03, 0.04][s], [0.25, 0.20, 0.30][s]),
+                ("c", 1.5, a - [0.10, 0.10, 0.11][s], [0.30, 0.25, 0.20][s]),
+            ] {
+                let mut o = outcome(name, s as u64, mmu, 0.3);
+                o.train.train_flops = flops;
+                o.eval.t2i_overall = t2i;
+                outcomes.push(o);
+            }
+        }
+        let mut cfg = RunConfig::default();
+        cfg.eval.mmu_samples = 1_000_000;
+        let md = verdicts(&outcomes, &vs, &cfg);
+        let mmu_of = |pair: &str| {
+            md.lines()
+                .skip_while(|l| !l.contains(pair))
+                .find(|l| l.contains("MMU accuracy"))
+                .unwrap_or_else(|| panic!("{pair}: {md}"))
+                .to_string()
+        };
+        // Three pairs × the three scores with an error (whole captions, facts under their
+        // binomial floor, MMU); the MMU losses are equal in every seed, which tests nothing.
+        assert!(md.contains("9 comparisons below"), "{md}");
+        let b = mmu_of("**b vs a**");
+        assert!(
+            b.contains(
+                "**shown**: b lower, but not under Holm's correction for the 9: it may be chance"
+            ),
+            "{b}"
+        );
+        let c = mmu_of("**c vs a**");
+        assert!(
+            c.contains("**shown**: c lower, and under Holm's correction for the 9"),
+            "{c}"
+        );
+        assert!(mmu_of("**c vs b**").contains("and under Holm's"), "{md}");
     }
 
     #[test]
