@@ -18,7 +18,7 @@ use crate::experiment::paired_difference;
 use anyhow::{Context as _, Result, bail};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use unimod_analysis::stats::Estimate;
+use unimod_analysis::stats::{self, Estimate};
 
 /// One evaluation of one seed.
 #[derive(Debug, Clone)]
@@ -244,6 +244,8 @@ pub fn tables(evals: &[Evaluation], base: Option<&str>) -> Result<String> {
         "Baseline `{base}` (seeds {}). Each row: its mean over seeds, and in brackets its difference to the baseline paired by seed over the seeds both have, ± the half-width of its 95 % interval (Student's t at their degrees of freedom; for whole captions, facts and MMU at least the binomial error of the items scored). **Bold**: the difference lies outside its interval. An evaluation set that every seed shares is not resampled, so its own sampling error is in these intervals only through that floor; the per-category columns have none.\n",
         join(&base_seeds)
     )?;
+    // Every difference tested, for the correction across all of them below.
+    let mut tested: Vec<(String, String, Estimate)> = Vec::new();
     for columns in [headline(evals), breakdown(evals)] {
         let columns: Vec<Column> = columns
             .into_iter()
@@ -261,13 +263,44 @@ pub fn tables(evals: &[Evaluation], base: Option<&str>) -> Result<String> {
         for name in &names {
             write!(md, "| {name} | {} |", join(&seeds(name)))?;
             for c in &columns {
-                write!(md, " {} |", cell(evals, base, name, c))?;
+                let (text, d) = cell(evals, base, name, c);
+                write!(md, " {text} |")?;
+                if let Some(d) = d {
+                    tested.push((name.clone(), c.label.clone(), d));
+                }
             }
             writeln!(md)?;
         }
         writeln!(md)?;
     }
+    md.push_str(&correction(&tested));
     Ok(md)
+}
+
+/// What of the bold differences survives Holm's correction for every difference the tables
+/// test: a sweep of a few settings over a dozen columns makes dozens of comparisons, and read
+/// one at a time one true null in twenty is bold.
+fn correction(tested: &[(String, String, Estimate)]) -> String {
+    let p: Vec<f64> = tested.iter().map(|(.., d)| d.p_value()).collect();
+    let family = p.iter().filter(|p| !p.is_nan()).count();
+    let bold = tested.iter().filter(|(.., d)| d.shown()).count();
+    if family < 2 || bold == 0 {
+        return String::new();
+    }
+    let holds: Vec<String> = tested
+        .iter()
+        .zip(stats::holm(&p))
+        .filter(|((.., d), h)| *h && d.shown())
+        .map(|((name, label, _), _)| format!("`{name}` on {label}"))
+        .collect();
+    format!(
+        "{bold} of the {family} differences tested are bold, about {:.1} of them expected by chance alone were every difference zero; under Holm's correction for all {family}, {}.\n",
+        0.05 * family as f64,
+        match holds.len() {
+            0 => "none holds".to_string(),
+            n => format!("{n} hold: {}", holds.join(", ")),
+        }
+    )
 }
 
 fn join(seeds: &[u64]) -> String {
@@ -279,8 +312,8 @@ fn join(seeds: &[u64]) -> String {
 }
 
 /// Group `name`'s mean on column `c`, with its standard error over seeds for the baseline and
-/// its paired difference to the baseline otherwise.
-fn cell(evals: &[Evaluation], base: &str, name: &str, c: &Column) -> String {
+/// its paired difference to the baseline otherwise (returned too, where there is one).
+fn cell(evals: &[Evaluation], base: &str, name: &str, c: &Column) -> (String, Option<Estimate>) {
     let seeded = |g: &str| -> Vec<(u64, f64)> {
         evals
             .iter()
@@ -290,17 +323,18 @@ fn cell(evals: &[Evaluation], base: &str, name: &str, c: &Column) -> String {
     };
     let ours = seeded(name);
     if ours.is_empty() {
-        return "–".into();
+        return ("–".into(), None);
     }
     let digits = if c.scale == 1.0 { 3 } else { 1 };
     let values: Vec<f64> = ours.iter().map(|(_, x)| *x).collect();
     let own = Estimate::mean_of(&values);
     let mean = format!("{:.digits$}", c.scale * own.mean);
     if name == base {
-        return match own.se.is_nan() {
+        let text = match own.se.is_nan() {
             true => mean,
             false => format!("{mean} ± {:.digits$}", c.scale * own.se),
         };
+        return (text, None);
     }
     // The floor uses the items this group scored: the fewest of its evaluations'.
     let samples = evals
@@ -310,7 +344,7 @@ fn cell(evals: &[Evaluation], base: &str, name: &str, c: &Column) -> String {
         .min();
     let d = paired_difference(&seeded(base), &ours, samples);
     if d.mean.is_nan() {
-        return format!("{mean} (no seed in common)");
+        return (format!("{mean} (no seed in common)"), None);
     }
     let half = d.half_width();
     let text = match half.is_nan() {
@@ -322,8 +356,8 @@ fn cell(evals: &[Evaluation], base: &str, name: &str, c: &Column) -> String {
         ),
     };
     match d.shown() {
-        true => format!("**{text}**"),
-        false => text,
+        true => (format!("**{text}**"), Some(d)),
+        false => (text, Some(d)),
     }
 }
 
@@ -406,6 +440,46 @@ mod tests {
         // Another baseline, named.
         let md = tables(&evals, Some("up")).unwrap();
         assert!(md.lines().nth(4).unwrap().starts_with("| up |"), "{md}");
+    }
+
+    #[test]
+    fn bold_differences_are_read_against_their_number() {
+        // `up` is 5 points of relation above the baseline in every seed (p = 0); `edge` 3, 4, 5
+        // points (t 6.9 on 2 degrees of freedom, p 0.02): bold alone, chance among many.
+        let evals: Vec<Evaluation> = (0..3)
+            .flat_map(|s| {
+                let x = 0.4 + 0.1 * s as f64;
+                [
+                    eval("none", s, x, x),
+                    eval("up", s, x, x + 0.05),
+                    eval("edge", s, x, x + 0.03 + 0.01 * s as f64),
+                ]
+            })
+            .collect();
+        let md = tables(&evals, None).unwrap();
+        assert!(row(&md, "edge")[1].contains("**"), "{md}");
+        let last = md.lines().last().unwrap();
+        assert!(
+            last.starts_with("2 of the ") && last.ends_with("1 hold: `up` on T2I relation %."),
+            "{md}"
+        );
+        // Nothing bold, nothing to correct.
+        let none: Vec<Evaluation> = evals.into_iter().filter(|e| e.group != "edge").collect();
+        assert!(tables(&none, None).unwrap().contains("Holm"));
+        let same: Vec<Evaluation> = none
+            .into_iter()
+            .filter(|e| e.group == "none")
+            .flat_map(|e| {
+                [
+                    Evaluation {
+                        group: "same".into(),
+                        ..e.clone()
+                    },
+                    e,
+                ]
+            })
+            .collect();
+        assert!(!tables(&same, None).unwrap().contains("Holm"));
     }
 
     #[test]
