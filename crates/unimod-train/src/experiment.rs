@@ -871,23 +871,42 @@ impl std::fmt::Display for Within {
 }
 
 /// Per variant: FLOPs saved and, for each quality metric, the difference to the baseline
-/// against its tolerance (see the report's "How to read it").
+/// against its tolerance (see the report's "How to read it"). A difference beyond its tolerance
+/// also says whether it survives Holm's correction for all of the section's comparisons.
 fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> String {
     let metrics = metrics(cfg);
     let base = &variants[0].name;
-    let mut md = String::new();
-    for v in &variants[1..] {
+    // Per variant, each metric it has a verdict on, with the difference that verdict reads.
+    let rows: Vec<(&Variant, Vec<_>)> = variants[1..]
+        .iter()
+        .map(|v| {
+            let against = metrics
+                .iter()
+                .filter_map(|m| {
+                    let a = against(outcomes, base, &v.name, m, cfg)?;
+                    Some((m, a, difference(outcomes, base, &v.name, m)))
+                })
+                .collect();
+            (v, against)
+        })
+        .collect();
+    let p_values: Vec<f64> = rows
+        .iter()
+        .flat_map(|(_, r)| r.iter().map(|(.., d)| d.p_value()))
+        .collect();
+    let (family, mut holds) = corrected(&p_values);
+    let mut md = family_size(family);
+    for (v, against) in rows {
         let _ = writeln!(
             md,
             "- **{}**: {:.1} % of {base}'s training FLOPs saved",
             v.name,
             100.0 * flops_saved(outcomes, base, &v.name)
         );
-        for m in &metrics {
-            let Some(a) = against(outcomes, base, &v.name, m, cfg) else {
-                continue;
-            };
+        for (m, a, _) in against {
+            let holds = holds.next().unwrap_or(false);
             let unit = if m.samples.is_some() { " points" } else { "" };
+            let beyond = a.verdict == Within::Outside || a.better;
             let better = if a.better {
                 ", and better beyond it"
             } else {
@@ -895,20 +914,55 @@ fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> Stri
             };
             let _ = writeln!(
                 md,
-                "  - {}: {:.3} vs {:.3} (Δ {:+.3}{unit}, tolerance {:.3}{}) → {}{better}",
+                "  - {}: {:.3} vs {:.3} (Δ {:+.3}{unit}, tolerance {:.3}{}) → {}{better}{}",
                 m.label,
                 a.scale * a.ours,
                 a.scale * a.base,
                 a.scale * (a.ours - a.base),
                 a.scale * a.tolerance,
                 per_seed(outcomes, base, &v.name, m, 3),
-                a.verdict
+                a.verdict,
+                if beyond {
+                    holm_note(family, holds)
+                } else {
+                    String::new()
+                }
             );
         }
     }
     md.push_str(&equal_flops(outcomes, variants, &metrics));
     md.push('\n');
     md
+}
+
+/// How many of `p_values` are comparisons (not NaN), and for each whether it survives Holm's
+/// correction for all of them.
+fn corrected(p_values: &[f64]) -> (usize, std::vec::IntoIter<bool>) {
+    let family = p_values.iter().filter(|p| !p.is_nan()).count();
+    (family, stats::holm(p_values).into_iter())
+}
+
+/// The line opening a section of `family` comparisons read at 95 % each.
+fn family_size(family: usize) -> String {
+    if family < 2 {
+        return String::new();
+    }
+    format!(
+        "{family} comparisons below; read one at a time, about {:.1} of them would be shown by chance alone were every difference zero, so each one beyond its interval says whether it holds under Holm's correction for all {family}.\n\n",
+        0.05 * family as f64
+    )
+}
+
+/// What a difference beyond its interval adds about Holm's correction for its section's
+/// `family` comparisons (nothing for a section of one).
+fn holm_note(family: usize, holds: bool) -> String {
+    match (family > 1, holds) {
+        (false, _) => String::new(),
+        (true, true) => format!(", and under Holm's correction for the {family}"),
+        (true, false) => {
+            format!(", but not under Holm's correction for the {family}: it may be chance")
+        }
+    }
 }
 
 /// `", per seed +x, +y, …"`: `b − a` on metric `m` for each seed both ran, in the report's units
@@ -1031,16 +1085,8 @@ fn equal_flops(outcomes: &[Outcome], variants: &[Variant], metrics: &[Metric]) -
         .iter()
         .flat_map(|(.., ds)| ds.iter().map(|(_, d)| d.p_value()))
         .collect();
-    let family = p_values.iter().filter(|p| !p.is_nan()).count();
-    let mut holds = stats::holm(&p_values).into_iter();
-    let mut md = String::new();
-    if family > 1 {
-        let _ = writeln!(
-            md,
-            "{family} comparisons below; read one at a time, about {:.1} of them would be shown by chance alone were every difference zero, so each shown one says whether it holds under Holm's correction for all {family}.\n",
-            0.05 * family as f64
-        );
-    }
+    let (family, mut holds) = corrected(&p_values);
+    let mut md = family_size(family);
     for (a, b, sa, sb, differences) in pairs {
         let _ = writeln!(
             md,
@@ -1052,15 +1098,8 @@ fn equal_flops(outcomes: &[Outcome], variants: &[Variant], metrics: &[Metric]) -
         );
         let seeds = seeds_in_common(outcomes, &a.name, &b.name);
         for (m, d) in differences {
-            let holds = holds.next().unwrap_or(false);
+            let corrected = holm_note(family, holds.next().unwrap_or(false));
             let direction = if d.mean > 0.0 { "higher" } else { "lower" };
-            let corrected = match (family > 1, holds) {
-                (false, _) => String::new(),
-                (true, true) => format!(", and under Holm's correction for the {family}"),
-                (true, false) => {
-                    format!(", but not under Holm's correction for the {family}: it may be chance")
-                }
-            };
             let verdict = if d.half_width().is_nan() {
                 "**inconclusive**: one seed gives a loss no spread; `--seeds 3` would settle it"
                     .into()
@@ -1219,7 +1258,9 @@ fn write_report(
          discriminate: the baseline is not above the level of a model that learned nothing by its own 95 % interval \
          (T2I: the same generations scored under scrambled prompts; MMU: an image-blind answerer that gives each \
          question's most common training answer; losses: a uniform prediction), or the tolerance is as wide as the \
-         baseline's margin over that level.\n",
+         baseline's margin over that level. Each section counts the comparisons it makes; read one at a time, one in \
+         twenty would be beyond its interval were every difference zero, so each difference beyond its interval also \
+         says whether it holds under Holm's step-down correction for all of them (a 5 % chance that any is chance).\n",
         cfg.eval.t2i_samples, cfg.eval.mmu_samples
     )?;
     r.push_str(&verdicts(outcomes, &cfg.experiment.variants, cfg));
@@ -1484,6 +1525,23 @@ mod tests {
             "{c}"
         );
         assert!(mmu_of("**c vs b**").contains("and under Holm's"), "{md}");
+        // The section against the baseline counts its own comparisons: 25 points of captions
+        // below dense in every seed hold; a verdict of within says nothing of Holm.
+        let first = md.lines().next().unwrap();
+        assert!(
+            first.ends_with("under Holm's correction for all 9."),
+            "{md}"
+        );
+        let a = md
+            .lines()
+            .skip_while(|l| !l.starts_with("- **a**"))
+            .collect::<Vec<_>>();
+        assert!(
+            a[1].contains("T2I judge")
+                && a[1].ends_with("**outside**, and under Holm's correction for the 9"),
+            "{md}"
+        );
+        assert!(a[3].contains("MMU") && a[3].ends_with("**within**"), "{md}");
     }
 
     #[test]
