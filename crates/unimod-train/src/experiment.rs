@@ -937,7 +937,7 @@ fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> Stri
 
 /// How many of `p_values` are comparisons (not NaN), and for each whether it survives Holm's
 /// correction for all of them.
-fn corrected(p_values: &[f64]) -> (usize, std::vec::IntoIter<bool>) {
+pub(crate) fn corrected(p_values: &[f64]) -> (usize, std::vec::IntoIter<bool>) {
     let family = p_values.iter().filter(|p| !p.is_nan()).count();
     (family, stats::holm(p_values).into_iter())
 }
@@ -955,7 +955,7 @@ fn family_size(family: usize) -> String {
 
 /// What a difference beyond its interval adds about Holm's correction for its section's
 /// `family` comparisons (nothing for a section of one).
-fn holm_note(family: usize, holds: bool) -> String {
+pub(crate) fn holm_note(family: usize, holds: bool) -> String {
     match (family > 1, holds) {
         (false, _) => String::new(),
         (true, true) => format!(", and under Holm's correction for the {family}"),
