@@ -18,7 +18,7 @@ use crate::experiment::paired_difference;
 use anyhow::{Context as _, Result, bail};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use unimod_analysis::stats::{self, Estimate};
+use unimod_analysis::stats::Estimate;
 
 /// One evaluation of one seed.
 #[derive(Debug, Clone)]
@@ -282,14 +282,14 @@ pub fn tables(evals: &[Evaluation], base: Option<&str>) -> Result<String> {
 /// one at a time one true null in twenty is bold.
 fn correction(tested: &[(String, String, Estimate)]) -> String {
     let p: Vec<f64> = tested.iter().map(|(.., d)| d.p_value()).collect();
-    let family = p.iter().filter(|p| !p.is_nan()).count();
+    let (family, holds) = crate::experiment::corrected(&p);
     let bold = tested.iter().filter(|(.., d)| d.shown()).count();
     if family < 2 || bold == 0 {
         return String::new();
     }
     let holds: Vec<String> = tested
         .iter()
-        .zip(stats::holm(&p))
+        .zip(holds)
         .filter(|((.., d), h)| *h && d.shown())
         .map(|((name, label, _), _)| format!("`{name}` on {label}"))
         .collect();
