@@ -1425,6 +1425,12 @@ mod tests {
         assert!(!md.contains("vs mod**"), "unequal FLOPs paired: {md}");
         let mmu = pair.iter().find(|l| l.contains("MMU accuracy")).unwrap();
         assert!(mmu.contains("**shown**: mod-equal lower"), "{mmu}");
+        // Three comparisons of the pair have an error (the MMU losses are equal in every seed);
+        // 18 points in every seed survives the correction for them.
+        assert!(
+            mmu.ends_with("and under Holm's correction for the 3"),
+            "{mmu}"
+        );
         // Each seed's own difference, in points, so one seed's outlier is visible.
         assert!(mmu.contains("per seed -18.0, -18.0, -18.0)"), "{mmu}");
         // Losses are paired too, in their own units: the same per-seed loss in both is no
@@ -1477,6 +1483,14 @@ mod tests {
             .find(|l| l.contains("val mmu loss"))
             .unwrap();
         assert!(loss.contains("**inconclusive**: one seed"), "{loss}");
+    }
+
+    #[test]
+    fn a_single_comparison_has_nothing_to_correct_for() {
+        assert_eq!(family_size(1), "");
+        assert_eq!(holm_note(1, false), "");
+        assert!(family_size(2).starts_with("2 comparisons below"));
+        assert!(holm_note(2, false).contains("it may be chance"));
     }
 
     #[test]
