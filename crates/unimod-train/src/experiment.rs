@@ -757,9 +757,9 @@ pub struct Against {
     pub base: f64,
     /// The variant's mean.
     pub ours: f64,
-    /// The largest loss still "within": the half-width of the 95 % interval of the difference,
-    /// paired over seeds (see [`difference`]).
-    pub tolerance: f64,
+    /// The variant minus the baseline, paired over seeds (see [`difference`]): what the verdict
+    /// reads, and what a correction for many comparisons reads.
+    pub difference: Estimate,
     /// The verdict.
     pub verdict: Within,
     /// Whether the variant is *better* than the baseline beyond the tolerance (a verdict of
@@ -767,6 +767,13 @@ pub struct Against {
     pub better: bool,
     /// 100 for accuracies (reported in points), 1 for losses.
     pub scale: f64,
+}
+
+impl Against {
+    /// The largest loss still "within": the half-width of the difference's 95 % interval.
+    pub fn tolerance(&self) -> f64 {
+        self.difference.half_width()
+    }
 }
 
 /// Variant `name` against `base` on metric `m`, over the seeds both ran; `None` when either has
@@ -786,7 +793,8 @@ pub fn against(
     if mb.is_nan() || mx.is_nan() || b.is_empty() || x.is_empty() {
         return None;
     }
-    let tolerance = difference(outcomes, base, name, m).half_width();
+    let d = difference(outcomes, base, name, m);
+    let tolerance = d.half_width();
     // The baseline's margin over the level of a model that learned nothing of what the metric
     // measures: the same generations with scrambled prompts, an image-blind answerer (each
     // paired with the baseline's own seed); for losses a uniform prediction over the vocabulary.
@@ -853,7 +861,7 @@ pub fn against(
     Some(Against {
         base: mb,
         ours: mx,
-        tolerance,
+        difference: d,
         better: verdict == Within::Within && -worse_by > tolerance,
         verdict,
         scale,
@@ -876,23 +884,20 @@ impl std::fmt::Display for Within {
 fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> String {
     let metrics = metrics(cfg);
     let base = &variants[0].name;
-    // Per variant, each metric it has a verdict on, with the difference that verdict reads.
+    // Per variant, each metric it has a verdict on.
     let rows: Vec<(&Variant, Vec<_>)> = variants[1..]
         .iter()
         .map(|v| {
             let against = metrics
                 .iter()
-                .filter_map(|m| {
-                    let a = against(outcomes, base, &v.name, m, cfg)?;
-                    Some((m, a, difference(outcomes, base, &v.name, m)))
-                })
+                .filter_map(|m| Some((m, against(outcomes, base, &v.name, m, cfg)?)))
                 .collect();
             (v, against)
         })
         .collect();
     let p_values: Vec<f64> = rows
         .iter()
-        .flat_map(|(_, r)| r.iter().map(|(.., d)| d.p_value()))
+        .flat_map(|(_, r)| r.iter().map(|(_, a)| a.difference.p_value()))
         .collect();
     let (family, mut holds) = corrected(&p_values);
     let mut md = family_size(family);
@@ -903,7 +908,7 @@ fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> Stri
             v.name,
             100.0 * flops_saved(outcomes, base, &v.name)
         );
-        for (m, a, _) in against {
+        for (m, a) in against {
             let holds = holds.next().unwrap_or(false);
             let unit = if m.samples.is_some() { " points" } else { "" };
             let beyond = a.verdict == Within::Outside || a.better;
@@ -919,7 +924,7 @@ fn verdicts(outcomes: &[Outcome], variants: &[Variant], cfg: &RunConfig) -> Stri
                 a.scale * a.ours,
                 a.scale * a.base,
                 a.scale * (a.ours - a.base),
-                a.scale * a.tolerance,
+                a.scale * a.tolerance(),
                 per_seed(outcomes, base, &v.name, m, 3),
                 a.verdict,
                 if beyond {

@@ -493,7 +493,7 @@ fn against_text(a: &Option<Against>, within: &str, outside: &str) -> (String, St
     match a {
         None => ("–".into(), "no scores".into()),
         Some(a) => (
-            format!("{:.1} points", a.scale * a.tolerance),
+            format!("{:.1} points", a.scale * a.tolerance()),
             match &a.verdict {
                 Within::Within => within.into(),
                 Within::Outside => outside.into(),
@@ -506,22 +506,27 @@ fn against_text(a: &Option<Against>, within: &str, outside: &str) -> (String, St
 fn table5(cfg: &RunConfig, outcomes: &[Outcome]) -> Vec<Row> {
     let metrics = experiment::metrics(cfg);
     let (judge, mmu) = (&metrics[0], &metrics[2]);
-    let present: Vec<_> = TABLE5
+    // Each variant against dense on both scores (none for dense itself).
+    let compared: Vec<_> = TABLE5
         .into_iter()
         .filter(|(name, ..)| outcomes.iter().any(|o| o.variant == *name))
-        .collect();
-    // The table compares each variant with dense on both scores; a verdict beyond its interval
-    // says whether it survives Holm's correction for all of them.
-    let p_values: Vec<f64> = present
-        .iter()
-        .filter(|(name, ..)| *name != "dense")
-        .flat_map(|(name, ..)| {
-            [judge, mmu].map(|m| experiment::difference(outcomes, "dense", name, m).p_value())
+        .map(|(name, label, paper)| {
+            let against = (name != "dense").then(|| {
+                [judge, mmu].map(|m| experiment::against(outcomes, "dense", name, m, cfg))
+            });
+            (name, label, paper, against)
         })
+        .collect();
+    // A verdict beyond its interval says whether it survives Holm's correction for all of the
+    // table's comparisons.
+    let p_values: Vec<f64> = compared
+        .iter()
+        .flat_map(|(.., against)| against.iter().flatten())
+        .map(|a| a.as_ref().map_or(f64::NAN, |a| a.difference.p_value()))
         .collect();
     let (family, mut holds) = experiment::corrected(&p_values);
     let mut rows = Vec::new();
-    for (name, label, paper) in present {
+    for (name, label, paper, against) in compared {
         let ours = format!(
             "{} FLOPs saved; T2I whole captions {} (scrambled prompts {}); MMU {} (image-blind {})",
             pct(experiment::flops_saved(outcomes, "dense", name)),
@@ -533,26 +538,23 @@ fn table5(cfg: &RunConfig, outcomes: &[Outcome]) -> Vec<Row> {
             mean_of(outcomes, name, |o| o.eval.mmu_accuracy),
             mean_of(outcomes, name, |o| o.eval.mmu_blind.unwrap_or(0.0)),
         );
-        let (tolerance, verdict) = if name == "dense" {
-            ("–".into(), "reference".into())
-        } else {
-            let mut text = |m| {
-                let worse = format!(
-                    "worse than dense beyond tolerance{}",
-                    experiment::holm_note(family, holds.next().unwrap_or(false))
-                );
-                against_text(
-                    &experiment::against(outcomes, "dense", name, m, cfg),
-                    "within dense",
-                    &worse,
+        let (tolerance, verdict) = match against {
+            None => ("–".into(), "reference".into()),
+            Some([j, m]) => {
+                let mut text = |a: &Option<Against>| {
+                    let worse = format!(
+                        "worse than dense beyond tolerance{}",
+                        experiment::holm_note(family, holds.next().unwrap_or(false))
+                    );
+                    against_text(a, "within dense", &worse)
+                };
+                let (tj, vj) = text(&j);
+                let (tm, vm) = text(&m);
+                (
+                    format!("T2I {tj}, MMU {tm}"),
+                    format!("T2I: {vj}; MMU: {vm}"),
                 )
-            };
-            let (tj, vj) = text(judge);
-            let (tm, vm) = text(mmu);
-            (
-                format!("T2I {tj}, MMU {tm}"),
-                format!("T2I: {vj}; MMU: {vm}"),
-            )
+            }
         };
         rows.push(Row {
             item: Item::Table5,
