@@ -192,8 +192,14 @@ pub struct Decoding<'a> {
     pub stop: Option<i64>,
     /// 0: greedy.
     pub temperature: f64,
-    /// Decisions of routed layers (a causal mode: the rest of the sequence is unknown).
+    /// Decisions of routed layers: a causal mode with the cache, any mode without it.
     pub mode: RoutingMode,
+    /// Decode with a KV cache (each step runs only the new token, so routed layers need a
+    /// causal `mode`). Without it every step runs the whole sequence so far, quadratic in its
+    /// length, and `RoutingMode::TopK` chooses over the prompt and the tokens decoded so far:
+    /// routing that looks back as training's top-k does, but never ahead, which measures what
+    /// the causal decision costs.
+    pub cache: bool,
     /// Classifier-free guidance: the prompts without their condition (row `i` pairs with
     /// prompt `i`) and `w`; logits = (1 + w)·cond − w·uncond, and both rows continue with
     /// the token drawn from the guided logits.
@@ -232,6 +238,7 @@ pub struct Decoding<'a> {
 ///         stop: Some(Special::Eos.id()),
 ///         temperature: 0.0,
 ///         mode: generate::mode_for(&model, Task::MMU),
+///         cache: true,
 ///         guidance: None,
 ///         guidance_schedule: Default::default(),
 ///     },
@@ -259,11 +266,7 @@ pub fn autoregressive(
         .map(|p| {
             let mut p = (*p).clone();
             for _ in p.len()..longest {
-                let i = p.len() as i64;
-                p.tokens.push(Special::Pad.id());
-                p.labels.push(unimod_tok::IGNORE);
-                p.segments.push(Segment::Pad);
-                p.attn_upto.push(i);
+                p.push_decoded(Special::Pad.id(), Segment::Pad);
             }
             p
         })
@@ -284,8 +287,14 @@ pub fn autoregressive(
     let mut cache = KvCache::default();
     let batch = Batch::from_sequences(&padded, device)?;
     let mut end: Continuation = batch.end.clone();
+    // Each row as decoded so far: the cache runs its last token, recomputation all of it.
+    let mut seqs = padded;
     tch::no_grad(|| {
-        let logits = model.forward_cached(&batch, &opts, &mut cache)?.logits;
+        let logits = if d.cache {
+            model.forward_cached(&batch, &opts, &mut cache)?.logits
+        } else {
+            model.forward(&batch, &opts)?.logits
+        };
         let idx = Tensor::from_slice(&last)
             .to_device(device)
             .view([-1, 1, 1])
@@ -308,26 +317,21 @@ pub fn autoregressive(
             if done.iter().all(|d| *d) || k + 1 == d.max_new {
                 break;
             }
-            let step: Vec<Sequence> = rows
-                .iter()
-                .enumerate()
-                .map(|(r, p)| Sequence {
-                    task: p.task,
-                    tokens: vec![toks[r % n]],
-                    labels: vec![unimod_tok::IGNORE],
-                    segments: vec![d.segment],
-                    attn_upto: vec![end.offset],
-                })
-                .collect();
-            let b = Batch::continuing(&step, Some(&end), device)?;
-            end = b.end.clone();
-            next_logits = guided(
+            for (r, s) in seqs.iter_mut().enumerate() {
+                s.push_decoded(toks[r % n], d.segment);
+            }
+            let logits = if d.cache {
+                let step: Vec<Sequence> =
+                    seqs.iter().map(|s| s.slice(s.len() - 1..s.len())).collect();
+                let b = Batch::continuing(&step, Some(&end), device)?;
+                end = b.end.clone();
+                model.forward_cached(&b, &opts, &mut cache)?.logits
+            } else {
                 model
-                    .forward_cached(&b, &opts, &mut cache)?
+                    .forward(&Batch::from_sequences(&seqs, device)?, &opts)?
                     .logits
-                    .squeeze_dim(1),
-                k + 1,
-            );
+            };
+            next_logits = guided(logits.select(1, -1), k + 1);
         }
         Ok::<_, GenerateError>(out)
     })

@@ -224,6 +224,7 @@ fn guided_decoding_equals_guided_full_forward() {
                 stop: None,
                 temperature: 0.0,
                 mode: RoutingMode::TopK,
+                cache: true,
                 guidance: Some((&uncond, w)),
                 guidance_schedule: schedule,
             },
@@ -353,6 +354,124 @@ fn cached_decoding_equals_full_forward_with_causal_routing() {
     ] {
         check_cached(&model, &sequences(Flavour::Emu3, true), 2, mode);
     }
+}
+
+/// A routed Show-o model with random router and predictor weights (mixed decisions), and three
+/// MMU generation prompts of different lengths.
+fn routed_mmu_prompts() -> (VarStore, UnifiedTransformer, Vec<Sequence>) {
+    let cfg = config(Flavour::Showo, routed_everywhere(Capacities::all(0.5), 3));
+    let (vs, model) = build(&cfg, 0);
+    tch::no_grad(|| {
+        for (name, mut v) in vs.variables() {
+            if name.contains("router") || name.contains("predictor") {
+                v.copy_(&(Tensor::randn(v.size(), tch::kind::FLOAT_CPU) * 0.5));
+            }
+        }
+    });
+    let f = format(Flavour::Showo);
+    let prompts = [vec![20, 21, 22, 23], vec![24], vec![25, 26]]
+        .iter()
+        .enumerate()
+        .map(|(i, q)| f.mmu(&VOCAB, &[3, i as u32, 7, 8], q, None).unwrap())
+        .collect();
+    (vs, model, prompts)
+}
+
+fn decode(
+    model: &UnifiedTransformer,
+    prompts: &[Sequence],
+    mode: RoutingMode,
+    cache: bool,
+) -> Vec<Vec<i64>> {
+    let text = generate::text_only(&VOCAB);
+    generate::autoregressive(
+        model,
+        prompts,
+        &generate::Decoding {
+            max_new: 6,
+            segment: Segment::Answer,
+            allowed: &|_| text.shallow_clone(),
+            stop: None,
+            temperature: 0.0,
+            mode,
+            cache,
+            guidance: None,
+            guidance_schedule: GuidanceSchedule::Constant,
+        },
+        Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// Decoding without the cache recomputes every step from the whole sequence: under a causal
+/// decision, or on a dense model, it is the cached decoding, prompts of different lengths
+/// and their padding included.
+#[test]
+fn recomputed_decoding_equals_cached_decoding() {
+    let (_vs, model, prompts) = routed_mmu_prompts();
+    for mode in [
+        RoutingMode::ThresholdRouter,
+        RoutingMode::ThresholdPredictor,
+    ] {
+        let cached = decode(&model, &prompts, mode, true);
+        assert_eq!(cached, decode(&model, &prompts, mode, false), "{mode:?}");
+    }
+    let (_vs, dense) = build(&config(Flavour::Showo, Schedule::Dense), 1);
+    let cached = decode(&dense, &prompts, RoutingMode::TopK, true);
+    assert_eq!(cached, decode(&dense, &prompts, RoutingMode::TopK, false));
+}
+
+/// Top-k over the prefix: every decoded token is the argmax of the full top-k forward of its
+/// own prompt and the tokens decoded before it, alone (the batch's padding competes for
+/// nothing), and the answers are not the causal decision's.
+#[test]
+fn top_k_prefix_decoding_routes_over_what_is_decoded() {
+    let (_vs, model, prompts) = routed_mmu_prompts();
+    let decoded = decode(&model, &prompts, RoutingMode::TopK, false);
+    let text = generate::text_only(&VOCAB);
+    for (prompt, toks) in prompts.iter().zip(&decoded) {
+        let mut seq = prompt.clone();
+        for &t in toks {
+            let logits = tch::no_grad(|| {
+                model
+                    .forward(&batch(std::slice::from_ref(&seq)), &Default::default())
+                    .unwrap()
+                    .logits
+            });
+            let pick = logits
+                .get(0)
+                .get(seq.len() as i64 - 1)
+                .masked_fill(&text.logical_not(), f64::NEG_INFINITY)
+                .argmax(-1, false)
+                .int64_value(&[]);
+            assert_eq!(t, pick, "{toks:?}");
+            seq.push_decoded(t, Segment::Answer);
+        }
+    }
+    assert_ne!(
+        decoded,
+        decode(&model, &prompts, RoutingMode::ThresholdRouter, true),
+        "top-k and the threshold decode alike: the test cannot tell them apart"
+    );
+    // With the cache, top-k is refused rather than decided causally in secret.
+    let text = generate::text_only(&VOCAB);
+    let refused = generate::autoregressive(
+        &model,
+        &prompts,
+        &generate::Decoding {
+            max_new: 2,
+            segment: Segment::Answer,
+            allowed: &|_| text.shallow_clone(),
+            stop: None,
+            temperature: 0.0,
+            mode: RoutingMode::TopK,
+            cache: true,
+            guidance: None,
+            guidance_schedule: GuidanceSchedule::Constant,
+        },
+        Device::Cpu,
+    );
+    assert!(format!("{}", refused.unwrap_err()).contains("causal_mode"));
 }
 
 #[test]

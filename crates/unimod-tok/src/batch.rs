@@ -43,6 +43,14 @@ impl Sequence {
         }
     }
 
+    /// Appends a decoded token: causal (it sees itself and everything before), without label.
+    pub fn push_decoded(&mut self, token: i64, segment: Segment) {
+        self.attn_upto.push(self.tokens.len() as i64);
+        self.tokens.push(token);
+        self.labels.push(IGNORE);
+        self.segments.push(segment);
+    }
+
     /// No tokens.
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()

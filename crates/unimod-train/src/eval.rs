@@ -1,7 +1,8 @@
 //! Evaluation of a trained model: validation loss per task; T2I generation scored by the judge
 //! (per category and overall); MMU exact-match accuracy per question type; and the agreement of
 //! the causal routing decision with top-k. Generation uses the routing mode each task needs:
-//! top-k for Show-o's parallel MaskGIT decoding, the causal decision for autoregressive decoding.
+//! top-k for Show-o's parallel MaskGIT decoding, the causal decision for autoregressive decoding
+//! (or top-k over the prefix decoded so far, `eval.decode_routing`, to price that decision).
 
 use crate::RunConfig;
 use crate::data;
@@ -29,10 +30,39 @@ pub struct EvalConfig {
     pub mmu_samples: usize,
     /// The longest answer decoded.
     pub max_answer_tokens: usize,
+    /// How routed layers decide in autoregressive decoding (MMU answers, Emu3 images).
+    pub decode_routing: DecodeRouting,
     /// Which caption of each validation example prompts T2I.
     pub t2i_caption: CaptionChoice,
     /// How images are sampled.
     pub sampling: SamplingConfig,
+}
+
+/// `eval.decode_routing`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecodeRouting {
+    /// `model.routing.causal_mode` with a KV cache: how a routed model decodes in use.
+    #[default]
+    Causal,
+    /// Top-k over the prompt and the tokens decoded so far, recomputed at every token (no
+    /// cache, quadratic): routing as training decides it, short of looking ahead. Against
+    /// `causal` on the same checkpoint, it tells what the causal decision costs in answers.
+    TopKPrefix,
+}
+
+impl DecodeRouting {
+    /// The routing mode and whether to cache, for decoding `task` with `model`.
+    fn decoding(
+        self,
+        model: &UnifiedTransformer,
+        task: Task,
+    ) -> (unimod_router::RoutingMode, bool) {
+        match self {
+            DecodeRouting::Causal => (generate::mode_for(model, task), true),
+            DecodeRouting::TopKPrefix => (unimod_router::RoutingMode::TopK, false),
+        }
+    }
 }
 
 /// `eval.t2i_caption`.
@@ -56,6 +86,7 @@ impl Default for EvalConfig {
             t2i_samples: 64,
             mmu_samples: 128,
             max_answer_tokens: 6,
+            decode_routing: DecodeRouting::Causal,
             t2i_caption: CaptionChoice::Rotate,
             sampling: SamplingConfig::default(),
         }
@@ -104,7 +135,7 @@ pub struct EvalReport {
     /// dimensions (128) it is biased upwards: compare runs with the same `t2i_samples`.
     #[serde(default)]
     pub t2i_frechet: Option<f64>,
-    /// Exact match of greedy answers, decoded with causal routing.
+    /// Exact match of greedy answers, decoded as `eval.decode_routing` says.
     pub mmu_accuracy: f64,
     /// The same per question kind.
     pub mmu_per_kind: BTreeMap<String, f64>,
@@ -270,7 +301,7 @@ fn validation(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) -> 
 }
 
 /// Images generated from tokenised prompts: MaskGIT with guidance (Show-o, top-k routing) or
-/// autoregressive decoding under the row grammar (Emu3, causal routing).
+/// autoregressive decoding under the row grammar (Emu3, routed as `eval.decode_routing` says).
 pub fn images(
     ctx: &RunContext,
     cfg: &RunConfig,
@@ -311,6 +342,7 @@ pub fn images(
             let guidance = cfg.eval.sampling.guidance;
             tch::manual_seed(cfg.eval.sampling.seed);
             let grammar = generate::image_grammar(&layout, side);
+            let (mode, cache) = cfg.eval.decode_routing.decoding(model, Task::T2I);
             let rows = generate::autoregressive(
                 model,
                 &prefix,
@@ -320,7 +352,8 @@ pub fn images(
                     allowed: &grammar,
                     stop: None,
                     temperature: cfg.eval.sampling.temperature,
-                    mode: generate::mode_for(model, Task::T2I),
+                    mode,
+                    cache,
                     guidance: (guidance > 0.0).then_some((uncond.as_slice(), guidance)),
                     guidance_schedule: cfg.eval.sampling.guidance_schedule,
                 },
@@ -342,7 +375,7 @@ pub fn images(
     Ok(Image::batch_from_tensor(&ctx.tokenizers.vq.decode(&codes)))
 }
 
-/// Greedy answers (causal routing) to questions about tokenised images.
+/// Greedy answers to questions about tokenised images, routed as `eval.decode_routing` says.
 pub fn answers(
     ctx: &RunContext,
     cfg: &RunConfig,
@@ -359,6 +392,7 @@ pub fn answers(
                 .mmu(&layout, codes, &ctx.tokenizers.text.encode(q)?, None)?)
         })
         .collect::<Result<_>>()?;
+    let (mode, cache) = cfg.eval.decode_routing.decoding(model, Task::MMU);
     let ids = generate::autoregressive(
         model,
         &prompts,
@@ -368,7 +402,8 @@ pub fn answers(
             allowed: &|_| allowed.shallow_clone(),
             stop: Some(Special::Eos.id()),
             temperature: 0.0,
-            mode: generate::mode_for(model, Task::MMU),
+            mode,
+            cache,
             guidance: None,
             guidance_schedule: Default::default(),
         },

@@ -88,6 +88,44 @@ fn evaluations_under_other_settings_keep_the_runs_own() {
     // own settings (seed 0 of the miniature's config), one seed each.
     let plain = root.join("plain-seed0");
     eval_to(&plain, &small);
+    // Answers routed by top-k over the prefix, recomputed at every token: on this dense model
+    // the same answers as cached decoding, and the setting is kept with the evaluation.
+    let top_k = root.join("top-k-prefix");
+    eval_to(
+        &top_k,
+        &[
+            &small[..],
+            &["--set", "eval.decode_routing=\"top_k_prefix\""],
+        ]
+        .concat(),
+    );
+    let json = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("eval.json")).unwrap()).unwrap()
+    };
+    for key in ["mmu_accuracy", "mmu_per_kind"] {
+        assert_eq!(json(&plain)[key], json(&top_k)[key], "{key}");
+    }
+    assert!(
+        std::fs::read_to_string(top_k.join("eval.toml"))
+            .unwrap()
+            .contains("decode_routing = \"top_k_prefix\"")
+    );
+    let refused = Command::new(env!("CARGO_BIN_EXE_unimod"))
+        .args([
+            "eval",
+            "--checkpoint",
+            run_s,
+            "--set",
+            "eval.decode_routing=\"top_k\"",
+        ])
+        .env("UNIMOD_CACHE", &cache)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("top_k_prefix"),
+        "{said}"
+    );
     let table = root.join("compare.md");
     let args = [plain.to_str().unwrap(), out.to_str().unwrap()];
     unimod(
