@@ -161,6 +161,116 @@ pub struct EvalReport {
     /// routes nothing. The gap is the price of deciding without looking ahead.
     #[serde(default)]
     pub val_loss_causal: BTreeMap<String, f64>,
+    /// Whether the validation forward (top-k / expert choice, as `val_loss`) looks ahead: the
+    /// first answer token predicted with the true answer in place and with another planted.
+    #[serde(default)]
+    pub lookahead: Option<Lookahead>,
+}
+
+/// A probe of look-ahead in a forward pass. The token that predicts an answer's first token
+/// cannot attend to it, so in a causal model its prediction cannot depend on it. Top-k over a
+/// sequence (and expert choice) decides which earlier tokens a layer processes from every
+/// token's score, the answer's included, so a model trained that way can read the answer
+/// before it is given, and its teacher-forced validation loss flatters it. The probe replaces
+/// only each MMU sequence's first answer token, by the next answered sequence's, and reads the
+/// prediction one position before.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Lookahead {
+    /// Answered sequences probed.
+    pub probed: usize,
+    /// Of those, the ones whose planted token differs from their true one.
+    pub differing: usize,
+    /// Share of the probed whose greedy prediction changed: 0 exactly without look-ahead.
+    pub moved: f64,
+    /// Mean absolute change of the true token's log-probability: 0 exactly without
+    /// look-ahead, and the size of what a routed model's top-k lets through when `moved` is 0.
+    pub log_prob_shift: f64,
+    /// Where the planted token differs from the true one, the share of predictions that
+    /// became the planted token: how far the answer is read from the future, not the image.
+    pub follows_planted: f64,
+    /// Share of true first answer tokens predicted, with the true answer in place.
+    pub accuracy: f64,
+    /// The same with the other answer planted.
+    pub accuracy_planted: f64,
+}
+
+impl Lookahead {
+    /// Probes `batch` (its MMU sequences with answers; `None` without any) under `opts`.
+    /// The batch is left as it was.
+    pub fn probe(
+        model: &UnifiedTransformer,
+        batch: &mut unimod_tok::Batch,
+        opts: &ForwardOptions,
+    ) -> Result<Option<Lookahead>, unimod_model::ConfigError> {
+        let answer = batch.segment.eq(Segment::Answer as i64);
+        let rows = answer.any_dim(1, false).nonzero().squeeze_dim(1);
+        let n = rows.size()[0];
+        if n == 0 {
+            return Ok(None);
+        }
+        // argmax returns the first of equal maxima: the first answer token of each row.
+        let first = answer
+            .index_select(0, &rows)
+            .to_kind(Kind::Int64)
+            .argmax(1, false);
+        let tokens = batch.tokens.index_select(0, &rows);
+        let truth = tokens.gather(1, &first.unsqueeze(1), false).squeeze_dim(1);
+        let planted = truth.roll([1], [0]);
+        let before = (&first - 1).unsqueeze(1);
+        let predict = |model: &UnifiedTransformer, batch: &unimod_tok::Batch| {
+            let logits = model.forward(batch, opts)?.logits.index_select(0, &rows);
+            let v = logits.size()[2];
+            Ok::<_, unimod_model::ConfigError>(
+                logits
+                    .gather(1, &before.unsqueeze(2).expand([n, 1, v], false), false)
+                    .squeeze_dim(1)
+                    .log_softmax(-1, Kind::Float),
+            )
+        };
+        let seen = predict(model, batch)?;
+        let swapped = batch.tokens.index_put(
+            &[Some(rows.shallow_clone()), Some(first.shallow_clone())],
+            &planted,
+            false,
+        );
+        let original = std::mem::replace(&mut batch.tokens, swapped);
+        let with_planted = predict(model, batch);
+        batch.tokens = original;
+        let with_planted = with_planted?;
+        let of_truth = |l: &Tensor| l.gather(1, &truth.unsqueeze(1), false);
+        let shift = (of_truth(&seen) - of_truth(&with_planted))
+            .abs()
+            .mean(Kind::Float);
+        let (seen, with_planted) = (seen.argmax(-1, false), with_planted.argmax(-1, false));
+        let count = |t: Tensor| t.sum(Kind::Float).double_value(&[]);
+        let differs = planted.ne_tensor(&truth);
+        let n_differs = count(differs.shallow_clone());
+        Ok(Some(Lookahead {
+            probed: n as usize,
+            differing: n_differs as usize,
+            moved: count(seen.ne_tensor(&with_planted)) / n as f64,
+            log_prob_shift: shift.double_value(&[]),
+            follows_planted: count(with_planted.eq_tensor(&planted).logical_and(&differs))
+                / n_differs.max(1.0),
+            accuracy: count(seen.eq_tensor(&truth)) / n as f64,
+            accuracy_planted: count(with_planted.eq_tensor(&truth)) / n as f64,
+        }))
+    }
+
+    /// The probes of several batches as one.
+    fn merge(parts: &[Lookahead]) -> Option<Lookahead> {
+        let sum = |f: &dyn Fn(&Lookahead) -> f64| parts.iter().map(f).sum::<f64>();
+        let (n, d) = (sum(&|p| p.probed as f64), sum(&|p| p.differing as f64));
+        (n > 0.0).then(|| Lookahead {
+            probed: n as usize,
+            differing: d as usize,
+            moved: sum(&|p| p.moved * p.probed as f64) / n,
+            log_prob_shift: sum(&|p| p.log_prob_shift * p.probed as f64) / n,
+            follows_planted: sum(&|p| p.follows_planted * p.differing as f64) / d.max(1.0),
+            accuracy: sum(&|p| p.accuracy * p.probed as f64) / n,
+            accuracy_planted: sum(&|p| p.accuracy_planted * p.probed as f64) / n,
+        })
+    }
 }
 
 /// A short name for an evaluation under `overrides` (`--set` values): 8 hex digits of their
@@ -185,6 +295,7 @@ pub fn evaluate(
         router: router_agreement,
         predictor: predictor_agreement,
         experts: expert_agreement,
+        lookahead,
     } = tch::no_grad(|| validation(ctx, cfg, model))?;
     let T2i {
         overall: t2i_overall,
@@ -218,6 +329,7 @@ pub fn evaluate(
         predictor_agreement,
         expert_agreement,
         val_loss_causal,
+        lookahead,
     })
 }
 
@@ -227,6 +339,7 @@ struct Validation {
     router: Option<Agreement>,
     predictor: Option<Agreement>,
     experts: Option<Agreement>,
+    lookahead: Option<Lookahead>,
 }
 
 fn validation(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) -> Result<Validation> {
@@ -251,11 +364,13 @@ fn validation(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) -> 
     // MoMa: [auxiliary router and expert agree on taking, auxiliary router takes, expert takes]
     let mut experts = [0f64; 3];
     let mut routed = false;
+    let mut probes = Vec::new();
     for k in 0..cfg.eval.val_batches {
         // Masking and caption choice are seeded by the batch index: the same for every model.
-        let b = ctx.batch(cfg, Split::Val, 1_000_000 + k as u64, true)?;
+        let mut b = ctx.batch(cfg, Split::Val, 1_000_000 + k as u64, true)?;
         let o = model.forward(&b, &ForwardOptions::default())?;
         add(&mut sums, &model.losses(&b, &o));
+        probes.extend(Lookahead::probe(model, &mut b, &ForwardOptions::default())?);
         if decides {
             let oc = model.forward(&b, &causal)?;
             add(&mut sums_causal, &model.losses(&b, &oc));
@@ -291,6 +406,7 @@ fn validation(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) -> 
     Ok(Validation {
         loss: sums,
         loss_causal: sums_causal,
+        lookahead: Lookahead::merge(&probes),
         router,
         predictor,
         experts: (experts[2] > 0.0).then(|| Agreement {
@@ -584,4 +700,99 @@ fn understanding(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) 
             .collect(),
         blind_per_kind: per.into_iter().map(|(k, v)| (k, share(v.1, v.2))).collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, nn::VarStore};
+    use unimod_model::ModelConfig;
+    use unimod_router::RoutingMode;
+    use unimod_tok::{Batch, FormatConfig, VocabLayout};
+
+    fn model(schedule: &str) -> (VarStore, UnifiedTransformer) {
+        let mut cfg = ModelConfig {
+            vocab: VocabLayout {
+                n_text: 40,
+                n_codes: 16,
+            },
+            d_model: 32,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 4,
+            d_ffn: 64,
+            ..Default::default()
+        };
+        cfg.routing.schedule = toml::from_str(schedule).unwrap();
+        tch::manual_seed(0);
+        let vs = VarStore::new(Device::Cpu);
+        let m = UnifiedTransformer::new(&vs.root(), &cfg).unwrap();
+        // Mixed router decisions, so that a swapped token can move the top-k boundary.
+        tch::no_grad(|| {
+            for (name, mut v) in vs.variables() {
+                if name.contains("router") {
+                    v.copy_(&(Tensor::randn(v.size(), tch::kind::FLOAT_CPU) * 2.0));
+                }
+            }
+        });
+        (vs, m)
+    }
+
+    /// Eight image-question-answer sequences, each with another first answer token.
+    fn answered() -> Batch {
+        let f = FormatConfig {
+            text_len: 10,
+            image_side: 2,
+            ..Default::default()
+        };
+        let vocab = VocabLayout {
+            n_text: 40,
+            n_codes: 16,
+        };
+        let seqs: Vec<_> = (0..8)
+            .map(|i| {
+                f.mmu(
+                    &vocab,
+                    &[i, 1, 2, 3],
+                    &[20, 21, 22],
+                    Some(&[10 + i as i64, 30]),
+                )
+                .unwrap()
+            })
+            .collect();
+        Batch::from_sequences(&seqs, Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn lookahead_is_zero_exactly_without_it_and_seen_through_top_k() {
+        let probe = |m: &UnifiedTransformer, mode| {
+            let mut b = answered();
+            let tokens = b.tokens.copy();
+            let opts = ForwardOptions {
+                mode,
+                ..Default::default()
+            };
+            let l = tch::no_grad(|| Lookahead::probe(m, &mut b, &opts))
+                .unwrap()
+                .unwrap();
+            assert!(b.tokens.equal(&tokens), "the batch is left as it was");
+            assert_eq!((l.probed, l.differing), (8, 8));
+            l
+        };
+        let (_vs, dense) = model("kind = 'dense'");
+        let l = probe(&dense, RoutingMode::TopK);
+        assert_eq!((l.moved, l.log_prob_shift), (0.0, 0.0), "{l:?}");
+        assert_eq!(l.accuracy, l.accuracy_planted);
+        let (_vs, routed) = model("kind = 'mod'\ncapacity = 0.5");
+        let l = probe(&routed, RoutingMode::TopK);
+        assert!(
+            l.log_prob_shift > 0.0,
+            "top-k lets the answer through: {l:?}"
+        );
+        // The causal decision decides each token from itself and what precedes it.
+        let l = probe(&routed, RoutingMode::ThresholdRouter);
+        assert_eq!((l.moved, l.log_prob_shift), (0.0, 0.0), "{l:?}");
+        let merged = Lookahead::merge(&[l, probe(&routed, RoutingMode::TopK)]).unwrap();
+        assert_eq!((merged.probed, merged.differing), (16, 16));
+    }
 }
