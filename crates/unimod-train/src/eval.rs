@@ -16,7 +16,7 @@ use unimod_model::generate::{self, SamplingConfig};
 use unimod_model::{ForwardOptions, UnifiedTransformer};
 use unimod_tok::dataset::{Image, Split};
 use unimod_tok::judge::JudgeReport;
-use unimod_tok::{Flavour, Segment, Special, Task};
+use unimod_tok::{Flavour, FormatConfig, Segment, Special, Task};
 
 /// `[eval]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -161,10 +161,71 @@ pub struct EvalReport {
     /// routes nothing. The gap is the price of deciding without looking ahead.
     #[serde(default)]
     pub val_loss_causal: BTreeMap<String, f64>,
+    /// The same questions as `mmu_accuracy`, teacher-forced: the true answer in place, right
+    /// when every answer token (and the end) is the greedy prediction. Deciding by top-k as
+    /// training does, and by the causal decisions decoding uses: the same model and inputs, so
+    /// the gap is what the routing decision alone costs in answers. For models that route.
+    #[serde(default)]
+    pub mmu_teacher_forced: Option<TeacherForced>,
     /// Whether the validation forward (top-k / expert choice, as `val_loss`) looks ahead: the
     /// first answer token predicted with the true answer in place and with another planted.
     #[serde(default)]
     pub lookahead: Option<Lookahead>,
+}
+
+/// `mmu_teacher_forced`: exact match overall and per question kind, by routing decision.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TeacherForced {
+    /// Deciding by top-k (MoMa: expert choice) over the whole sequence.
+    pub top_k: f64,
+    /// Deciding as decoding does (`model.routing.causal_mode`; MoMa: its auxiliary routers).
+    pub causal: f64,
+    /// `top_k` per question kind.
+    pub top_k_per_kind: BTreeMap<String, f64>,
+    /// `causal` per question kind.
+    pub causal_per_kind: BTreeMap<String, f64>,
+    /// `top_k` with the question as the first turn of a dialogue as training lays them out,
+    /// the image's other questions and answers after it (as many as `format.mmu_turns` and
+    /// `text_len` allow), the first answer judged. It cannot see them, so without look-ahead
+    /// this is `top_k`; top-k sizes its choice by the whole sequence, so it may not be.
+    pub top_k_followed: f64,
+    /// `top_k_followed` per question kind.
+    pub top_k_followed_per_kind: BTreeMap<String, f64>,
+}
+
+/// `[B]` whether every labelled token of each row is its greedy prediction among `allowed`
+/// (`[V]` bool) when routed layers decide by `mode`.
+fn teacher_forced(
+    model: &UnifiedTransformer,
+    batch: &unimod_tok::Batch,
+    mode: unimod_router::RoutingMode,
+    allowed: &Tensor,
+) -> Result<Tensor> {
+    let opts = ForwardOptions {
+        mode,
+        ..Default::default()
+    };
+    let logits = model.forward(batch, &opts)?.logits;
+    let unlabelled = batch.labels.eq(unimod_tok::IGNORE);
+    let greedy = logits
+        .masked_fill(
+            &allowed.logical_not().to_device(logits.device()),
+            f64::NEG_INFINITY,
+        )
+        .argmax(-1, false);
+    Ok(greedy
+        .eq_tensor(&batch.labels)
+        .logical_or(&unlabelled)
+        .all_dim(1, false))
+}
+
+/// Whether any layer of `model` decides which tokens it processes (routed MoD layers, MoMa).
+fn decides(model: &UnifiedTransformer) -> bool {
+    model.cfg.moma.is_some()
+        || model
+            .plans
+            .iter()
+            .any(|p| matches!(p, unimod_router::LayerPlan::Routed { .. }))
 }
 
 /// A probe of look-ahead in a forward pass. The token that predicts an answer's first token
@@ -310,6 +371,7 @@ pub fn evaluate(
         per_kind: mmu_per_kind,
         blind: mmu_blind,
         blind_per_kind: mmu_blind_per_kind,
+        teacher_forced: mmu_teacher_forced,
     } = understanding(ctx, cfg, model)?;
     Ok(EvalReport {
         val_loss,
@@ -325,6 +387,7 @@ pub fn evaluate(
         mmu_per_kind,
         mmu_blind: Some(mmu_blind),
         mmu_blind_per_kind,
+        mmu_teacher_forced,
         router_agreement,
         predictor_agreement,
         expert_agreement,
@@ -354,11 +417,7 @@ fn validation(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) -> 
         mode: model.cfg.routing.causal_mode,
         ..Default::default()
     };
-    let decides = model.cfg.moma.is_some()
-        || model
-            .plans
-            .iter()
-            .any(|p| matches!(p, unimod_router::LayerPlan::Routed { .. }));
+    let decides = decides(model);
     // [router tp, router predicted, predictor tp, predictor predicted, actual]
     let mut counts = [0f64; 5];
     // MoMa: [auxiliary router and expert agree on taking, auxiliary router takes, expert takes]
@@ -605,6 +664,7 @@ struct Mmu {
     per_kind: BTreeMap<String, f64>,
     blind: f64,
     blind_per_kind: BTreeMap<String, f64>,
+    teacher_forced: Option<TeacherForced>,
 }
 
 /// Training examples the image-blind answerer learns its answer priors from.
@@ -668,6 +728,11 @@ fn understanding(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) 
     let n = cfg.eval.mmu_samples.min(ctx.val.codes.len());
     // (model right, blind right, asked) per kind.
     let mut per: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new();
+    // Teacher-forced (top-k, causal, top-k followed by more turns) right per kind, for models
+    // that route.
+    let mut forced: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new();
+    let layout = ctx.tokenizers.layout();
+    let allowed = generate::text_only(&layout);
     let blind = BlindAnswerer::fit(world.as_ref());
     let items: Vec<(usize, unimod_tok::dataset::Qa)> = (0..n)
         .map(|i| {
@@ -686,6 +751,50 @@ fn understanding(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) 
             e.1 += (blind.answer(qa) == Some(&qa.answer)) as usize;
             e.2 += 1;
         }
+        if decides(model) {
+            let text = &ctx.tokenizers.text;
+            let (mut alone, mut followed) = (Vec::new(), Vec::new());
+            for (i, qa) in chunk {
+                let encode = |qa: &unimod_tok::dataset::Qa| -> Result<(Vec<i64>, Vec<i64>)> {
+                    Ok((text.encode(&qa.question)?, text.encode(&qa.answer)?))
+                };
+                let others = world.example(Split::Val, *i as u64).qa;
+                let others = others.iter().filter(|o| o.question != qa.question);
+                let encoded = std::iter::once(encode(qa))
+                    .chain(others.map(encode))
+                    .collect::<Result<Vec<_>>>()?;
+                let mut turns: Vec<(&[i64], &[i64])> = Vec::new();
+                for (q, a) in encoded.iter().take(cfg.format.mmu_turns.max(1)) {
+                    turns.push((q, a));
+                    if turns.len() > 1 && FormatConfig::mmu_text_len(&turns) > cfg.format.text_len {
+                        turns.pop();
+                        break;
+                    }
+                }
+                let codes = &ctx.val.codes[*i];
+                let first = cfg.format.mmu_turns(&layout, codes, &turns[..1])?;
+                let mut more = cfg.format.mmu_turns(&layout, codes, &turns)?;
+                // The first turn sits where it does alone: judge it, and nothing after it.
+                more.labels.clone_from(&first.labels);
+                alone.push(first);
+                followed.push(more);
+            }
+            let right = |seqs: &[unimod_tok::Sequence], mode| -> Result<Vec<bool>> {
+                let batch = unimod_tok::Batch::from_sequences(seqs, ctx.device)?;
+                let t = teacher_forced(model, &batch, mode, &allowed)?;
+                Ok(Vec::<bool>::try_from(t.to_device(tch::Device::Cpu))?)
+            };
+            use unimod_router::RoutingMode::TopK;
+            let top_k = right(&alone, TopK)?;
+            let causal = right(&alone, model.cfg.routing.causal_mode)?;
+            let top_k_followed = right(&followed, TopK)?;
+            for (j, (_, qa)) in chunk.iter().enumerate() {
+                let e = forced.entry(kind_name(qa)).or_default();
+                e.0 += top_k[j] as usize;
+                e.1 += causal[j] as usize;
+                e.2 += top_k_followed[j] as usize;
+            }
+        }
     }
     let (ok, blind_ok, total) = per
         .values()
@@ -698,6 +807,26 @@ fn understanding(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) 
             .iter()
             .map(|(k, v)| (k.clone(), share(v.0, v.2)))
             .collect(),
+        teacher_forced: (!forced.is_empty()).then(|| {
+            let asked = |k: &String| per[k].2;
+            let of = |f: fn(&(usize, usize, usize)) -> usize| -> (f64, BTreeMap<String, f64>) {
+                let right = forced.values().map(f).sum();
+                let by_kind = forced
+                    .iter()
+                    .map(|(k, v)| (k.clone(), share(f(v), asked(k))));
+                (share(right, total), by_kind.collect())
+            };
+            let ((top_k, top_k_per_kind), (causal, causal_per_kind)) = (of(|v| v.0), of(|v| v.1));
+            let (top_k_followed, top_k_followed_per_kind) = of(|v| v.2);
+            TeacherForced {
+                top_k,
+                causal,
+                top_k_per_kind,
+                causal_per_kind,
+                top_k_followed,
+                top_k_followed_per_kind,
+            }
+        }),
         blind_per_kind: per.into_iter().map(|(k, v)| (k, share(v.1, v.2))).collect(),
     })
 }
@@ -761,6 +890,65 @@ mod tests {
             })
             .collect();
         Batch::from_sequences(&seqs, Device::Cpu).unwrap()
+    }
+
+    /// Without look-ahead a first answer is judged the same whatever turns follow it; top-k
+    /// sizes its choice by the whole sequence, so later turns reach back.
+    #[test]
+    fn teacher_forced_first_answers_ignore_later_turns_only_without_look_ahead() {
+        let f = FormatConfig {
+            text_len: 12,
+            image_side: 2,
+            mmu_turns: 3,
+            ..Default::default()
+        };
+        let vocab = VocabLayout {
+            n_text: 40,
+            n_codes: 16,
+        };
+        let (mut alone, mut followed) = (Vec::new(), Vec::new());
+        for i in 0..32u32 {
+            let (q, a) = ([20 + (i % 5) as i64], [10 + (i % 7) as i64]);
+            let more: [(&[i64], &[i64]); 3] = [(&q, &a), (&[25, 26], &[11]), (&[27], &[12, 13])];
+            let first = f.mmu_turns(&vocab, &[i % 16, 1, 2, 3], &more[..1]).unwrap();
+            let mut all = f.mmu_turns(&vocab, &[i % 16, 1, 2, 3], &more).unwrap();
+            all.labels.clone_from(&first.labels);
+            alone.push(first);
+            followed.push(all);
+        }
+        let text = generate::text_only(&vocab);
+        // Labels made the model's own greedy answers alone, so that alone every row is right.
+        let judged = |m: &UnifiedTransformer, mode| -> Vec<bool> {
+            let mut a = Batch::from_sequences(&alone, Device::Cpu).unwrap();
+            let mut b = Batch::from_sequences(&followed, Device::Cpu).unwrap();
+            let opts = ForwardOptions {
+                mode,
+                ..Default::default()
+            };
+            let greedy = tch::no_grad(|| m.forward(&a, &opts).unwrap().logits)
+                .masked_fill(&text.logical_not(), f64::NEG_INFINITY)
+                .argmax(-1, false);
+            let labels = greedy.where_self(&a.labels.ne(unimod_tok::IGNORE), &a.labels);
+            (a.labels, b.labels) = (labels.shallow_clone(), labels);
+            let right = |b: &Batch| {
+                let t = tch::no_grad(|| teacher_forced(m, b, mode, &text)).unwrap();
+                Vec::<bool>::try_from(t).unwrap()
+            };
+            assert!(right(&a).iter().all(|r| *r));
+            right(&b)
+        };
+        let (_vs, dense) = model("kind = 'dense'");
+        assert!(judged(&dense, RoutingMode::TopK).iter().all(|r| *r));
+        let (_vs, routed) = model("kind = 'mod'\ncapacity = 0.5");
+        assert!(
+            judged(&routed, RoutingMode::ThresholdRouter)
+                .iter()
+                .all(|r| *r)
+        );
+        assert!(
+            judged(&routed, RoutingMode::TopK).iter().any(|r| !*r),
+            "later turns never moved a top-k answer: the test cannot tell look-ahead apart"
+        );
     }
 
     #[test]

@@ -1249,7 +1249,7 @@ fn write_report(
          (attention, routers and head included; docs/flops.md). The T2I judge score is the share of generated images \
          whose caption facts all hold ({} validation captions, {} MMU questions), T2I facts the share of all asserted facts \
          that hold (off the floor long before whole captions are), MMU accuracy the exact-match share of greedy \
-         answers decoded with causal routing. `wall s` is each run's own training time, the runs one after another \
+         answers decoded {}. `wall s` is each run's own training time, the runs one after another \
          on a machine that may have been doing other work, so its time saved is indicative only: \
          `unimod bench --experiment <config>` times the variants' steps side by side, with intervals \
          (docs/benchmarks.md). Variants are compared seed by seed (a seed gives every variant the same \
@@ -1266,7 +1266,13 @@ fn write_report(
          baseline's margin over that level. Each section counts the comparisons it makes; read one at a time, one in \
          twenty would be beyond its interval were every difference zero, so each difference beyond its interval also \
          says whether it holds under Holm's step-down correction for all of them (a 5 % chance that any is chance).\n",
-        cfg.eval.t2i_samples, cfg.eval.mmu_samples
+        cfg.eval.t2i_samples,
+        cfg.eval.mmu_samples,
+        match cfg.eval.decode_routing {
+            crate::eval::DecodeRouting::Causal => "with the causal routing decoding uses",
+            crate::eval::DecodeRouting::TopKPrefix =>
+                "by top-k over the prefix, recomputed at every token (`eval.decode_routing`)",
+        }
     )?;
     r.push_str(&verdicts(outcomes, &cfg.experiment.variants, cfg));
     let t = &ctx.tokenizers.report;
@@ -1302,15 +1308,35 @@ fn write_report(
                 o.variant, o.seed, a.precision, a.recall
             )?;
         }
+        if let Some(t) = &o.eval.mmu_teacher_forced {
+            writeln!(
+                r,
+                "- {} (seed {}): MMU teacher-forced, deciding by top-k {:.1} %, by the causal decisions {:.1} %, by top-k with the image's other questions after it {:.1} %",
+                o.variant,
+                o.seed,
+                100.0 * t.top_k,
+                100.0 * t.causal,
+                100.0 * t.top_k_followed
+            )?;
+        }
         if !o.eval.val_loss_causal.is_empty() {
             let gap =
                 |task: &str| match (o.eval.val_loss.get(task), o.eval.val_loss_causal.get(task)) {
                     (Some(a), Some(c)) => format!("{task} {a:.3} → {c:.3}"),
                     _ => format!("{task} -"),
                 };
+            // Where top-k could read the answer before it is given (eval.rs, `Lookahead`).
+            let ahead = o.eval.lookahead.map_or(String::new(), |l| {
+                format!(
+                    "; the answer read ahead: its first token's log-probability moves {:.4} nats, {:.0} % of {} predictions change",
+                    l.log_prob_shift,
+                    100.0 * l.moved,
+                    l.probed
+                )
+            });
             writeln!(
                 r,
-                "- {} (seed {}): validation loss deciding by top-k / expert choice → by the causal decisions decoding uses: {}, {}",
+                "- {} (seed {}): validation loss deciding by top-k / expert choice → by the causal decisions decoding uses: {}, {}{ahead}",
                 o.variant,
                 o.seed,
                 gap("t2i"),
