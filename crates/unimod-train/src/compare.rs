@@ -176,6 +176,45 @@ fn breakdown(evals: &[Evaluation]) -> Vec<Column> {
     columns
 }
 
+/// MMU teacher-forced, by routing decision (`mmu_teacher_forced`, for models that route):
+/// overall, then per question kind.
+fn teacher_forced(evals: &[Evaluation]) -> Vec<Column> {
+    use crate::eval::TeacherForced as T;
+    type Rates = fn(&T) -> &std::collections::BTreeMap<String, f64>;
+    let decisions: [(&str, fn(&T) -> f64, Rates); 3] = [
+        ("top-k", |t| t.top_k, |t| &t.top_k_per_kind),
+        ("causal", |t| t.causal, |t| &t.causal_per_kind),
+        (
+            "top-k followed",
+            |t| t.top_k_followed,
+            |t| &t.top_k_followed_per_kind,
+        ),
+    ];
+    let mut columns: Vec<Column> = decisions
+        .iter()
+        .map(|&(name, all, _)| {
+            accuracy(
+                format!("TF {name} %"),
+                move |r| r.mmu_teacher_forced.as_ref().map(all),
+                |e| Some(e.mmu_samples),
+            )
+        })
+        .collect();
+    fn of(r: &EvalReport) -> Option<&crate::eval::TeacherForced> {
+        r.mmu_teacher_forced.as_ref()
+    }
+    for (name, _, rates) in decisions {
+        for k in keys(evals, |r| of(r).into_iter().flat_map(|t| rates(t).keys())) {
+            columns.push(accuracy(
+                format!("TF {name} {k} %"),
+                move |r| of(r).and_then(|t| rates(t).get(&k).copied()),
+                |_| None,
+            ));
+        }
+    }
+    columns
+}
+
 /// Every key any report has, sorted.
 fn keys<'a, I: Iterator<Item = &'a String>>(
     evals: &'a [Evaluation],
@@ -198,7 +237,8 @@ fn groups(evals: &[Evaluation], base: &str) -> Vec<String> {
     names
 }
 
-/// The comparison as markdown: a headline table and a per-category table, each group's row
+/// The comparison as markdown: a headline table, a per-category table and, for models that
+/// route, a table of MMU teacher-forced by routing decision, each group's row
 /// giving its mean and, beside it, its paired difference to `base` ± the half-width of its
 /// 95 % interval (in bold where the difference lies outside it). `base` defaults to the first
 /// group.
@@ -246,7 +286,7 @@ pub fn tables(evals: &[Evaluation], base: Option<&str>) -> Result<String> {
     )?;
     // Every difference tested, for the correction across all of them below.
     let mut tested: Vec<(String, String, Estimate)> = Vec::new();
-    for columns in [headline(evals), breakdown(evals)] {
+    for columns in [headline(evals), breakdown(evals), teacher_forced(evals)] {
         let columns: Vec<Column> = columns
             .into_iter()
             .filter(|c| evals.iter().any(|e| (c.score)(&e.report).is_some()))
@@ -480,6 +520,39 @@ mod tests {
             })
             .collect();
         assert!(!tables(&same, None).unwrap().contains("Holm"));
+    }
+
+    /// Routed models' teacher-forced MMU gets a third table, per decision and question kind.
+    #[test]
+    fn teacher_forced_answers_get_their_own_table() {
+        let with = |group: &str, seed: u64, count: f64| {
+            let mut e = eval(group, seed, 0.4, 0.3);
+            let mut t = crate::eval::TeacherForced {
+                top_k: 0.7,
+                causal: 0.8,
+                top_k_followed: 0.9,
+                ..Default::default()
+            };
+            t.top_k_per_kind.insert("count".into(), count);
+            e.report.mmu_teacher_forced = Some(t);
+            e
+        };
+        let evals: Vec<Evaluation> = (0..3)
+            .flat_map(|s| {
+                [
+                    with("a", s, 0.5 + 0.1 * s as f64),
+                    with("b", s, 0.6 + 0.1 * s as f64),
+                ]
+            })
+            .collect();
+        let md = tables(&evals, None).unwrap();
+        let b = row(&md, "b");
+        assert_eq!(b.len(), 3, "{md}");
+        assert!(
+            md.contains("| TF top-k % | TF causal % | TF top-k followed % | TF top-k count % |"),
+            "{md}"
+        );
+        assert!(b[2].contains("**70.0 (+10.0 ± 0.0)**"), "{}", b[2]);
     }
 
     #[test]
