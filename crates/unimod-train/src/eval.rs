@@ -191,6 +191,14 @@ pub struct TeacherForced {
     pub top_k_followed: f64,
     /// `top_k_followed` per question kind.
     pub top_k_followed_per_kind: BTreeMap<String, f64>,
+    /// `top_k_followed` with every token after the judged turn replaced by the question's
+    /// first (segments kept, so top-k chooses among as many tokens): near `top_k_followed`,
+    /// what later turns lend is their length; near `top_k`, their content.
+    #[serde(default)]
+    pub top_k_filled: f64,
+    /// `top_k_filled` per question kind.
+    #[serde(default)]
+    pub top_k_filled_per_kind: BTreeMap<String, f64>,
 }
 
 /// `[B]` whether every labelled token of each row is its greedy prediction among `allowed`
@@ -728,9 +736,9 @@ fn understanding(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) 
     let n = cfg.eval.mmu_samples.min(ctx.val.codes.len());
     // (model right, blind right, asked) per kind.
     let mut per: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new();
-    // Teacher-forced (top-k, causal, top-k followed by more turns) right per kind, for models
-    // that route.
-    let mut forced: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new();
+    // Teacher-forced right per kind, for models that route: [top-k, causal, top-k followed by
+    // more turns, top-k followed by filler].
+    let mut forced: BTreeMap<String, [usize; 4]> = BTreeMap::new();
     let layout = ctx.tokenizers.layout();
     let allowed = generate::text_only(&layout);
     let blind = BlindAnswerer::fit(world.as_ref());
@@ -753,7 +761,7 @@ fn understanding(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) 
         }
         if decides(model) {
             let text = &ctx.tokenizers.text;
-            let (mut alone, mut followed) = (Vec::new(), Vec::new());
+            let (mut alone, mut followed, mut filled) = (Vec::new(), Vec::new(), Vec::new());
             for (i, qa) in chunk {
                 let encode = |qa: &unimod_tok::dataset::Qa| -> Result<(Vec<i64>, Vec<i64>)> {
                     Ok((text.encode(&qa.question)?, text.encode(&qa.answer)?))
@@ -776,8 +784,16 @@ fn understanding(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) 
                 let mut more = cfg.format.mmu_turns(&layout, codes, &turns)?;
                 // The first turn sits where it does alone: judge it, and nothing after it.
                 more.labels.clone_from(&first.labels);
+                let end = first.segments.iter().position(|g| *g == Segment::Pad);
+                let mut filler = more.clone();
+                for j in end.unwrap_or(filler.len())..filler.len() {
+                    if filler.segments[j] != Segment::Pad {
+                        filler.tokens[j] = turns[0].0[0];
+                    }
+                }
                 alone.push(first);
                 followed.push(more);
+                filled.push(filler);
             }
             let right = |seqs: &[unimod_tok::Sequence], mode| -> Result<Vec<bool>> {
                 let batch = unimod_tok::Batch::from_sequences(seqs, ctx.device)?;
@@ -788,11 +804,13 @@ fn understanding(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) 
             let top_k = right(&alone, TopK)?;
             let causal = right(&alone, model.cfg.routing.causal_mode)?;
             let top_k_followed = right(&followed, TopK)?;
+            let top_k_filled = right(&filled, TopK)?;
             for (j, (_, qa)) in chunk.iter().enumerate() {
                 let e = forced.entry(kind_name(qa)).or_default();
-                e.0 += top_k[j] as usize;
-                e.1 += causal[j] as usize;
-                e.2 += top_k_followed[j] as usize;
+                let judged = [&top_k, &causal, &top_k_followed, &top_k_filled];
+                for (n, right) in e.iter_mut().zip(judged) {
+                    *n += right[j] as usize;
+                }
             }
         }
     }
@@ -809,15 +827,16 @@ fn understanding(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) 
             .collect(),
         teacher_forced: (!forced.is_empty()).then(|| {
             let asked = |k: &String| per[k].2;
-            let of = |f: fn(&(usize, usize, usize)) -> usize| -> (f64, BTreeMap<String, f64>) {
-                let right = forced.values().map(f).sum();
+            let of = |i: usize| -> (f64, BTreeMap<String, f64>) {
+                let right = forced.values().map(|v| v[i]).sum();
                 let by_kind = forced
                     .iter()
-                    .map(|(k, v)| (k.clone(), share(f(v), asked(k))));
+                    .map(|(k, v)| (k.clone(), share(v[i], asked(k))));
                 (share(right, total), by_kind.collect())
             };
-            let ((top_k, top_k_per_kind), (causal, causal_per_kind)) = (of(|v| v.0), of(|v| v.1));
-            let (top_k_followed, top_k_followed_per_kind) = of(|v| v.2);
+            let ((top_k, top_k_per_kind), (causal, causal_per_kind)) = (of(0), of(1));
+            let (top_k_followed, top_k_followed_per_kind) = of(2);
+            let (top_k_filled, top_k_filled_per_kind) = of(3);
             TeacherForced {
                 top_k,
                 causal,
@@ -825,6 +844,8 @@ fn understanding(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) 
                 causal_per_kind,
                 top_k_followed,
                 top_k_followed_per_kind,
+                top_k_filled,
+                top_k_filled_per_kind,
             }
         }),
         blind_per_kind: per.into_iter().map(|(k, v)| (k, share(v.1, v.2))).collect(),

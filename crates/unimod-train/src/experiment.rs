@@ -1311,12 +1311,13 @@ fn write_report(
         if let Some(t) = &o.eval.mmu_teacher_forced {
             writeln!(
                 r,
-                "- {} (seed {}): MMU teacher-forced, deciding by top-k {:.1} %, by the causal decisions {:.1} %, by top-k with the image's other questions after it {:.1} %",
+                "- {} (seed {}): MMU teacher-forced, deciding by top-k {:.1} %, by the causal decisions {:.1} %, by top-k with the image's other questions after it {:.1} %, with as many filler tokens after it {:.1} %",
                 o.variant,
                 o.seed,
                 100.0 * t.top_k,
                 100.0 * t.causal,
-                100.0 * t.top_k_followed
+                100.0 * t.top_k_followed,
+                100.0 * t.top_k_filled
             )?;
         }
         if !o.eval.val_loss_causal.is_empty() {
