@@ -181,13 +181,18 @@ fn breakdown(evals: &[Evaluation]) -> Vec<Column> {
 fn teacher_forced(evals: &[Evaluation]) -> Vec<Column> {
     use crate::eval::TeacherForced as T;
     type Rates = fn(&T) -> &std::collections::BTreeMap<String, f64>;
-    let decisions: [(&str, fn(&T) -> f64, Rates); 3] = [
+    let decisions: [(&str, fn(&T) -> f64, Rates); 4] = [
         ("top-k", |t| t.top_k, |t| &t.top_k_per_kind),
         ("causal", |t| t.causal, |t| &t.causal_per_kind),
         (
             "top-k followed",
             |t| t.top_k_followed,
             |t| &t.top_k_followed_per_kind,
+        ),
+        (
+            "top-k filled",
+            |t| t.top_k_filled,
+            |t| &t.top_k_filled_per_kind,
         ),
     ];
     let mut columns: Vec<Column> = decisions
@@ -369,7 +374,10 @@ fn cell(evals: &[Evaluation], base: &str, name: &str, c: &Column) -> (String, Op
     let values: Vec<f64> = ours.iter().map(|(_, x)| *x).collect();
     let own = Estimate::mean_of(&values);
     let mean = format!("{:.digits$}", c.scale * own.mean);
-    if name == base {
+    let base_scores = seeded(base);
+    // A column the baseline lacks (teacher-forced answers of routed models, against dense):
+    // each row stands alone, with its own spread.
+    if name == base || base_scores.is_empty() {
         let text = match own.se.is_nan() {
             true => mean,
             false => format!("{mean} ± {:.digits$}", c.scale * own.se),
@@ -382,7 +390,7 @@ fn cell(evals: &[Evaluation], base: &str, name: &str, c: &Column) -> (String, Op
         .filter(|e| e.group == name)
         .filter_map(c.samples)
         .min();
-    let d = paired_difference(&seeded(base), &ours, samples);
+    let d = paired_difference(&base_scores, &ours, samples);
     if d.mean.is_nan() {
         return (format!("{mean} (no seed in common)"), None);
     }
@@ -549,10 +557,17 @@ mod tests {
         let b = row(&md, "b");
         assert_eq!(b.len(), 3, "{md}");
         assert!(
-            md.contains("| TF top-k % | TF causal % | TF top-k followed % | TF top-k count % |"),
+            md.contains("| TF top-k % | TF causal % | TF top-k followed % | TF top-k filled % | TF top-k count % |"),
             "{md}"
         );
         assert!(b[2].contains("**70.0 (+10.0 ± 0.0)**"), "{}", b[2]);
+        // Against a dense baseline, which has none, each routed row gives its own mean ± se.
+        let mut with_dense = evals;
+        with_dense.extend((0..3).map(|s| eval("dense", s, 0.4, 0.3)));
+        let md = tables(&with_dense, Some("dense")).unwrap();
+        let b = row(&md, "b");
+        assert!(b[2].contains("| 70.0 ± 5.8 |"), "{}", b[2]);
+        assert!(!md.contains("no seed in common"), "{md}");
     }
 
     #[test]
