@@ -255,7 +255,8 @@ pub struct Lookahead {
     /// look-ahead, and the size of what a routed model's top-k lets through when `moved` is 0.
     pub log_prob_shift: f64,
     /// Where the planted token differs from the true one, the share of predictions that
-    /// became the planted token: how far the answer is read from the future, not the image.
+    /// changed to the planted token: how far the answer is read from the future, not the
+    /// image (0 exactly without look-ahead).
     pub follows_planted: f64,
     /// Share of true first answer tokens predicted, with the true answer in place.
     pub accuracy: f64,
@@ -319,8 +320,12 @@ impl Lookahead {
             differing: n_differs as usize,
             moved: count(seen.ne_tensor(&with_planted)) / n as f64,
             log_prob_shift: shift.double_value(&[]),
-            follows_planted: count(with_planted.eq_tensor(&planted).logical_and(&differs))
-                / n_differs.max(1.0),
+            follows_planted: count(
+                with_planted
+                    .eq_tensor(&planted)
+                    .logical_and(&seen.ne_tensor(&planted))
+                    .logical_and(&differs),
+            ) / n_differs.max(1.0),
             accuracy: count(seen.eq_tensor(&truth)) / n as f64,
             accuracy_planted: count(with_planted.eq_tensor(&truth)) / n as f64,
         }))
@@ -990,7 +995,11 @@ mod tests {
         };
         let (_vs, dense) = model("kind = 'dense'");
         let l = probe(&dense, RoutingMode::TopK);
-        assert_eq!((l.moved, l.log_prob_shift), (0.0, 0.0), "{l:?}");
+        assert_eq!(
+            (l.moved, l.log_prob_shift, l.follows_planted),
+            (0.0, 0.0, 0.0),
+            "{l:?}"
+        );
         assert_eq!(l.accuracy, l.accuracy_planted);
         let (_vs, routed) = model("kind = 'mod'\ncapacity = 0.5");
         let l = probe(&routed, RoutingMode::TopK);
