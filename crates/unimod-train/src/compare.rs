@@ -179,40 +179,27 @@ fn breakdown(evals: &[Evaluation]) -> Vec<Column> {
 /// MMU teacher-forced, by routing decision (`mmu_teacher_forced`, for models that route):
 /// overall, then per question kind.
 fn teacher_forced(evals: &[Evaluation]) -> Vec<Column> {
-    use crate::eval::TeacherForced as T;
-    type Rates = fn(&T) -> &std::collections::BTreeMap<String, f64>;
-    let decisions: [(&str, fn(&T) -> f64, Rates); 4] = [
-        ("top-k", |t| t.top_k, |t| &t.top_k_per_kind),
-        ("causal", |t| t.causal, |t| &t.causal_per_kind),
-        (
-            "top-k followed",
-            |t| t.top_k_followed,
-            |t| &t.top_k_followed_per_kind,
-        ),
-        (
-            "top-k filled",
-            |t| t.top_k_filled,
-            |t| &t.top_k_filled_per_kind,
-        ),
-    ];
-    let mut columns: Vec<Column> = decisions
-        .iter()
-        .map(|&(name, all, _)| {
+    use crate::eval::TeacherForced;
+    fn of(r: &EvalReport, i: usize) -> Option<crate::eval::Scores<'_>> {
+        r.mmu_teacher_forced.as_ref().map(|t| t.decisions()[i].1)
+    }
+    let names = TeacherForced::default().decisions().map(|(name, _)| name);
+    let mut columns: Vec<Column> = (0..names.len())
+        .map(|i| {
             accuracy(
-                format!("TF {name} %"),
-                move |r| r.mmu_teacher_forced.as_ref().map(all),
+                format!("TF {} %", names[i]),
+                move |r| of(r, i).map(|(all, _)| all),
                 |e| Some(e.mmu_samples),
             )
         })
         .collect();
-    fn of(r: &EvalReport) -> Option<&crate::eval::TeacherForced> {
-        r.mmu_teacher_forced.as_ref()
-    }
-    for (name, _, rates) in decisions {
-        for k in keys(evals, |r| of(r).into_iter().flat_map(|t| rates(t).keys())) {
+    for (i, name) in names.iter().enumerate() {
+        for k in keys(evals, |r| {
+            of(r, i).into_iter().flat_map(|(_, kinds)| kinds.keys())
+        }) {
             columns.push(accuracy(
                 format!("TF {name} {k} %"),
-                move |r| of(r).and_then(|t| rates(t).get(&k).copied()),
+                move |r| of(r, i).and_then(|(_, kinds)| kinds.get(&k).copied()),
                 |_| None,
             ));
         }

@@ -201,6 +201,27 @@ pub struct TeacherForced {
     pub top_k_filled_per_kind: BTreeMap<String, f64>,
 }
 
+/// Exact match overall and per question kind.
+pub type Scores<'a> = (f64, &'a BTreeMap<String, f64>);
+
+impl TeacherForced {
+    /// Each decision's name, with its scores.
+    pub fn decisions(&self) -> [(&'static str, Scores<'_>); 4] {
+        [
+            ("top-k", (self.top_k, &self.top_k_per_kind)),
+            ("causal", (self.causal, &self.causal_per_kind)),
+            (
+                "top-k followed",
+                (self.top_k_followed, &self.top_k_followed_per_kind),
+            ),
+            (
+                "top-k filled",
+                (self.top_k_filled, &self.top_k_filled_per_kind),
+            ),
+        ]
+    }
+}
+
 /// `[B]` whether every labelled token of each row is its greedy prediction among `allowed`
 /// (`[V]` bool) when routed layers decide by `mode`.
 fn teacher_forced(
