@@ -336,11 +336,11 @@ fn cached_decoding_equals_full_forward_showo_mmu() {
     check_cached(&model, &mmu, after_question, RoutingMode::TopK);
 }
 
-#[test]
-fn cached_decoding_equals_full_forward_with_causal_routing() {
-    let cfg = config(Flavour::Emu3, routed_everywhere(Capacities::all(0.5), 3));
+/// Routed everywhere at capacity 0.5, with random router and predictor weights so that the
+/// causal decisions are mixed.
+fn routed_mixed(flavour: Flavour) -> (VarStore, UnifiedTransformer) {
+    let cfg = config(flavour, routed_everywhere(Capacities::all(0.5), 3));
     let (vs, model) = build(&cfg, 0);
-    // Random router weights so that the causal decisions are mixed.
     tch::no_grad(|| {
         for (name, mut v) in vs.variables() {
             if name.contains("router") || name.contains("predictor") {
@@ -348,6 +348,12 @@ fn cached_decoding_equals_full_forward_with_causal_routing() {
             }
         }
     });
+    (vs, model)
+}
+
+#[test]
+fn cached_decoding_equals_full_forward_with_causal_routing() {
+    let (_vs, model) = routed_mixed(Flavour::Emu3);
     for mode in [
         RoutingMode::ThresholdRouter,
         RoutingMode::ThresholdPredictor,
@@ -356,18 +362,10 @@ fn cached_decoding_equals_full_forward_with_causal_routing() {
     }
 }
 
-/// A routed Show-o model with random router and predictor weights (mixed decisions), and three
-/// MMU generation prompts of different lengths.
+/// A routed Show-o model with mixed decisions ([`routed_mixed`]), and three MMU generation
+/// prompts of different lengths.
 fn routed_mmu_prompts() -> (VarStore, UnifiedTransformer, Vec<Sequence>) {
-    let cfg = config(Flavour::Showo, routed_everywhere(Capacities::all(0.5), 3));
-    let (vs, model) = build(&cfg, 0);
-    tch::no_grad(|| {
-        for (name, mut v) in vs.variables() {
-            if name.contains("router") || name.contains("predictor") {
-                v.copy_(&(Tensor::randn(v.size(), tch::kind::FLOAT_CPU) * 0.5));
-            }
-        }
-    });
+    let (vs, model) = routed_mixed(Flavour::Showo);
     let f = format(Flavour::Showo);
     let prompts = [vec![20, 21, 22, 23], vec![24], vec![25, 26]]
         .iter()
