@@ -46,8 +46,9 @@ pub enum DecodeRouting {
     #[default]
     Causal,
     /// Top-k over the prompt and the tokens decoded so far, recomputed at every token (no
-    /// cache, quadratic): routing as training decides it, short of looking ahead. Against
-    /// `causal` on the same checkpoint, it tells what the causal decision costs in answers.
+    /// cache, quadratic): training's rule as far as decoding can run it, which never sees
+    /// what follows. Against `causal` on the same checkpoint, it tells which of the two
+    /// decisions answers better.
     TopKPrefix,
 }
 
@@ -260,10 +261,11 @@ fn decides(model: &UnifiedTransformer) -> bool {
 /// A probe of look-ahead in a forward pass. The token that predicts an answer's first token
 /// cannot attend to it, so in a causal model its prediction cannot depend on it. Top-k over a
 /// sequence (and expert choice) decides which earlier tokens a layer processes from every
-/// token's score, the answer's included, so a model trained that way can read the answer
-/// before it is given, and its teacher-forced validation loss flatters it. The probe replaces
-/// only each MMU sequence's first answer token, by the next answered sequence's, and reads the
-/// prediction one position before.
+/// token's score, the answer's included, so a model trained that way could read the answer
+/// before it is given, and its teacher-forced validation loss would flatter it. The probe
+/// replaces only each MMU sequence's first answer token, by the next answered sequence's, and
+/// reads the prediction one position before. (What later tokens lend through their number
+/// rather than their content, `TeacherForced::top_k_filled` measures.)
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Lookahead {
     /// Answered sequences probed.
@@ -812,9 +814,11 @@ fn understanding(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) 
                 more.labels.clone_from(&first.labels);
                 let end = first.segments.iter().position(|g| *g == Segment::Pad);
                 let mut filler = more.clone();
-                for j in end.unwrap_or(filler.len())..filler.len() {
-                    if filler.segments[j] != Segment::Pad {
-                        filler.tokens[j] = turns[0].0[0];
+                if let Some(&fill) = turns[0].0.first() {
+                    for j in end.unwrap_or(filler.len())..filler.len() {
+                        if filler.segments[j] != Segment::Pad {
+                            filler.tokens[j] = fill;
+                        }
                     }
                 }
                 alone.push(first);
