@@ -339,6 +339,24 @@ impl FormatConfig {
             .sum::<usize>()
     }
 
+    /// The leading turns of `encoded` (question and answer tokens) that fit `text_len`
+    /// together, the first always (too long alone, `mmu_turns` refuses it): how a dialogue is
+    /// cut to one sequence.
+    pub fn fitting_turns<'a>(
+        &self,
+        encoded: &'a [(Vec<i64>, Vec<i64>)],
+    ) -> Vec<(&'a [i64], &'a [i64])> {
+        let mut turns: Vec<(&[i64], &[i64])> = Vec::new();
+        for (q, a) in encoded {
+            turns.push((q, a));
+            if turns.len() > 1 && Self::mmu_text_len(&turns) > self.text_len {
+                turns.pop();
+                break;
+            }
+        }
+        turns
+    }
+
     fn mmu_sequence(
         &self,
         vocab: &VocabLayout,

@@ -483,15 +483,7 @@ pub fn sequence(
             for qa in e.qa.choose_multiple(rng, format.mmu_turns.min(e.qa.len())) {
                 encoded.push((text.encode(&qa.question)?, text.encode(&qa.answer)?));
             }
-            let mut turns: Vec<(&[i64], &[i64])> = Vec::new();
-            for (q, a) in &encoded {
-                turns.push((q, a));
-                if turns.len() > 1 && FormatConfig::mmu_text_len(&turns) > format.text_len {
-                    turns.pop();
-                    break;
-                }
-            }
-            format.mmu_turns(layout, codes, &turns)?
+            format.mmu_turns(layout, codes, &format.fitting_turns(&encoded))?
         }
         Task::LM => {
             let qa = &e.qa[rng.gen_range(0..e.qa.len())];

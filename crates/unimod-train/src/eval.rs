@@ -14,9 +14,9 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 use unimod_model::generate::{self, SamplingConfig};
 use unimod_model::{ForwardOptions, UnifiedTransformer};
-use unimod_tok::dataset::{Image, Split};
+use unimod_tok::dataset::{Image, Qa, Split};
 use unimod_tok::judge::JudgeReport;
-use unimod_tok::{Flavour, FormatConfig, Segment, Special, Task};
+use unimod_tok::{Flavour, Segment, Special, Task};
 
 /// `[eval]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -770,18 +770,20 @@ fn understanding(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) 
     let layout = ctx.tokenizers.layout();
     let allowed = generate::text_only(&layout);
     let blind = BlindAnswerer::fit(world.as_ref());
-    let items: Vec<(usize, unimod_tok::dataset::Qa)> = (0..n)
+    // Each question asked, with the image's other questions (teacher-forced dialogues).
+    let items: Vec<(usize, Qa, Vec<Qa>)> = (0..n)
         .map(|i| {
-            let e = world.example(Split::Val, i as u64);
-            (i, e.qa[i % e.qa.len()].clone())
+            let mut qa = world.example(Split::Val, i as u64).qa;
+            let asked = qa.remove(i % qa.len());
+            (i, asked, qa)
         })
         .collect();
     for chunk in items.chunks(32) {
         let questions: Vec<(&[u32], String)> = chunk
             .iter()
-            .map(|(i, qa)| (ctx.val.codes[*i].as_slice(), qa.question.clone()))
+            .map(|(i, qa, _)| (ctx.val.codes[*i].as_slice(), qa.question.clone()))
             .collect();
-        for ((_, qa), text) in chunk.iter().zip(answers(ctx, cfg, model, &questions)?) {
+        for ((_, qa, _), text) in chunk.iter().zip(answers(ctx, cfg, model, &questions)?) {
             let e = per.entry(kind_name(qa)).or_default();
             e.0 += (text == qa.answer) as usize;
             e.1 += (blind.answer(qa) == Some(&qa.answer)) as usize;
@@ -790,23 +792,17 @@ fn understanding(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) 
         if decides(model) {
             let text = &ctx.tokenizers.text;
             let (mut alone, mut followed, mut filled) = (Vec::new(), Vec::new(), Vec::new());
-            for (i, qa) in chunk {
-                let encode = |qa: &unimod_tok::dataset::Qa| -> Result<(Vec<i64>, Vec<i64>)> {
+            for (i, qa, others) in chunk {
+                let encode = |qa: &Qa| -> Result<(Vec<i64>, Vec<i64>)> {
                     Ok((text.encode(&qa.question)?, text.encode(&qa.answer)?))
                 };
-                let others = world.example(Split::Val, *i as u64).qa;
                 let others = others.iter().filter(|o| o.question != qa.question);
-                let encoded = std::iter::once(encode(qa))
-                    .chain(others.map(encode))
+                let encoded = std::iter::once(qa)
+                    .chain(others)
+                    .take(cfg.format.mmu_turns.max(1))
+                    .map(encode)
                     .collect::<Result<Vec<_>>>()?;
-                let mut turns: Vec<(&[i64], &[i64])> = Vec::new();
-                for (q, a) in encoded.iter().take(cfg.format.mmu_turns.max(1)) {
-                    turns.push((q, a));
-                    if turns.len() > 1 && FormatConfig::mmu_text_len(&turns) > cfg.format.text_len {
-                        turns.pop();
-                        break;
-                    }
-                }
+                let turns = cfg.format.fitting_turns(&encoded);
                 let codes = &ctx.val.codes[*i];
                 let first = cfg.format.mmu_turns(&layout, codes, &turns[..1])?;
                 let mut more = cfg.format.mmu_turns(&layout, codes, &turns)?;
@@ -835,7 +831,7 @@ fn understanding(ctx: &RunContext, cfg: &RunConfig, model: &UnifiedTransformer) 
             let causal = right(&alone, model.cfg.routing.causal_mode)?;
             let top_k_followed = right(&followed, TopK)?;
             let top_k_filled = right(&filled, TopK)?;
-            for (j, (_, qa)) in chunk.iter().enumerate() {
+            for (j, (_, qa, _)) in chunk.iter().enumerate() {
                 let e = forced.entry(kind_name(qa)).or_default();
                 let judged = [&top_k, &causal, &top_k_followed, &top_k_filled];
                 for (n, right) in e.iter_mut().zip(judged) {
