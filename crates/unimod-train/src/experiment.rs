@@ -422,7 +422,13 @@ pub fn run(cfg: &RunConfig, seeds: u32, device: tch::Device, reuse: Reuse) -> Re
                         v.name,
                         run_dir.display()
                     );
-                    outcomes.push(o);
+                    // The folder is this variant's: a run copied in from an experiment that
+                    // named the variant otherwise (the same training, checked above) counts
+                    // under this experiment's name.
+                    outcomes.push(Outcome {
+                        variant: v.name.clone(),
+                        ..o
+                    });
                     continue;
                 }
                 Prior::Model(o, _) => {

@@ -491,8 +491,12 @@ fn trains_resumes_exactly_refuses_bad_configs_and_evaluates() {
     o["digest"] = "made-by-another-build".into();
     o["train_digest"] = "made-by-another-build".into();
     o["machine"] = "a machine elsewhere".into();
+    // Copied in from an experiment where the variant had another name: it counts as this one.
+    o["variant"] = "named-otherwise".into();
     std::fs::write(&outcome_path, o.to_string()).unwrap();
-    unimod_train::experiment::run(&exp, 1, tch::Device::Cpu, Reuse::SameConfig).unwrap();
+    let copied =
+        unimod_train::experiment::run(&exp, 1, tch::Device::Cpu, Reuse::SameConfig).unwrap();
+    assert_eq!(copied[0].variant, "dense");
     assert_eq!(
         stamp("dense"),
         before,
